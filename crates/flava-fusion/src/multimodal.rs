@@ -1,0 +1,52 @@
+//! The multimodal (fusion) encoder (HF `FlavaMultimodalModel`): a CLS token prepended to the
+//! projected image and text states, the shared pre-LN encoder, final LayerNorm and tanh pooler.
+
+use burn::module::{Module, Param};
+use burn::nn::LayerNorm;
+use burn::prelude::*;
+use flava_vit::encoder::{layer_norm, padding_mask, Encoder, EncoderOutput, Pooler};
+
+use crate::config::FlavaMultimodalConfig;
+
+/// The fusion tower.
+#[derive(Module, Debug)]
+pub struct MultimodalModel {
+    /// [1, 1, hidden]; present when `use_cls_token`.
+    pub cls_token: Option<Param<Tensor<3>>>,
+    /// Pre-LN transformer layers.
+    pub encoder: Encoder,
+    /// Final LayerNorm.
+    pub layernorm: LayerNorm,
+    /// Tanh pooler (unused by the pretraining losses; the ITM head has its own).
+    pub pooler: Pooler,
+}
+
+impl MultimodalModel {
+    /// Builds a randomly initialised fusion tower (CLS token zero, as HF).
+    pub fn new(cfg: &FlavaMultimodalConfig, device: &Device) -> Self {
+        Self {
+            cls_token: cfg
+                .use_cls_token
+                .then(|| Param::from_tensor(Tensor::zeros([1, 1, cfg.hidden_size], device))),
+            encoder: Encoder::new(&cfg.encoder(), device),
+            layernorm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, device),
+            pooler: Pooler::new(cfg.hidden_size, cfg.initializer_range, device),
+        }
+    }
+
+    /// `hidden`: [batch, seq, hidden] (projected image states then text states);
+    /// `attention_mask`: [batch, (1 +) seq] in HF convention (1 = attend), covering the CLS token
+    /// when there is one. Returns states of [batch, 1 + seq, hidden].
+    pub fn forward(&self, hidden: Tensor<3>, attention_mask: Option<&Tensor<2, Int>>, all_hidden: bool) -> EncoderOutput {
+        let [b, _, d] = hidden.dims();
+        let x = match &self.cls_token {
+            Some(cls) => Tensor::cat(vec![cls.val().expand([b, 1, d]), hidden], 1),
+            None => hidden,
+        };
+        let pad = attention_mask.map(padding_mask);
+        let (pre_layernorm, hidden_states) = self.encoder.forward(x, pad.as_ref(), all_hidden);
+        let last_hidden_state = self.layernorm.forward(pre_layernorm.clone());
+        let pooler_output = self.pooler.forward(last_hidden_state.clone());
+        EncoderOutput { last_hidden_state, pre_layernorm, pooler_output, hidden_states }
+    }
+}

@@ -1,0 +1,19 @@
+//! Picking the compute device from a name (`flex`, `cuda`, `wgpu`).
+
+use burn::prelude::*;
+
+/// Resolves a device name. GPU backends exist only when the crate is built with the `cuda` or
+/// `wgpu` feature; asking for one that is not compiled in is an error that says how to get it.
+pub fn pick_device(name: &str) -> anyhow::Result<Device> {
+    match name {
+        "flex" | "cpu" => Ok(Device::flex()),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(Device::cuda(0)),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => Ok(Device::wgpu(Default::default())),
+        "cuda" | "wgpu" => anyhow::bail!(
+            "device `{name}` is not compiled in: rebuild with `cargo build --release -p flava-train --features {name}`"
+        ),
+        other => anyhow::bail!("unknown device `{other}` (expected flex, cuda or wgpu)"),
+    }
+}

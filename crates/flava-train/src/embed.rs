@@ -1,0 +1,126 @@
+//! `flava embed`: image and text features and their contrastive logits from a pretrained model.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use burn::prelude::*;
+use flava_data::processor::{load_image, ImageProcessor};
+use flava_fusion::{load_flava_model, FlavaModel};
+use flava_text::Tokenizer;
+use serde::Serialize;
+
+/// What `flava embed --json` prints.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct EmbedOutput {
+    /// [n_images][projection_dim] unnormalised projections of the image CLS token.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub image_features: Vec<Vec<f32>>,
+    /// [n_texts][projection_dim] unnormalised projections of the text CLS token.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub text_features: Vec<Vec<f32>>,
+    /// [n_images][n_texts] `exp(logit_scale) · cos`, when both are given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logits_per_image: Option<Vec<Vec<f32>>>,
+    /// Indices of texts that were cut to the maximum length.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub truncated_texts: Vec<usize>,
+}
+
+fn rows(t: Tensor<2>) -> Vec<Vec<f32>> {
+    let [n, d] = t.dims();
+    let v = t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data");
+    (0..n).map(|i| v[i * d..(i + 1) * d].to_vec()).collect()
+}
+
+/// Finds the tokenizer of a model directory: `tokenizer.json`, else `vocab.txt`.
+pub fn find_tokenizer(dir: &Path) -> anyhow::Result<Tokenizer> {
+    for name in ["tokenizer.json", "vocab.txt"] {
+        let p = dir.join(name);
+        if p.is_file() {
+            return Ok(Tokenizer::from_file(&p)?);
+        }
+    }
+    anyhow::bail!("{}: no tokenizer.json or vocab.txt", dir.display())
+}
+
+/// Finds the image processor of a model directory; HF defaults when it has none.
+pub fn find_processor(dir: &Path) -> anyhow::Result<ImageProcessor> {
+    let p = dir.join("preprocessor_config.json");
+    if p.is_file() {
+        Ok(ImageProcessor::from_file(&p)?)
+    } else {
+        eprintln!("note: {} has no preprocessor_config.json; using FlavaImageProcessor defaults", dir.display());
+        Ok(ImageProcessor::default())
+    }
+}
+
+/// Computes features (and logits when both modalities are given) with a loaded model.
+pub fn embed_with(
+    model: &FlavaModel,
+    tokenizer: Option<&Tokenizer>,
+    processor: &ImageProcessor,
+    images: &[PathBuf],
+    texts: &[String],
+    max_length: usize,
+    device: &Device,
+) -> anyhow::Result<EmbedOutput> {
+    let mut out = EmbedOutput { image_features: vec![], text_features: vec![], logits_per_image: None, truncated_texts: vec![] };
+    let mut img_t = None;
+    let mut txt_t = None;
+    if !images.is_empty() {
+        let decoded = images.iter().map(load_image).collect::<Result<Vec<_>, _>>()?;
+        let px = processor.pixel_values(&decoded, device);
+        let f = model.image_features(px);
+        out.image_features = rows(f.clone());
+        img_t = Some(f);
+    }
+    if !texts.is_empty() {
+        let tok = tokenizer.context("texts were given but the model directory has no tokenizer")?;
+        let batch = tok.encode_batch(texts, max_length)?;
+        out.truncated_texts = batch.truncated.iter().enumerate().filter(|(_, t)| **t).map(|(i, _)| i).collect();
+        for &i in &out.truncated_texts {
+            eprintln!("warning: text {i} is longer than {max_length} tokens and was truncated");
+        }
+        let (ids, mask, _) = batch.to_tensors(device);
+        let f = model.text_features(ids, Some(&mask));
+        out.text_features = rows(f.clone());
+        txt_t = Some(f);
+    }
+    if let (Some(i), Some(t)) = (img_t, txt_t) {
+        out.logits_per_image = Some(rows(model.contrastive_logits(i, t)));
+    }
+    Ok(out)
+}
+
+/// `flava embed`: loads the directory and embeds.
+pub fn run(model_dir: &Path, images: &[PathBuf], texts: &[String], max_length: usize, device: &Device) -> anyhow::Result<EmbedOutput> {
+    if images.is_empty() && texts.is_empty() {
+        anyhow::bail!("nothing to embed: give at least one --image or --text");
+    }
+    let loaded = load_flava_model(model_dir, device).with_context(|| format!("loading {}", model_dir.display()))?;
+    if !loaded.report.unexpected.is_empty() {
+        eprintln!("note: {} checkpoint tensors not used by FlavaModel (pretraining heads, codebook)", loaded.report.unexpected.len());
+    }
+    let tokenizer = if texts.is_empty() { None } else { Some(find_tokenizer(model_dir)?) };
+    let processor = find_processor(model_dir)?;
+    embed_with(&loaded.model, tokenizer.as_ref(), &processor, images, texts, max_length, device)
+}
+
+/// Human-readable rendering.
+pub fn render(out: &EmbedOutput, images: &[PathBuf], texts: &[String]) -> String {
+    let mut s = String::new();
+    let head = |v: &[f32]| v.iter().take(4).map(|x| format!("{x:.4}")).collect::<Vec<_>>().join(", ");
+    for (p, f) in images.iter().zip(&out.image_features) {
+        s += &format!("image {}: [{}, …] ({} dims)\n", p.display(), head(f), f.len());
+    }
+    for (t, f) in texts.iter().zip(&out.text_features) {
+        s += &format!("text {t:?}: [{}, …] ({} dims)\n", head(f), f.len());
+    }
+    if let Some(l) = &out.logits_per_image {
+        s += "logits_per_image (rows: images, columns: texts):\n";
+        for (p, row) in images.iter().zip(l) {
+            s += &format!("  {}: {}\n", p.display(), row.iter().map(|x| format!("{x:8.3}")).collect::<Vec<_>>().join(" "));
+        }
+    }
+    s
+}

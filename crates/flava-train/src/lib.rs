@@ -1,0 +1,11 @@
+//! # flava-train
+//!
+//! Thin wiring around the FLAVA crates: the `flava` command line. Today it embeds images and
+//! texts with a pretrained checkpoint (`flava embed`) and converts PyTorch checkpoints to
+//! safetensors (`flava convert`); the pretraining loop, checkpoints and evaluation join it with
+//! the training issue.
+
+pub mod device;
+pub mod embed;
+
+pub use device::pick_device;

@@ -1,0 +1,106 @@
+//! `FlavaImageConfig`: the image tower's configuration, read from an HF `config.json` as it is.
+
+use serde::{Deserialize, Serialize};
+
+use crate::encoder::{EncoderConfig, HiddenAct};
+
+/// HF `FlavaImageConfig` (model_type `flava_image_model`); every default equals transformers'.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FlavaImageConfig {
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Number of transformer layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads.
+    pub num_attention_heads: usize,
+    /// Feed-forward width.
+    pub intermediate_size: usize,
+    /// Feed-forward activation.
+    pub hidden_act: HiddenAct,
+    /// Dropout after attention/FFN outputs (0 in FLAVA).
+    pub hidden_dropout_prob: f64,
+    /// Dropout on attention probabilities (0 in FLAVA).
+    pub attention_probs_dropout_prob: f64,
+    /// Std of the normal initialiser.
+    pub initializer_range: f64,
+    /// LayerNorm epsilon.
+    pub layer_norm_eps: f64,
+    /// Input resolution (square).
+    pub image_size: usize,
+    /// Patch size (square; conv kernel = stride).
+    pub patch_size: usize,
+    /// Input channels.
+    pub num_channels: usize,
+    /// Bias on q/k/v projections.
+    pub qkv_bias: bool,
+    /// Whether the tower has a learnable mask token for masked-image modelling.
+    pub mask_token: bool,
+    /// Size of the visual (dVAE) vocabulary used by the MIM heads.
+    pub vocab_size: usize,
+}
+
+impl Default for FlavaImageConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            intermediate_size: 3072,
+            hidden_act: HiddenAct::Gelu,
+            hidden_dropout_prob: 0.0,
+            attention_probs_dropout_prob: 0.0,
+            initializer_range: 0.02,
+            layer_norm_eps: 1e-12,
+            image_size: 224,
+            patch_size: 16,
+            num_channels: 3,
+            qkv_bias: true,
+            mask_token: true,
+            vocab_size: 8192,
+        }
+    }
+}
+
+impl FlavaImageConfig {
+    /// The encoder shape of this tower.
+    pub fn encoder(&self) -> EncoderConfig {
+        EncoderConfig {
+            hidden_size: self.hidden_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            intermediate_size: self.intermediate_size,
+            layer_norm_eps: self.layer_norm_eps,
+            qkv_bias: self.qkv_bias,
+            hidden_act: self.hidden_act,
+            initializer_range: self.initializer_range,
+        }
+    }
+
+    /// Patches per side at the configured resolution.
+    pub fn grid_size(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// Number of patches at the configured resolution.
+    pub fn num_patches(&self) -> usize {
+        self.grid_size() * self.grid_size()
+    }
+
+    /// Checks the invariants the model relies on; the error names the offending field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(format!(
+                "image_config.hidden_size ({}) must be divisible by image_config.num_attention_heads ({})",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+            return Err(format!(
+                "image_config.image_size ({}) must be a multiple of image_config.patch_size ({})",
+                self.image_size, self.patch_size
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,152 @@
+//! The ViT image encoder (HF `FlavaImageModel`): patch embedding, CLS token, position embeddings
+//! (bicubic interpolation for other resolutions), mask-token blending, the pre-LN encoder, final
+//! LayerNorm and tanh pooler.
+
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::LayerNorm;
+use burn::prelude::*;
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+
+use crate::config::FlavaImageConfig;
+use crate::encoder::{layer_norm, Encoder, EncoderOutput, Pooler};
+
+/// Conv patch embedding, kernel = stride = patch size (HF `PatchEmbeddings.projection`).
+#[derive(Module, Debug)]
+pub struct PatchEmbeddings {
+    /// `Conv2d(channels → hidden, kernel p, stride p)`; weight [hidden, channels, p, p].
+    pub projection: Conv2d,
+}
+
+/// CLS token, optional mask token, position embeddings and the patch embedding.
+#[derive(Module, Debug)]
+pub struct ImageEmbeddings {
+    /// [1, 1, hidden]
+    pub cls_token: Param<Tensor<3>>,
+    /// [1, 1, hidden]; present when `mask_token = true` in the config.
+    pub mask_token: Option<Param<Tensor<3>>>,
+    /// [1, 1 + num_patches, hidden]; index 0 is the CLS position.
+    pub position_embeddings: Param<Tensor<3>>,
+    /// The patch projection.
+    pub patch_embeddings: PatchEmbeddings,
+    /// Patch size in pixels.
+    pub patch_size: usize,
+}
+
+impl ImageEmbeddings {
+    /// Builds the embeddings; tokens and position embeddings start at zero as in HF.
+    pub fn new(cfg: &FlavaImageConfig, device: &Device) -> Self {
+        let d = cfg.hidden_size;
+        let projection = Conv2dConfig::new([cfg.num_channels, d], [cfg.patch_size, cfg.patch_size])
+            .with_stride([cfg.patch_size, cfg.patch_size])
+            .with_initializer(burn::module::Initializer::Normal { mean: 0.0, std: cfg.initializer_range })
+            .init(device);
+        Self {
+            cls_token: Param::from_tensor(Tensor::zeros([1, 1, d], device)),
+            mask_token: cfg.mask_token.then(|| Param::from_tensor(Tensor::zeros([1, 1, d], device))),
+            position_embeddings: Param::from_tensor(Tensor::zeros([1, cfg.num_patches() + 1, d], device)),
+            patch_embeddings: PatchEmbeddings { projection },
+            patch_size: cfg.patch_size,
+        }
+    }
+
+    /// Position embeddings for a `height × width` input: the stored ones when the patch grid
+    /// matches, otherwise the patch part resized with bicubic interpolation (align_corners =
+    /// false, HF's ViT-style `interpolate_pos_encoding`). Returns [1, 1 + h·w, hidden].
+    pub fn interpolated_position_embeddings(&self, height: usize, width: usize) -> Tensor<3> {
+        let pos = self.position_embeddings.val();
+        let [_, n, d] = pos.dims();
+        let num_positions = n - 1;
+        let (gh, gw) = (height / self.patch_size, width / self.patch_size);
+        if gh * gw == num_positions && height == width {
+            return pos;
+        }
+        let side = (num_positions as f64).sqrt().round() as usize;
+        let cls = pos.clone().slice(s![.., 0..1, ..]);
+        let grid = pos
+            .slice(s![.., 1.., ..])
+            .reshape([1, side, side, d])
+            .permute([0, 3, 1, 2]);
+        let resized = interpolate(
+            grid,
+            InterpolateOptions::new(InterpolateMode::Bicubic)
+                .with_align_corners(false)
+                .with_output_size([gh, gw]),
+        );
+        let patches = resized.permute([0, 2, 3, 1]).reshape([1, gh * gw, d]);
+        Tensor::cat(vec![cls, patches], 1)
+    }
+
+    /// `pixel_values`: [batch, channels, H, W]; `bool_masked_pos`: [batch, num_patches] (row-major
+    /// patch index, `true` = replace the patch by the mask token). Returns [batch, 1 + patches, hidden].
+    pub fn forward(
+        &self,
+        pixel_values: Tensor<4>,
+        bool_masked_pos: Option<&Tensor<2, Bool>>,
+        interpolate_pos_encoding: bool,
+    ) -> Tensor<3> {
+        let [b, _, h, w] = pixel_values.dims();
+        let x = self.patch_embeddings.projection.forward(pixel_values);
+        let [_, d, gh, gw] = x.dims();
+        let mut x = x.reshape([b, d, gh * gw]).swap_dims(1, 2);
+        if let (Some(m), Some(token)) = (bool_masked_pos, self.mask_token.as_ref()) {
+            // HF blends in float: emb·(1−m) + token·m.
+            let m = m.clone().float().reshape([b, gh * gw, 1]);
+            let token = token.val().expand([b, gh * gw, d]);
+            x = x * (m.clone().neg() + 1.0) + token * m;
+        }
+        let cls = self.cls_token.val().expand([b, 1, d]);
+        let x = Tensor::cat(vec![cls, x], 1);
+        let pos = if interpolate_pos_encoding {
+            self.interpolated_position_embeddings(h, w)
+        } else {
+            self.position_embeddings.val()
+        };
+        x + pos
+    }
+}
+
+/// The FLAVA image tower (HF `FlavaImageModel`).
+#[derive(Module, Debug)]
+pub struct ImageModel {
+    /// Patch, CLS, mask and position embeddings.
+    pub embeddings: ImageEmbeddings,
+    /// Pre-LN transformer layers.
+    pub encoder: Encoder,
+    /// Final LayerNorm.
+    pub layernorm: LayerNorm,
+    /// Tanh pooler on the CLS token.
+    pub pooler: Pooler,
+}
+
+impl ImageModel {
+    /// Builds a randomly initialised image tower (HF initialisation).
+    pub fn new(cfg: &FlavaImageConfig, device: &Device) -> Self {
+        Self {
+            embeddings: ImageEmbeddings::new(cfg, device),
+            encoder: Encoder::new(&cfg.encoder(), device),
+            layernorm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, device),
+            pooler: Pooler::new(cfg.hidden_size, cfg.initializer_range, device),
+        }
+    }
+
+    /// Encodes images.
+    ///
+    /// `pixel_values`: [batch, channels, H, W] normalised pixels; `bool_masked_pos`: optional
+    /// [batch, num_patches] patch mask; `interpolate_pos_encoding`: resize position embeddings for
+    /// another resolution; `all_hidden`: also return every layer's output.
+    pub fn forward(
+        &self,
+        pixel_values: Tensor<4>,
+        bool_masked_pos: Option<&Tensor<2, Bool>>,
+        interpolate_pos_encoding: bool,
+        all_hidden: bool,
+    ) -> EncoderOutput {
+        let x = self.embeddings.forward(pixel_values, bool_masked_pos, interpolate_pos_encoding);
+        let (pre_layernorm, hidden_states) = self.encoder.forward(x, None, all_hidden);
+        let last_hidden_state = self.layernorm.forward(pre_layernorm.clone());
+        let pooler_output = self.pooler.forward(last_hidden_state.clone());
+        EncoderOutput { last_hidden_state, pre_layernorm, pooler_output, hidden_states }
+    }
+}
