@@ -134,6 +134,12 @@ def model_fixtures():
         t["interp48_last_hidden"] = model.image_model(pixel_values=px48, interpolate_pos_encoding=True).last_hidden_state
         t["interp32x48_last_hidden"] = model.image_model(pixel_values=px_rect, interpolate_pos_encoding=True).last_hidden_state
 
+    # Standalone towers, as `FlavaImageModel.save_pretrained` / `FlavaTextModel.save_pretrained` write them.
+    for tower in ("image_model", "text_model"):
+        tower_dir = os.path.join(ROOT, f"tiny_{tower}")
+        shutil.rmtree(tower_dir, ignore_errors=True)
+        getattr(model, tower).save_pretrained(tower_dir, safe_serialization=True)
+
     t["pixel_values"] = pixel_values
     t["input_ids"] = input_ids
     t["attention_mask"] = attention_mask
@@ -153,7 +159,7 @@ def tokenizer_fixtures():
     vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(3)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(".,!?") + WORDS
     with open(os.path.join(d, "vocab.txt"), "w") as f:
         f.write("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=os.path.join(d, "vocab.txt"), do_lower_case=True)
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
     tok.save_pretrained(d)
     texts = ["A photo of a CAT.", "two red squares left of a blue circle", "unbelievable zebra!",
              " ".join(["dog"] * 30), ""]
@@ -232,10 +238,43 @@ def processor_fixtures():
         json.dump(names, f)
 
 
+def embed_fixtures():
+    """A complete model directory (tiny weights, tokenizer, 32-px processor) and what
+    `flava embed --json` must print for two of the processor images and three texts."""
+    from transformers import FlavaProcessor
+    from transformers.models.flava.image_processing_pil_flava import FlavaImageProcessorPil
+    d = os.path.join(ROOT, "embed_model")
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(os.path.join(ROOT, "tiny"), d)
+    tok = BertTokenizerFast.from_pretrained(os.path.join(ROOT, "tokenizer"))
+    tok.save_pretrained(d)
+    for f in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(d, f)):
+            os.remove(os.path.join(d, f))
+    ip = FlavaImageProcessorPil(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32},
+                                codebook_size={"height": 64, "width": 64},
+                                codebook_crop_size={"height": 64, "width": 64}, do_convert_rgb=True)
+    ip.save_pretrained(d)
+    model = FlavaModel.from_pretrained(d).eval()
+    images = ["landscape_300x200.png", "rgba_80x64.png"]
+    texts = ["a photo of a cat", "two red squares left of a blue circle", "dogs playing"]
+    proc = FlavaProcessor(image_processor=ip, tokenizer=tok)
+    pil = [Image.open(os.path.join(ROOT, "processor", n)) for n in images]
+    enc = proc(images=pil, text=texts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        fi = model.get_image_features(pixel_values=enc["pixel_values"]).pooler_output[:, 0]
+        ft = model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output[:, 0]
+        logits = model.logit_scale.exp() * torch.nn.functional.normalize(fi, dim=-1) @ torch.nn.functional.normalize(ft, dim=-1).T
+    with open(os.path.join(ROOT, "embed_expected.json"), "w") as f:
+        json.dump({"images": images, "texts": texts, "max_length": 16, "image_features": fi.tolist(),
+                   "text_features": ft.tolist(), "logits_per_image": logits.tolist()}, f)
+
+
 if __name__ == "__main__":
     print("transformers", transformers.__version__, "torch", torch.__version__, file=sys.stderr)
     random.seed(0)
     model_fixtures()
     tokenizer_fixtures()
     processor_fixtures()
+    embed_fixtures()
     print("fixtures written to", os.path.normpath(ROOT), file=sys.stderr)

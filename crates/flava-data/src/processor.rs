@@ -191,15 +191,44 @@ pub struct ImageProcessor {
     pub config: ImageProcessorConfig,
 }
 
-/// Decodes an image file (any format of the `image` crate) with a clear error.
+/// Decodes an image file (any format of the `image` crate) with a clear error. JPEGs are decoded
+/// by libjpeg-turbo (through `mozjpeg`, default islow IDCT and fancy upsampling), which gives the
+/// same pixels as Pillow; pure-Rust decoders differ from it by a grey level or two.
 pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage, ProcessorError> {
     let path = path.as_ref();
-    image::ImageReader::open(path)
-        .map_err(|e| ProcessorError::Image { path: path.into(), message: e.to_string() })?
-        .with_guessed_format()
-        .map_err(|e| ProcessorError::Image { path: path.into(), message: e.to_string() })?
-        .decode()
-        .map_err(|e| ProcessorError::Image { path: path.into(), message: e.to_string() })
+    let err = |message: String| ProcessorError::Image { path: path.into(), message };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    decode_image(&bytes).map_err(err)
+}
+
+/// Decodes image bytes; see [`load_image`].
+pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, String> {
+    let format = image::guess_format(bytes).map_err(|e| e.to_string())?;
+    if format == image::ImageFormat::Jpeg {
+        if let Some(img) = decode_jpeg_like_pillow(bytes) {
+            return Ok(img);
+        }
+    }
+    image::load_from_memory_with_format(bytes, format).map_err(|e| e.to_string())
+}
+
+/// libjpeg-turbo decoding to RGB; `None` for what it cannot do (e.g. CMYK), so that the
+/// `image` crate gets a chance and reports its own error.
+fn decode_jpeg_like_pillow(bytes: &[u8]) -> Option<DynamicImage> {
+    std::panic::catch_unwind(|| {
+        let d = mozjpeg::Decompress::new_mem(bytes).ok()?;
+        if !matches!(d.color_space(), mozjpeg::ColorSpace::JCS_YCbCr | mozjpeg::ColorSpace::JCS_GRAYSCALE | mozjpeg::ColorSpace::JCS_RGB) {
+            return None;
+        }
+        let mut d = d.rgb().ok()?;
+        let (w, h) = (d.width() as u32, d.height() as u32);
+        let rows: Vec<[u8; 3]> = d.read_scanlines().ok()?;
+        d.finish().ok()?;
+        let raw: Vec<u8> = rows.into_iter().flatten().collect();
+        RgbImage::from_raw(w, h, raw).map(DynamicImage::ImageRgb8)
+    })
+    .ok()
+    .flatten()
 }
 
 /// Converts any decoded image to 8-bit RGB as HF's `convert_to_rgb` does: grey is replicated,
