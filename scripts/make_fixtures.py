@@ -196,6 +196,8 @@ def make_images(d):
     save("rgba_80x64.png", Image.fromarray(rgba, mode="RGBA"))
     save("palette_70x70.png", Image.fromarray(natural(70, 70)).convert("P", palette=Image.ADAPTIVE, colors=32))
     save("photo_256x256.jpg", Image.fromarray(natural(256, 256)))
+    grey16 = (natural(60, 90)[..., 1].astype(np.uint16) * 3)  # values up to 765: Pillow clips at 255
+    save("grey16_90x60.png", Image.fromarray(grey16))
     return paths
 
 

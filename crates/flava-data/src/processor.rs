@@ -137,20 +137,32 @@ impl Default for ImageProcessorConfig {
     fn default() -> Self {
         Self {
             do_resize: true,
-            size: SizeSpec::HeightWidth { height: 224, width: 224 },
+            size: SizeSpec::HeightWidth {
+                height: 224,
+                width: 224,
+            },
             resample: 3,
             do_center_crop: true,
-            crop_size: SizeSpec::HeightWidth { height: 224, width: 224 },
+            crop_size: SizeSpec::HeightWidth {
+                height: 224,
+                width: 224,
+            },
             do_rescale: true,
             rescale_factor: 1.0 / 255.0,
             do_normalize: true,
             image_mean: CLIP_MEAN,
             image_std: CLIP_STD,
             codebook_do_resize: true,
-            codebook_size: SizeSpec::HeightWidth { height: 112, width: 112 },
+            codebook_size: SizeSpec::HeightWidth {
+                height: 112,
+                width: 112,
+            },
             codebook_resample: 1,
             codebook_do_center_crop: true,
-            codebook_crop_size: SizeSpec::HeightWidth { height: 112, width: 112 },
+            codebook_crop_size: SizeSpec::HeightWidth {
+                height: 112,
+                width: 112,
+            },
             codebook_do_rescale: true,
             codebook_rescale_factor: 1.0 / 255.0,
             codebook_do_normalize: true,
@@ -196,7 +208,10 @@ pub struct ImageProcessor {
 /// same pixels as Pillow; pure-Rust decoders differ from it by a grey level or two.
 pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage, ProcessorError> {
     let path = path.as_ref();
-    let err = |message: String| ProcessorError::Image { path: path.into(), message };
+    let err = |message: String| ProcessorError::Image {
+        path: path.into(),
+        message,
+    };
     let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
     decode_image(&bytes).map_err(err)
 }
@@ -217,7 +232,10 @@ pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, String> {
 fn decode_jpeg_like_pillow(bytes: &[u8]) -> Option<DynamicImage> {
     std::panic::catch_unwind(|| {
         let d = mozjpeg::Decompress::new_mem(bytes).ok()?;
-        if !matches!(d.color_space(), mozjpeg::ColorSpace::JCS_YCbCr | mozjpeg::ColorSpace::JCS_GRAYSCALE | mozjpeg::ColorSpace::JCS_RGB) {
+        if !matches!(
+            d.color_space(),
+            mozjpeg::ColorSpace::JCS_YCbCr | mozjpeg::ColorSpace::JCS_GRAYSCALE | mozjpeg::ColorSpace::JCS_RGB
+        ) {
             return None;
         }
         let mut d = d.rgb().ok()?;
@@ -233,10 +251,18 @@ fn decode_jpeg_like_pillow(bytes: &[u8]) -> Option<DynamicImage> {
 
 /// Converts any decoded image to 8-bit RGB as HF's `convert_to_rgb` does: grey is replicated,
 /// palettes expanded, and transparency composited onto white with Pillow's `alpha_composite`
-/// integer arithmetic; 16-bit channels keep their high byte.
+/// integer arithmetic; 16-bit grey clips at 255 (Pillow's `I;16` conversion), 16-bit colour keeps
+/// the high byte.
 pub fn to_rgb8(img: &DynamicImage) -> RgbImage {
     let img = match img {
-        DynamicImage::ImageRgb16(_) | DynamicImage::ImageRgba16(_) | DynamicImage::ImageLuma16(_) | DynamicImage::ImageLumaA16(_) => {
+        // Pillow opens 16-bit grey PNGs as mode I;16, whose RGB conversion clips at 255.
+        DynamicImage::ImageLuma16(g) => {
+            let (w, h) = g.dimensions();
+            let raw = g.as_raw().iter().flat_map(|&v| [v.min(255) as u8; 3]).collect();
+            return RgbImage::from_raw(w, h, raw).expect("size");
+        }
+        // 16-bit colour PNGs are read keeping the high byte.
+        DynamicImage::ImageRgb16(_) | DynamicImage::ImageRgba16(_) | DynamicImage::ImageLumaA16(_) => {
             let rgba16 = img.to_rgba16();
             let (w, h) = rgba16.dimensions();
             let raw = rgba16.into_raw().into_iter().map(|v| (v >> 8) as u8).collect();
@@ -299,14 +325,22 @@ impl ImageProcessor {
     /// Reads `preprocessor_config.json` (unknown fields ignored; wrong types name the field).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ProcessorError> {
         let path = path.as_ref();
-        let err = |message: String| ProcessorError::Config { path: path.into(), message };
+        let err = |message: String| ProcessorError::Config {
+            path: path.into(),
+            message,
+        };
         let json = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let de = &mut serde_json::Deserializer::from_str(&json);
-        let config: ImageProcessorConfig = serde_path_to_error::deserialize(de)
-            .map_err(|e| err(format!("field `{}`: {}", e.path(), e.inner())))?;
-        for (name, code) in [("resample", config.resample), ("codebook_resample", config.codebook_resample)] {
+        let config: ImageProcessorConfig =
+            serde_path_to_error::deserialize(de).map_err(|e| err(format!("field `{}`: {}", e.path(), e.inner())))?;
+        for (name, code) in [
+            ("resample", config.resample),
+            ("codebook_resample", config.codebook_resample),
+        ] {
             if Filter::from_pil_code(code).is_none() {
-                return Err(err(format!("field `{name}`: unsupported Pillow filter code {code} (use 1, 2 or 3)")));
+                return Err(err(format!(
+                    "field `{name}`: unsupported Pillow filter code {code} (use 1, 2 or 3)"
+                )));
             }
         }
         Ok(Self { config })
@@ -315,7 +349,9 @@ impl ImageProcessor {
     fn encoder_branch(&self) -> Branch {
         let c = &self.config;
         Branch {
-            resize: c.do_resize.then(|| (c.size, Filter::from_pil_code(c.resample).unwrap_or(Filter::Bicubic))),
+            resize: c
+                .do_resize
+                .then(|| (c.size, Filter::from_pil_code(c.resample).unwrap_or(Filter::Bicubic))),
             crop: c.do_center_crop.then_some(c.crop_size),
             rescale: c.do_rescale.then_some(c.rescale_factor),
             normalize: c.do_normalize.then_some((c.image_mean, c.image_std)),
@@ -326,12 +362,17 @@ impl ImageProcessor {
     fn codebook_branch(&self) -> Branch {
         let c = &self.config;
         Branch {
-            resize: c
-                .codebook_do_resize
-                .then(|| (c.codebook_size, Filter::from_pil_code(c.codebook_resample).unwrap_or(Filter::Lanczos))),
+            resize: c.codebook_do_resize.then(|| {
+                (
+                    c.codebook_size,
+                    Filter::from_pil_code(c.codebook_resample).unwrap_or(Filter::Lanczos),
+                )
+            }),
             crop: c.codebook_do_center_crop.then_some(c.codebook_crop_size),
             rescale: c.codebook_do_rescale.then_some(c.codebook_rescale_factor),
-            normalize: c.codebook_do_normalize.then_some((c.codebook_image_mean, c.codebook_image_std)),
+            normalize: c
+                .codebook_do_normalize
+                .then_some((c.codebook_image_mean, c.codebook_image_std)),
             map_pixels: c.codebook_do_map_pixels,
         }
     }

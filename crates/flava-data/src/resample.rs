@@ -117,7 +117,11 @@ fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
         for x in 0..n {
             let w = if ww != 0.0 { k[x] / ww } else { k[x] };
             let scaled = w * (1u32 << PRECISION_BITS) as f64;
-            weights[xx * ksize + x] = if w < 0.0 { (scaled - 0.5) as i32 } else { (scaled + 0.5) as i32 };
+            weights[xx * ksize + x] = if w < 0.0 {
+                (scaled - 0.5) as i32
+            } else {
+                (scaled + 0.5) as i32
+            };
         }
         bounds.push((xmin, n));
     }

@@ -69,7 +69,11 @@ pub fn find_weights(path: &Path) -> Result<PathBuf, CheckpointError> {
 pub fn read_config(dir: &Path) -> Result<FlavaConfig, CheckpointError> {
     let path = dir.join("config.json");
     if !path.is_file() {
-        return Err(CheckpointError::MissingFile { dir: dir.into(), what: "configuration", candidates: "config.json".into() });
+        return Err(CheckpointError::MissingFile {
+            dir: dir.into(),
+            what: "configuration",
+            candidates: "config.json".into(),
+        });
     }
     Ok(FlavaConfig::from_file(path)?)
 }
@@ -102,7 +106,11 @@ pub struct Pretrained<M> {
 }
 
 /// Builds a model from `config` and loads `sd` into it; missing keys are an error.
-pub fn flava_model_from_state_dict(config: &FlavaConfig, sd: &StateDict, device: &Device) -> Result<(FlavaModel, LoadReport), CheckpointError> {
+pub fn flava_model_from_state_dict(
+    config: &FlavaConfig,
+    sd: &StateDict,
+    device: &Device,
+) -> Result<(FlavaModel, LoadReport), CheckpointError> {
     let mut model = FlavaModel::new(config, device);
     let report = load_module(&mut model, &flava_model_keys(sd), false)?;
     Ok((model, report))
@@ -130,7 +138,10 @@ fn tower_keys(sd: &StateDict, tower: &str) -> StateDict {
 /// Reads a tower's configuration: a standalone config.json, or the sub-config of a FLAVA one.
 fn tower_config<T: serde::de::DeserializeOwned>(dir: &Path, sub: &str) -> Result<T, CheckpointError> {
     let path = dir.join("config.json");
-    let json = std::fs::read_to_string(&path).map_err(|source| ConfigError::Io { path: path.clone(), source })?;
+    let json = std::fs::read_to_string(&path).map_err(|source| ConfigError::Io {
+        path: path.clone(),
+        source,
+    })?;
     let value: serde_json::Value = serde_json::from_str(&json).map_err(|e| ConfigError::Field {
         path: path.clone(),
         field: ".".into(),
@@ -138,12 +149,19 @@ fn tower_config<T: serde::de::DeserializeOwned>(dir: &Path, sub: &str) -> Result
     })?;
     let part = value.get(sub).cloned().unwrap_or(value);
     serde_path_to_error::deserialize(part).map_err(|e| {
-        CheckpointError::Config(ConfigError::Field { path, field: format!("{sub}.{}", e.path()), message: e.inner().to_string() })
+        CheckpointError::Config(ConfigError::Field {
+            path,
+            field: format!("{sub}.{}", e.path()),
+            message: e.inner().to_string(),
+        })
     })
 }
 
 /// Loads a standalone image tower (`FlavaImageModel`, or the image part of a FLAVA directory).
-pub fn load_image_model(dir: impl AsRef<Path>, device: &Device) -> Result<(ImageModel, FlavaImageConfig, LoadReport), CheckpointError> {
+pub fn load_image_model(
+    dir: impl AsRef<Path>,
+    device: &Device,
+) -> Result<(ImageModel, FlavaImageConfig, LoadReport), CheckpointError> {
     let dir = dir.as_ref();
     let cfg: FlavaImageConfig = tower_config(dir, "image_config")?;
     cfg.validate().map_err(ConfigError::Invalid)?;
@@ -154,7 +172,10 @@ pub fn load_image_model(dir: impl AsRef<Path>, device: &Device) -> Result<(Image
 }
 
 /// Loads a standalone text tower (`FlavaTextModel`, or the text part of a FLAVA directory).
-pub fn load_text_model(dir: impl AsRef<Path>, device: &Device) -> Result<(TextModel, FlavaTextConfig, LoadReport), CheckpointError> {
+pub fn load_text_model(
+    dir: impl AsRef<Path>,
+    device: &Device,
+) -> Result<(TextModel, FlavaTextConfig, LoadReport), CheckpointError> {
     let dir = dir.as_ref();
     let cfg: FlavaTextConfig = tower_config(dir, "text_config")?;
     cfg.validate().map_err(ConfigError::Invalid)?;
@@ -170,9 +191,16 @@ pub fn flava_model_state_dict(model: &FlavaModel) -> StateDict {
 }
 
 /// Writes `config.json` and `model.safetensors` (FlavaModel keys) into `dir`, creating it.
-pub fn save_flava_model(model: &FlavaModel, config: &FlavaConfig, dir: impl AsRef<Path>) -> Result<(), CheckpointError> {
+pub fn save_flava_model(
+    model: &FlavaModel,
+    config: &FlavaConfig,
+    dir: impl AsRef<Path>,
+) -> Result<(), CheckpointError> {
     let dir = dir.as_ref();
-    std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io { path: dir.into(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {
+        path: dir.into(),
+        source,
+    })?;
     let cfg_path = dir.join("config.json");
     flava_vit::weights::write_atomic(&cfg_path, config.to_json_pretty("FlavaModel").as_bytes())?;
     flava_model_state_dict(model).save_safetensors(dir.join("model.safetensors"))?;

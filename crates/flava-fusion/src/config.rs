@@ -284,7 +284,10 @@ impl FlavaConfig {
     /// Reads an HF `config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
-        let json = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
+        let json = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.into(),
+            source,
+        })?;
         Self::from_json_str(&json, path)
     }
 
@@ -304,7 +307,7 @@ impl FlavaConfig {
         self.image_config.validate().map_err(ConfigError::Invalid)?;
         self.text_config.validate().map_err(ConfigError::Invalid)?;
         let mm = &self.multimodal_config;
-        if mm.num_attention_heads == 0 || mm.hidden_size % mm.num_attention_heads != 0 {
+        if mm.num_attention_heads == 0 || !mm.hidden_size.is_multiple_of(mm.num_attention_heads) {
             return Err(ConfigError::Invalid(format!(
                 "multimodal_config.hidden_size ({}) must be divisible by multimodal_config.num_attention_heads ({})",
                 mm.hidden_size, mm.num_attention_heads

@@ -99,7 +99,11 @@ impl FlavaModel {
             }
             _ => None,
         };
-        FlavaOutput { image, text, multimodal }
+        FlavaOutput {
+            image,
+            text,
+            multimodal,
+        }
     }
 
     /// The fusion pass on two tower outputs: `[CLS_M; img_to_mm(h_img); txt_to_mm(h_txt)]` with

@@ -37,7 +37,12 @@ impl MultimodalModel {
     /// `hidden`: [batch, seq, hidden] (projected image states then text states);
     /// `attention_mask`: [batch, (1 +) seq] in HF convention (1 = attend), covering the CLS token
     /// when there is one. Returns states of [batch, 1 + seq, hidden].
-    pub fn forward(&self, hidden: Tensor<3>, attention_mask: Option<&Tensor<2, Int>>, all_hidden: bool) -> EncoderOutput {
+    pub fn forward(
+        &self,
+        hidden: Tensor<3>,
+        attention_mask: Option<&Tensor<2, Int>>,
+        all_hidden: bool,
+    ) -> EncoderOutput {
         let [b, _, d] = hidden.dims();
         let x = match &self.cls_token {
             Some(cls) => Tensor::cat(vec![cls.val().expand([b, 1, d]), hidden], 1),
@@ -47,6 +52,11 @@ impl MultimodalModel {
         let (pre_layernorm, hidden_states) = self.encoder.forward(x, pad.as_ref(), all_hidden);
         let last_hidden_state = self.layernorm.forward(pre_layernorm.clone());
         let pooler_output = self.pooler.forward(last_hidden_state.clone());
-        EncoderOutput { last_hidden_state, pre_layernorm, pooler_output, hidden_states }
+        EncoderOutput {
+            last_hidden_state,
+            pre_layernorm,
+            pooler_output,
+            hidden_states,
+        }
     }
 }

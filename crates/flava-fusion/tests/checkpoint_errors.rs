@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use flava_fusion::checkpoint::{convert_to_safetensors, load_flava_model, load_image_model, load_text_model, CheckpointError};
+use flava_fusion::checkpoint::{
+    convert_to_safetensors, load_flava_model, load_image_model, load_text_model, CheckpointError,
+};
 use flava_fusion::{ConfigError, FlavaConfig};
 use flava_vit::weights::{StateDict, WeightsError};
 
@@ -34,7 +36,10 @@ fn truncated_safetensors_is_an_error() {
     let dir = scratch("trunc-st", "tiny");
     truncate(&dir.join("model.safetensors"), 0.6);
     let err = load_flava_model(&dir, &Device::flex()).unwrap_err();
-    assert!(matches!(err, CheckpointError::Weights(WeightsError::Corrupt { .. })), "{err}");
+    assert!(
+        matches!(err, CheckpointError::Weights(WeightsError::Corrupt { .. })),
+        "{err}"
+    );
     assert!(err.to_string().contains("model.safetensors"), "{err}");
 }
 
@@ -44,10 +49,17 @@ fn truncated_and_garbage_bin_are_errors() {
         let dir = scratch(name, "tiny_pretraining");
         truncate(&dir.join("pytorch_model.bin"), keep);
         let err = load_flava_model(&dir, &Device::flex()).unwrap_err();
-        assert!(matches!(err, CheckpointError::Weights(WeightsError::Corrupt { .. })), "{name}: {err}");
+        assert!(
+            matches!(err, CheckpointError::Weights(WeightsError::Corrupt { .. })),
+            "{name}: {err}"
+        );
     }
     let dir = scratch("garbage-bin", "tiny_pretraining");
-    std::fs::write(dir.join("pytorch_model.bin"), b"\x80\x02not a pickle at all, just bytes").unwrap();
+    std::fs::write(
+        dir.join("pytorch_model.bin"),
+        b"\x80\x02not a pickle at all, just bytes",
+    )
+    .unwrap();
     let err = load_flava_model(&dir, &Device::flex()).unwrap_err();
     assert!(err.to_string().contains("pytorch_model.bin"), "{err}");
 }
@@ -60,8 +72,14 @@ fn shape_mismatch_names_the_key_and_both_shapes() {
     std::fs::write(dir.join("config.json"), cfg.to_json_pretty("FlavaModel")).unwrap();
     match load_flava_model(&dir, &Device::flex()).unwrap_err() {
         CheckpointError::Weights(WeightsError::ShapeMismatch { key, expected, found }) => {
-            assert!(key.starts_with("image_model.encoder.layer.") && key.contains("dense"), "{key}");
-            assert!(expected.contains(&38) && found.contains(&37), "{key}: {expected:?} vs {found:?}");
+            assert!(
+                key.starts_with("image_model.encoder.layer.") && key.contains("dense"),
+                "{key}"
+            );
+            assert!(
+                expected.contains(&38) && found.contains(&37),
+                "{key}: {expected:?} vs {found:?}"
+            );
         }
         other => panic!("expected a shape mismatch, got {other}"),
     }
@@ -102,7 +120,9 @@ fn wrong_field_type_names_the_field() {
         other => panic!("{other}"),
     }
     let json = r#"{"text_config": {"hidden_size": 30, "num_attention_heads": 4}}"#;
-    let err = FlavaConfig::from_json_str(json, Path::new("config.json")).unwrap_err().to_string();
+    let err = FlavaConfig::from_json_str(json, Path::new("config.json"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("text_config.hidden_size"), "{err}");
 }
 
@@ -110,12 +130,30 @@ fn wrong_field_type_names_the_field() {
 fn hf_config_defaults_and_presets() {
     let full = FlavaConfig::from_json_str("{}", Path::new("config.json")).unwrap();
     assert_eq!(full, FlavaConfig::full());
-    assert_eq!((full.projection_dim, full.multimodal_config.num_hidden_layers, full.image_config.layer_norm_eps), (768, 6, 1e-12));
+    assert_eq!(
+        (
+            full.projection_dim,
+            full.multimodal_config.num_hidden_layers,
+            full.image_config.layer_norm_eps
+        ),
+        (768, 6, 1e-12)
+    );
     assert!((full.logit_scale_init_value - 2.6592).abs() < 1e-12);
     let small = FlavaConfig::preset("small").unwrap();
-    assert_eq!((small.image_config.image_size, small.image_config.patch_size, small.image_config.hidden_size), (64, 8, 256));
     assert_eq!(
-        (small.image_config.num_hidden_layers, small.text_config.num_hidden_layers, small.multimodal_config.num_hidden_layers),
+        (
+            small.image_config.image_size,
+            small.image_config.patch_size,
+            small.image_config.hidden_size
+        ),
+        (64, 8, 256)
+    );
+    assert_eq!(
+        (
+            small.image_config.num_hidden_layers,
+            small.text_config.num_hidden_layers,
+            small.multimodal_config.num_hidden_layers
+        ),
         (4, 4, 2)
     );
     assert!(FlavaConfig::preset("huge").is_err());

@@ -78,7 +78,7 @@ impl FlavaTextConfig {
 
     /// Checks the invariants the model relies on; the error names the offending field.
     pub fn validate(&self) -> Result<(), String> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "text_config.hidden_size ({}) must be divisible by text_config.num_attention_heads ({})",
                 self.hidden_size, self.num_attention_heads

@@ -93,6 +93,11 @@ impl TextModel {
         let (pre_layernorm, hidden_states) = self.encoder.forward(x, pad.as_ref(), all_hidden);
         let last_hidden_state = self.layernorm.forward(pre_layernorm.clone());
         let pooler_output = self.pooler.forward(last_hidden_state.clone());
-        EncoderOutput { last_hidden_state, pre_layernorm, pooler_output, hidden_states }
+        EncoderOutput {
+            last_hidden_state,
+            pre_layernorm,
+            pooler_output,
+            hidden_states,
+        }
     }
 }

@@ -113,7 +113,10 @@ impl Tokenizer {
         if !path.exists() {
             return Err(TokenizerError::NotFound(path.into()));
         }
-        let invalid = |e: &dyn std::fmt::Display| TokenizerError::Invalid { path: path.into(), message: e.to_string() };
+        let invalid = |e: &dyn std::fmt::Display| TokenizerError::Invalid {
+            path: path.into(),
+            message: e.to_string(),
+        };
         let inner = if path.extension().and_then(|e| e.to_str()) == Some("txt") {
             let wp = WordPiece::from_file(&path.to_string_lossy())
                 .unk_token("[UNK]".into())
@@ -166,16 +169,30 @@ impl Tokenizer {
     /// do not fit are cut and flagged in [`TokenizedBatch::truncated`].
     pub fn encode_batch(&self, texts: &[impl AsRef<str>], max_length: usize) -> Result<TokenizedBatch, TokenizerError> {
         let mut tk = self.inner.clone();
-        let invalid = |e: &dyn std::fmt::Display| TokenizerError::Invalid { path: self.source.clone(), message: e.to_string() };
-        tk.with_truncation(Some(TruncationParams { max_length, ..Default::default() }))
-            .map_err(|e| invalid(&e))?;
+        let invalid = |e: &dyn std::fmt::Display| TokenizerError::Invalid {
+            path: self.source.clone(),
+            message: e.to_string(),
+        };
+        tk.with_truncation(Some(TruncationParams {
+            max_length,
+            ..Default::default()
+        }))
+        .map_err(|e| invalid(&e))?;
         tk.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::Fixed(max_length),
             pad_id: self.special.pad,
-            pad_token: self.inner.id_to_token(self.special.pad).unwrap_or_else(|| "[PAD]".into()),
+            pad_token: self
+                .inner
+                .id_to_token(self.special.pad)
+                .unwrap_or_else(|| "[PAD]".into()),
             ..Default::default()
         }));
-        let mut out = TokenizedBatch { input_ids: vec![], attention_mask: vec![], token_type_ids: vec![], truncated: vec![] };
+        let mut out = TokenizedBatch {
+            input_ids: vec![],
+            attention_mask: vec![],
+            token_type_ids: vec![],
+            truncated: vec![],
+        };
         for text in texts {
             let enc = tk.encode(text.as_ref(), true).map_err(|e| invalid(&e))?;
             out.truncated.push(!enc.get_overflowing().is_empty());

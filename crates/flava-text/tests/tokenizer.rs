@@ -53,6 +53,9 @@ fn missing_file_is_a_clear_error() {
     assert!(matches!(err, TokenizerError::NotFound(_)), "{err}");
     let bad = std::env::temp_dir().join(format!("flava-bad-tok-{}.json", std::process::id()));
     std::fs::write(&bad, "{ not json").unwrap();
-    assert!(matches!(Tokenizer::from_file(&bad).unwrap_err(), TokenizerError::Invalid { .. }));
+    assert!(matches!(
+        Tokenizer::from_file(&bad).unwrap_err(),
+        TokenizerError::Invalid { .. }
+    ));
     std::fs::remove_file(bad).ok();
 }

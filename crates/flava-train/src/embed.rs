@@ -49,7 +49,10 @@ pub fn find_processor(dir: &Path) -> anyhow::Result<ImageProcessor> {
     if p.is_file() {
         Ok(ImageProcessor::from_file(&p)?)
     } else {
-        eprintln!("note: {} has no preprocessor_config.json; using FlavaImageProcessor defaults", dir.display());
+        eprintln!(
+            "note: {} has no preprocessor_config.json; using FlavaImageProcessor defaults",
+            dir.display()
+        );
         Ok(ImageProcessor::default())
     }
 }
@@ -64,7 +67,12 @@ pub fn embed_with(
     max_length: usize,
     device: &Device,
 ) -> anyhow::Result<EmbedOutput> {
-    let mut out = EmbedOutput { image_features: vec![], text_features: vec![], logits_per_image: None, truncated_texts: vec![] };
+    let mut out = EmbedOutput {
+        image_features: vec![],
+        text_features: vec![],
+        logits_per_image: None,
+        truncated_texts: vec![],
+    };
     let mut img_t = None;
     let mut txt_t = None;
     if !images.is_empty() {
@@ -77,7 +85,13 @@ pub fn embed_with(
     if !texts.is_empty() {
         let tok = tokenizer.context("texts were given but the model directory has no tokenizer")?;
         let batch = tok.encode_batch(texts, max_length)?;
-        out.truncated_texts = batch.truncated.iter().enumerate().filter(|(_, t)| **t).map(|(i, _)| i).collect();
+        out.truncated_texts = batch
+            .truncated
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t)
+            .map(|(i, _)| i)
+            .collect();
         for &i in &out.truncated_texts {
             eprintln!("warning: text {i} is longer than {max_length} tokens and was truncated");
         }
@@ -93,23 +107,59 @@ pub fn embed_with(
 }
 
 /// `flava embed`: loads the directory and embeds.
-pub fn run(model_dir: &Path, images: &[PathBuf], texts: &[String], max_length: usize, device: &Device) -> anyhow::Result<EmbedOutput> {
+pub fn run(
+    model_dir: &Path,
+    images: &[PathBuf],
+    texts: &[String],
+    max_length: usize,
+    device: &Device,
+) -> anyhow::Result<EmbedOutput> {
     if images.is_empty() && texts.is_empty() {
         anyhow::bail!("nothing to embed: give at least one --image or --text");
     }
     let loaded = load_flava_model(model_dir, device).with_context(|| format!("loading {}", model_dir.display()))?;
     if !loaded.report.unexpected.is_empty() {
-        eprintln!("note: {} checkpoint tensors not used by FlavaModel (pretraining heads, codebook)", loaded.report.unexpected.len());
+        eprintln!(
+            "note: {} checkpoint tensors not used by FlavaModel (pretraining heads, codebook)",
+            loaded.report.unexpected.len()
+        );
     }
-    let tokenizer = if texts.is_empty() { None } else { Some(find_tokenizer(model_dir)?) };
+    let max_positions = loaded.config.text_config.max_position_embeddings;
+    let max_length = if max_length > max_positions {
+        eprintln!(
+            "note: --max-length {max_length} exceeds the model's {max_positions} positions; using {max_positions}"
+        );
+        max_positions
+    } else {
+        max_length
+    };
+    let tokenizer = if texts.is_empty() {
+        None
+    } else {
+        Some(find_tokenizer(model_dir)?)
+    };
     let processor = find_processor(model_dir)?;
-    embed_with(&loaded.model, tokenizer.as_ref(), &processor, images, texts, max_length, device)
+    embed_with(
+        &loaded.model,
+        tokenizer.as_ref(),
+        &processor,
+        images,
+        texts,
+        max_length,
+        device,
+    )
 }
 
 /// Human-readable rendering.
 pub fn render(out: &EmbedOutput, images: &[PathBuf], texts: &[String]) -> String {
     let mut s = String::new();
-    let head = |v: &[f32]| v.iter().take(4).map(|x| format!("{x:.4}")).collect::<Vec<_>>().join(", ");
+    let head = |v: &[f32]| {
+        v.iter()
+            .take(4)
+            .map(|x| format!("{x:.4}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     for (p, f) in images.iter().zip(&out.image_features) {
         s += &format!("image {}: [{}, …] ({} dims)\n", p.display(), head(f), f.len());
     }
@@ -119,7 +169,11 @@ pub fn render(out: &EmbedOutput, images: &[PathBuf], texts: &[String]) -> String
     if let Some(l) = &out.logits_per_image {
         s += "logits_per_image (rows: images, columns: texts):\n";
         for (p, row) in images.iter().zip(l) {
-            s += &format!("  {}: {}\n", p.display(), row.iter().map(|x| format!("{x:8.3}")).collect::<Vec<_>>().join(" "));
+            s += &format!(
+                "  {}: {}\n",
+                p.display(),
+                row.iter().map(|x| format!("{x:8.3}")).collect::<Vec<_>>().join(" ")
+            );
         }
     }
     s

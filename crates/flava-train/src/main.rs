@@ -8,7 +8,11 @@ use flava_fusion::checkpoint::{convert_to_safetensors, find_weights};
 use flava_train::{embed, pick_device};
 
 #[derive(Parser)]
-#[command(name = "flava", version, about = "FLAVA in Rust: embed, convert, and (soon) pretrain")]
+#[command(
+    name = "flava",
+    version,
+    about = "FLAVA in Rust: embed, convert, and (soon) pretrain"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,7 +54,14 @@ enum Command {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Embed { model, images, texts, json, device, max_length } => {
+        Command::Embed {
+            model,
+            images,
+            texts,
+            json,
+            device,
+            max_length,
+        } => {
             let device = pick_device(&device)?;
             let out = embed::run(&model, &images, &texts, max_length, &device)?;
             if json {
@@ -60,7 +71,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Convert { input, output } => {
-            let input = if input.is_dir() { input.join("pytorch_model.bin") } else { input };
+            let input = if input.is_dir() {
+                input.join("pytorch_model.bin")
+            } else {
+                input
+            };
             let input = find_weights(&input)?;
             let output = output.unwrap_or_else(|| input.with_file_name("model.safetensors"));
             eprintln!("reading {}", input.display());

@@ -89,13 +89,13 @@ impl FlavaImageConfig {
 
     /// Checks the invariants the model relies on; the error names the offending field.
     pub fn validate(&self) -> Result<(), String> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "image_config.hidden_size ({}) must be divisible by image_config.num_attention_heads ({})",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return Err(format!(
                 "image_config.image_size ({}) must be a multiple of image_config.patch_size ({})",
                 self.image_size, self.patch_size

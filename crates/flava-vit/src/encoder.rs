@@ -84,7 +84,9 @@ pub struct Dense {
 impl Dense {
     /// Builds `Linear(d_in → d_out)` with bias.
     pub fn new(d_in: usize, d_out: usize, std: f64, device: &Device) -> Self {
-        Self { dense: linear(d_in, d_out, true, std, device) }
+        Self {
+            dense: linear(d_in, d_out, true, std, device),
+        }
     }
 }
 
@@ -121,11 +123,7 @@ impl Attention {
         let q = split(self.attention.query.forward(x.clone()));
         let k = split(self.attention.key.forward(x.clone()));
         let v = split(self.attention.value.forward(x));
-        let mask = key_mask.map(|m| {
-            m.clone()
-                .reshape([b, 1, 1, s])
-                .expand([b, h, s, s])
-        });
+        let mask = key_mask.map(|m| m.clone().reshape([b, 1, 1, s]).expand([b, h, s, s]));
         let ctx = attention(q, k, v, mask, None, AttentionModuleOptions::default());
         let ctx = ctx.swap_dims(1, 2).reshape([b, s, d]);
         self.output.dense.forward(ctx)
@@ -174,7 +172,9 @@ impl Layer {
 
     /// [batch, seq, hidden] → [batch, seq, hidden].
     pub fn forward(&self, x: Tensor<3>, key_mask: Option<&Tensor<2, Bool>>) -> Tensor<3> {
-        let a = self.attention.forward(self.layernorm_before.forward(x.clone()), key_mask);
+        let a = self
+            .attention
+            .forward(self.layernorm_before.forward(x.clone()), key_mask);
         let x = x + a;
         let y = self.intermediate.dense.forward(self.layernorm_after.forward(x.clone()));
         x + self.output.dense.forward(self.act.apply(y))
@@ -195,12 +195,14 @@ impl Encoder {
     /// If `hidden_size` is not divisible by `num_attention_heads` (configs are validated first).
     pub fn new(cfg: &EncoderConfig, device: &Device) -> Self {
         assert!(
-            cfg.num_attention_heads > 0 && cfg.hidden_size % cfg.num_attention_heads == 0,
+            cfg.num_attention_heads > 0 && cfg.hidden_size.is_multiple_of(cfg.num_attention_heads),
             "hidden_size {} is not divisible by num_attention_heads {}",
             cfg.hidden_size,
             cfg.num_attention_heads
         );
-        Self { layer: (0..cfg.num_hidden_layers).map(|_| Layer::new(cfg, device)).collect() }
+        Self {
+            layer: (0..cfg.num_hidden_layers).map(|_| Layer::new(cfg, device)).collect(),
+        }
     }
 
     /// Runs all layers on [batch, seq, hidden]. Returns the last layer's output and, when
@@ -232,7 +234,9 @@ pub struct Pooler {
 impl Pooler {
     /// Builds a `hidden → hidden` pooler.
     pub fn new(d: usize, std: f64, device: &Device) -> Self {
-        Self { dense: linear(d, d, true, std, device) }
+        Self {
+            dense: linear(d, d, true, std, device),
+        }
     }
 
     /// [batch, seq, hidden] → [batch, hidden].

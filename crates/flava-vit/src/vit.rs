@@ -40,11 +40,16 @@ impl ImageEmbeddings {
         let d = cfg.hidden_size;
         let projection = Conv2dConfig::new([cfg.num_channels, d], [cfg.patch_size, cfg.patch_size])
             .with_stride([cfg.patch_size, cfg.patch_size])
-            .with_initializer(burn::module::Initializer::Normal { mean: 0.0, std: cfg.initializer_range })
+            .with_initializer(burn::module::Initializer::Normal {
+                mean: 0.0,
+                std: cfg.initializer_range,
+            })
             .init(device);
         Self {
             cls_token: Param::from_tensor(Tensor::zeros([1, 1, d], device)),
-            mask_token: cfg.mask_token.then(|| Param::from_tensor(Tensor::zeros([1, 1, d], device))),
+            mask_token: cfg
+                .mask_token
+                .then(|| Param::from_tensor(Tensor::zeros([1, 1, d], device))),
             position_embeddings: Param::from_tensor(Tensor::zeros([1, cfg.num_patches() + 1, d], device)),
             patch_embeddings: PatchEmbeddings { projection },
             patch_size: cfg.patch_size,
@@ -143,10 +148,17 @@ impl ImageModel {
         interpolate_pos_encoding: bool,
         all_hidden: bool,
     ) -> EncoderOutput {
-        let x = self.embeddings.forward(pixel_values, bool_masked_pos, interpolate_pos_encoding);
+        let x = self
+            .embeddings
+            .forward(pixel_values, bool_masked_pos, interpolate_pos_encoding);
         let (pre_layernorm, hidden_states) = self.encoder.forward(x, None, all_hidden);
         let last_hidden_state = self.layernorm.forward(pre_layernorm.clone());
         let pooler_output = self.pooler.forward(last_hidden_state.clone());
-        EncoderOutput { last_hidden_state, pre_layernorm, pooler_output, hidden_states }
+        EncoderOutput {
+            last_hidden_state,
+            pre_layernorm,
+            pooler_output,
+            hidden_states,
+        }
     }
 }

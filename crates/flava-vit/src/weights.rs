@@ -115,7 +115,10 @@ impl StateDict {
 
     /// Reads a safetensors file.
     pub fn from_safetensors(path: &Path) -> Result<Self, WeightsError> {
-        let bytes = std::fs::read(path).map_err(|source| WeightsError::Io { path: path.into(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| WeightsError::Io {
+            path: path.into(),
+            source,
+        })?;
         Self::from_safetensors_bytes(&bytes).map_err(|message| WeightsError::Corrupt {
             path: path.into(),
             format: "safetensors",
@@ -156,9 +159,16 @@ impl StateDict {
     /// `state_dict`/`model` entry (training checkpoints) is unwrapped.
     pub fn from_pytorch(path: &Path) -> Result<Self, WeightsError> {
         if let Err(source) = std::fs::metadata(path) {
-            return Err(WeightsError::Io { path: path.into(), source });
+            return Err(WeightsError::Io {
+                path: path.into(),
+                source,
+            });
         }
-        let corrupt = |message: String| WeightsError::Corrupt { path: path.into(), format: "PyTorch", message };
+        let corrupt = |message: String| WeightsError::Corrupt {
+            path: path.into(),
+            format: "PyTorch",
+            message,
+        };
         let tensors = guarded(|| {
             let reader = pytorch_reader::PytorchReader::new(path).map_err(|e| e.to_string())?;
             Ok(reader.into_tensors())
@@ -224,7 +234,10 @@ impl StateDict {
                 (k.clone(), view)
             })
             .collect::<Vec<_>>();
-        let metadata = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
+        let metadata = Some(std::collections::HashMap::from([(
+            "format".to_string(),
+            "pt".to_string(),
+        )]));
         let out = safetensors::serialize(views, metadata).map_err(|e| WeightsError::Corrupt {
             path: path.into(),
             format: "safetensors",
@@ -237,7 +250,10 @@ impl StateDict {
 /// Writes `bytes` to `path` through a temporary file and a rename, so a crash never leaves a
 /// half-written file under the final name.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WeightsError> {
-    let io = |source| WeightsError::Io { path: path.into(), source };
+    let io = |source| WeightsError::Io {
+        path: path.into(),
+        source,
+    };
     let tmp = path.with_extension(format!(
         "{}.tmp",
         path.extension().and_then(|e| e.to_str()).unwrap_or("part")
@@ -363,19 +379,35 @@ pub fn module_state_dict<M: Module + ModuleSnapshot>(module: &M, prefix: &str, s
     out
 }
 
+/// Integer tensors by name: shape and values.
+pub type IntTensors = BTreeMap<String, (Vec<usize>, Vec<i64>)>;
+
 /// Integer tensors of a safetensors file (token ids, masks, labels), as i64 with their shapes.
 /// Float tensors are left out; use [`StateDict`] for those.
-pub fn read_int_tensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, (Vec<usize>, Vec<i64>)>, WeightsError> {
+pub fn read_int_tensors(path: impl AsRef<Path>) -> Result<IntTensors, WeightsError> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|source| WeightsError::Io { path: path.into(), source })?;
-    let corrupt = |message: String| WeightsError::Corrupt { path: path.into(), format: "safetensors", message };
+    let bytes = std::fs::read(path).map_err(|source| WeightsError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let corrupt = |message: String| WeightsError::Corrupt {
+        path: path.into(),
+        format: "safetensors",
+        message,
+    };
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let d = view.data();
         let vals: Vec<i64> = match view.dtype() {
-            safetensors::Dtype::I64 => d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
-            safetensors::Dtype::I32 => d.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
+            safetensors::Dtype::I64 => d
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            safetensors::Dtype::I32 => d
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect(),
             safetensors::Dtype::U8 | safetensors::Dtype::BOOL => d.iter().map(|&v| v as i64).collect(),
             _ => continue,
         };

@@ -1,0 +1,137 @@
+//! The `flava` binary end to end: `flava embed --json` against HF's `FlavaProcessor` +
+//! `FlavaModel` on a complete tiny model directory (tolerance 1e-4), `flava convert`, and errors.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn flava() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_flava"))
+}
+
+#[derive(serde::Deserialize)]
+struct Expected {
+    images: Vec<String>,
+    texts: Vec<String>,
+    max_length: usize,
+    image_features: Vec<Vec<f32>>,
+    text_features: Vec<Vec<f32>>,
+    logits_per_image: Vec<Vec<f32>>,
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn embed_json_matches_transformers() {
+    let e: Expected =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("embed_expected.json")).unwrap()).unwrap();
+    let mut cmd = flava();
+    cmd.args(["embed", "--json", "--max-length", &e.max_length.to_string(), "--model"])
+        .arg(fixtures().join("embed_model"));
+    for i in &e.images {
+        cmd.arg("--image").arg(fixtures().join("processor").join(i));
+    }
+    for t in &e.texts {
+        cmd.args(["--text", t]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let get = |k: &str| -> Vec<Vec<f32>> { serde_json::from_value(v[k].clone()).unwrap() };
+    let (di, dt, dl) = (
+        max_diff(&get("image_features"), &e.image_features),
+        max_diff(&get("text_features"), &e.text_features),
+        max_diff(&get("logits_per_image"), &e.logits_per_image),
+    );
+    eprintln!("embed vs transformers: image {di:.1e}, text {dt:.1e}, logits {dl:.1e}");
+    assert!(
+        di <= 1e-4 && dt <= 1e-4 && dl <= 1e-4,
+        "image {di}, text {dt}, logits {dl}"
+    );
+}
+
+#[test]
+fn embed_text_only_prints_a_table() {
+    let out = flava()
+        .args(["embed", "--text", "a photo of a cat", "--model"])
+        .arg(fixtures().join("embed_model"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        s.contains("text \"a photo of a cat\"") && s.contains("(24 dims)"),
+        "{s}"
+    );
+    // max_length 77 exceeds the tiny model's 64 positions: clamped with a note, not a crash.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("using 64"));
+}
+
+#[test]
+fn embed_errors_are_clear() {
+    let out = flava()
+        .args(["embed", "--text", "x", "--model", "/nonexistent/model"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("config.json"), "{err}");
+    let out = flava()
+        .args(["embed", "--model"])
+        .arg(fixtures().join("embed_model"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to embed"));
+    let out = flava()
+        .args(["embed", "--image", "/nonexistent.png", "--model"])
+        .arg(fixtures().join("embed_model"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.png"));
+}
+
+#[test]
+fn convert_writes_safetensors_that_embed_can_load() {
+    let dir = std::env::temp_dir().join(format!("flava-cli-convert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = fixtures().join("tiny_pretraining");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let out = flava()
+        .arg("convert")
+        .arg(src.join("pytorch_model.bin"))
+        .arg(dir.join("model.safetensors"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.contains("dropped 1 non-float buffers: flava.text_model.embeddings.position_ids"),
+        "{s}"
+    );
+    std::fs::copy(
+        fixtures().join("embed_model/tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    let out = flava()
+        .args(["embed", "--json", "--text", "a cat", "--model"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_dir_all(&dir).ok();
+}
