@@ -26,10 +26,22 @@ fn bench_encoders(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("encoders/{name}"));
         g.sample_size(samples);
         g.bench_function(BenchmarkId::new("image", batch), |b| {
-            b.iter(|| model.image_model.forward(px.clone(), None, false, false).last_hidden_state.into_data())
+            b.iter(|| {
+                model
+                    .image_model
+                    .forward(px.clone(), None, false, false)
+                    .last_hidden_state
+                    .into_data()
+            })
         });
         g.bench_function(BenchmarkId::new("text", batch), |b| {
-            b.iter(|| model.text_model.forward(ids.clone(), Some(&mask), None, false).last_hidden_state.into_data())
+            b.iter(|| {
+                model
+                    .text_model
+                    .forward(ids.clone(), Some(&mask), None, false)
+                    .last_hidden_state
+                    .into_data()
+            })
         });
         let img = model.image_model.forward(px.clone(), None, false, false);
         let txt = model.text_model.forward(ids.clone(), Some(&mask), None, false);
