@@ -1,0 +1,298 @@
+//! The dataset mixer and the loader: picks a task per step (round-robin or by weight, seeded),
+//! reads and decodes samples on a pool of worker threads with bounded prefetch, and hands out
+//! batches in a deterministic order with the position to resume from after each.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::thread::JoinHandle;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{BatchBuilder, HostBatch};
+use crate::sources::{Record, Source, SourceError};
+use crate::stream::{decode, SampleStream, StreamPosition, StreamStats, Task};
+
+/// How the mixer picks the task of each step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Mix {
+    /// pairs, images, text, pairs, … (tasks without sources are left out).
+    RoundRobin,
+    /// Each step draws a task with these weights.
+    Weighted(BTreeMap<Task, f64>),
+}
+
+impl Mix {
+    /// Parses `round-robin` or `pairs=W,images=W,text=W`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "round-robin" {
+            return Ok(Mix::RoundRobin);
+        }
+        let mut w = BTreeMap::new();
+        for part in s.split(',') {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("bad mix `{part}` (want task=weight)"))?;
+            let task = match k.trim() {
+                "pairs" => Task::Pairs,
+                "images" => Task::Images,
+                "text" => Task::Text,
+                other => return Err(format!("unknown task `{other}` (pairs, images, text)")),
+            };
+            let v: f64 = v.trim().parse().map_err(|_| format!("bad weight `{v}`"))?;
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(format!("weight of {k} must be ≥ 0"));
+            }
+            w.insert(task, v);
+        }
+        if w.values().sum::<f64>() <= 0.0 {
+            return Err("the mix weights sum to zero".into());
+        }
+        Ok(Mix::Weighted(w))
+    }
+}
+
+/// Everything needed to continue the data exactly where a batch left it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MixerState {
+    /// Batches produced.
+    pub step: u64,
+    /// The mixer's RNG (weighted mode).
+    pub rng: ChaCha8Rng,
+    /// Per task: the position of each of its sources, and whose turn is next.
+    pub streams: BTreeMap<Task, (Vec<StreamPosition>, usize)>,
+}
+
+/// A batch with the state to resume after it and the statistics so far.
+#[derive(Debug, Clone)]
+pub struct LoadedBatch {
+    /// The batch.
+    pub batch: HostBatch,
+    /// Resume from here to get the next batch.
+    pub state_after: MixerState,
+    /// Samples and skips per task since the loader started.
+    pub stats: BTreeMap<Task, StreamStats>,
+}
+
+/// Loader settings.
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    /// Task mix.
+    pub mix: Mix,
+    /// Worker threads for decoding and transforms.
+    pub workers: usize,
+    /// Batches prepared ahead.
+    pub prefetch: usize,
+    /// Seed of the mixer.
+    pub seed: u64,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        Self {
+            mix: Mix::RoundRobin,
+            workers: 2,
+            prefetch: 4,
+            seed: 0,
+        }
+    }
+}
+
+struct Producer {
+    tasks: BTreeMap<Task, (Vec<SampleStream>, usize)>,
+    order: Vec<Task>,
+    mix: Mix,
+    rng: ChaCha8Rng,
+    step: u64,
+    builder: BatchBuilder,
+    pool: rayon::ThreadPool,
+}
+
+impl Producer {
+    fn state(&self) -> MixerState {
+        MixerState {
+            step: self.step,
+            rng: self.rng.clone(),
+            streams: self
+                .tasks
+                .iter()
+                .map(|(t, (s, turn))| (*t, (s.iter().map(|x| x.position()).collect(), *turn)))
+                .collect(),
+        }
+    }
+
+    fn pick_task(&mut self) -> Task {
+        match &self.mix {
+            Mix::RoundRobin => self.order[(self.step % self.order.len() as u64) as usize],
+            Mix::Weighted(w) => {
+                let total: f64 = self.order.iter().map(|t| w.get(t).copied().unwrap_or(0.0)).sum();
+                let mut x = self.rng.random::<f64>() * total;
+                for t in &self.order {
+                    x -= w.get(t).copied().unwrap_or(0.0);
+                    if x < 0.0 {
+                        return *t;
+                    }
+                }
+                *self.order.last().expect("at least one task")
+            }
+        }
+    }
+
+    fn next_batch(&mut self) -> Result<LoadedBatch, SourceError> {
+        let task = self.pick_task();
+        let want = self.builder.cfg.batch_size;
+        let mut samples = Vec::with_capacity(want);
+        let (streams, turn) = self.tasks.get_mut(&task).expect("picked tasks have sources");
+        while samples.len() < want {
+            // Read raw records in order (sources alternate), decode them in parallel.
+            let mut raws = Vec::new();
+            while raws.len() < want - samples.len() {
+                let k = *turn % streams.len();
+                *turn += 1;
+                match streams[k].next_record()? {
+                    Record::Sample(r) => raws.push((k, r)),
+                    Record::Skipped { reason, key, detail } => streams[k].count_skip(reason, &key, &detail),
+                }
+            }
+            let decoded: Vec<_> = self.pool.install(|| {
+                raws.into_par_iter()
+                    .map(|(k, r)| (k, r.key.clone(), decode(r, task)))
+                    .collect()
+            });
+            for (k, key, d) in decoded {
+                match d {
+                    Ok(s) => {
+                        streams[k].stats.samples += 1;
+                        samples.push(s);
+                    }
+                    Err((reason, detail)) => streams[k].count_skip(reason, &key, &detail),
+                }
+            }
+        }
+        let builder = &self.builder;
+        let step = self.step;
+        let batch = self
+            .pool
+            .install(|| builder.build(task, samples, step))
+            .map_err(SourceError::Unknown)?;
+        self.step += 1;
+        let stats = self
+            .tasks
+            .iter()
+            .map(|(t, (s, _))| {
+                let mut st = StreamStats::default();
+                s.iter().for_each(|x| st.merge(&x.stats));
+                (*t, st)
+            })
+            .collect();
+        Ok(LoadedBatch {
+            batch,
+            state_after: self.state(),
+            stats,
+        })
+    }
+}
+
+/// Produces batches on a background thread, `prefetch` ahead, in a deterministic order.
+pub struct DataLoader {
+    rx: Receiver<Result<LoadedBatch, String>>,
+    handle: Option<JoinHandle<()>>,
+    describe: Vec<String>,
+}
+
+impl DataLoader {
+    /// Starts the loader over `sources` (per task), optionally resuming from `resume`.
+    pub fn new(
+        sources: BTreeMap<Task, Vec<Box<dyn Source>>>,
+        builder: BatchBuilder,
+        cfg: LoaderConfig,
+        resume: Option<MixerState>,
+    ) -> Result<Self, SourceError> {
+        let mut tasks = BTreeMap::new();
+        let mut describe = Vec::new();
+        for (task, srcs) in sources {
+            if srcs.is_empty() {
+                continue;
+            }
+            if let Mix::Weighted(w) = &cfg.mix {
+                if w.get(&task).copied().unwrap_or(0.0) <= 0.0 {
+                    continue;
+                }
+            }
+            let streams: Vec<SampleStream> = srcs.into_iter().map(SampleStream::new).collect();
+            describe.extend(streams.iter().map(|s| format!("{}: {}", task.name(), s.describe())));
+            tasks.insert(task, (streams, 0usize));
+        }
+        if tasks.is_empty() {
+            return Err(SourceError::NoMatch("no data source for any task".into()));
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let mut step = 0;
+        if let Some(state) = resume {
+            rng = state.rng;
+            step = state.step;
+            for (task, (positions, turn)) in state.streams {
+                if let Some((streams, t)) = tasks.get_mut(&task) {
+                    *t = turn;
+                    for (s, p) in streams.iter_mut().zip(positions) {
+                        s.seek(p)?;
+                    }
+                }
+            }
+        }
+        let order = tasks.keys().copied().collect();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.workers.max(1))
+            .thread_name(|i| format!("flava-data-{i}"))
+            .build()
+            .map_err(|e| SourceError::Unknown(e.to_string()))?;
+        let mut producer = Producer {
+            tasks,
+            order,
+            mix: cfg.mix,
+            rng,
+            step,
+            builder,
+            pool,
+        };
+        let (tx, rx) = sync_channel(cfg.prefetch.max(1));
+        let handle = std::thread::Builder::new()
+            .name("flava-data-producer".into())
+            .spawn(move || loop {
+                let item = producer.next_batch().map_err(|e| e.to_string());
+                let stop = item.is_err();
+                if tx.send(item).is_err() || stop {
+                    break;
+                }
+            })
+            .map_err(|e| SourceError::Unknown(e.to_string()))?;
+        Ok(Self {
+            rx,
+            handle: Some(handle),
+            describe,
+        })
+    }
+
+    /// One line per source, for logs.
+    pub fn describe(&self) -> &[String] {
+        &self.describe
+    }
+
+    /// The next batch (blocks until it is ready).
+    pub fn next_batch(&mut self) -> Result<LoadedBatch, String> {
+        self.rx.recv().map_err(|_| "the data loader stopped".to_string())?
+    }
+}
+
+impl Drop for DataLoader {
+    fn drop(&mut self) {
+        // Unblock the producer (its send fails once the receiver is gone), then join it.
+        let (_tx, rx) = sync_channel(1);
+        drop(std::mem::replace(&mut self.rx, rx));
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

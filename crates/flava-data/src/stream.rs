@@ -1,0 +1,278 @@
+//! Streams over sources: epochs that restart, skip counting, a resumable position, and opening a
+//! source from its command-line spec.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use crate::processor::{decode_image, to_rgb8};
+use crate::sources::{
+    read_coco, read_image_folder, read_manifest, read_texts, ImageData, ListSource, ManifestColumns, RawSample, Record,
+    ShardSource, SkipReason, Source, SourceError, NON_UTF8_MARKER,
+};
+use crate::synthetic::{Split, SyntheticKind, SyntheticSource};
+
+/// The three kinds of training batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// Image-text pairs: contrastive, ITM, masked multimodal.
+    Pairs,
+    /// Images only: masked image modelling.
+    Images,
+    /// Text only: masked language modelling.
+    Text,
+}
+
+impl Task {
+    /// The name used in logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Pairs => "pairs",
+            Task::Images => "images",
+            Task::Text => "text",
+        }
+    }
+}
+
+/// Where a stream stands: the epoch and how many records of it were consumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct StreamPosition {
+    /// Current epoch.
+    pub epoch: u64,
+    /// Records consumed in it (samples and skips).
+    pub consumed: u64,
+}
+
+/// Samples delivered and skipped, by reason.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamStats {
+    /// Usable samples delivered.
+    pub samples: u64,
+    /// Skipped samples by reason.
+    pub skipped: BTreeMap<SkipReason, u64>,
+}
+
+impl StreamStats {
+    /// Adds another stream's counts.
+    pub fn merge(&mut self, other: &StreamStats) {
+        self.samples += other.samples;
+        for (k, v) in &other.skipped {
+            *self.skipped.entry(*k).or_default() += v;
+        }
+    }
+
+    /// Total skips.
+    pub fn total_skipped(&self) -> u64 {
+        self.skipped.values().sum()
+    }
+}
+
+/// A source read epoch after epoch.
+pub struct SampleStream {
+    source: Box<dyn Source>,
+    pos: StreamPosition,
+    started: bool,
+    /// Counts since the stream was opened.
+    pub stats: StreamStats,
+}
+
+impl SampleStream {
+    /// Wraps a source; epoch 0 starts on first use.
+    pub fn new(source: Box<dyn Source>) -> Self {
+        Self {
+            source,
+            pos: StreamPosition::default(),
+            started: false,
+            stats: StreamStats::default(),
+        }
+    }
+
+    /// Description of the source.
+    pub fn describe(&self) -> String {
+        self.source.describe()
+    }
+
+    /// The position of the next record.
+    pub fn position(&self) -> StreamPosition {
+        self.pos
+    }
+
+    /// Moves to `pos` by starting its epoch and passing over `consumed` records (not decoded).
+    pub fn seek(&mut self, pos: StreamPosition) -> Result<(), SourceError> {
+        self.source.start_epoch(pos.epoch);
+        self.started = true;
+        self.pos = StreamPosition {
+            epoch: pos.epoch,
+            consumed: 0,
+        };
+        for _ in 0..pos.consumed {
+            self.next_record()?;
+        }
+        Ok(())
+    }
+
+    /// The next record, moving to the next epoch when one ends. Skips are counted here and in
+    /// the log (stderr); a whole epoch without a record is an error.
+    pub fn next_record(&mut self) -> Result<Record, SourceError> {
+        if !self.started {
+            self.source.start_epoch(self.pos.epoch);
+            self.started = true;
+        }
+        let mut fresh_epoch = self.pos.consumed == 0;
+        loop {
+            if let Some(r) = self.source.next_record() {
+                self.pos.consumed += 1;
+                return Ok(r);
+            }
+            if fresh_epoch {
+                return Err(SourceError::Empty(self.source.describe()));
+            }
+            self.pos = StreamPosition {
+                epoch: self.pos.epoch + 1,
+                consumed: 0,
+            };
+            self.source.start_epoch(self.pos.epoch);
+            fresh_epoch = true;
+        }
+    }
+
+    /// Counts a skip.
+    pub fn count_skip(&mut self, reason: SkipReason, key: &str, detail: &str) {
+        *self.stats.skipped.entry(reason).or_default() += 1;
+        eprintln!("skipped {key} ({reason:?}): {detail}");
+    }
+}
+
+/// A decoded sample ready for transforms.
+#[derive(Debug, Clone)]
+pub struct DecodedSample {
+    /// Key.
+    pub key: String,
+    /// RGB pixels, when the task uses images.
+    pub image: Option<RgbImage>,
+    /// Caption or text, when the task uses text.
+    pub text: Option<String>,
+    /// Label, if any.
+    pub label: Option<String>,
+}
+
+/// Decodes what `task` needs of a raw sample, or says why it must be skipped.
+pub fn decode(raw: RawSample, task: Task) -> Result<DecodedSample, (SkipReason, String)> {
+    let needs_image = matches!(task, Task::Pairs | Task::Images);
+    let needs_text = matches!(task, Task::Pairs | Task::Text);
+    let image = if needs_image {
+        match raw.image {
+            None => return Err((SkipReason::MissingImage, "no image".into())),
+            Some(ImageData::Decoded(img)) => Some(img),
+            Some(ImageData::Encoded(bytes)) => match decode_image(&bytes) {
+                Ok(img) => Some(to_rgb8(&img)),
+                Err(e) => return Err((SkipReason::CorruptImage, e)),
+            },
+        }
+    } else {
+        None
+    };
+    let text = if needs_text {
+        match raw.text {
+            None => return Err((SkipReason::MissingCaption, "no caption".into())),
+            Some(t) if t == NON_UTF8_MARKER => return Err((SkipReason::NonUtf8Text, "text is not UTF-8".into())),
+            Some(t) if t.trim().is_empty() => return Err((SkipReason::EmptyCaption, "empty caption".into())),
+            Some(t) => Some(t.trim().to_string()),
+        }
+    } else {
+        None
+    };
+    Ok(DecodedSample {
+        key: raw.key,
+        image,
+        text,
+        label: raw.label,
+    })
+}
+
+/// Options for opening sources.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    /// Shuffle seed.
+    pub seed: u64,
+    /// WebDataset sample shuffle buffer (0 = in order).
+    pub shuffle_buffer: usize,
+    /// Shuffle listed sources each epoch.
+    pub shuffle: bool,
+    /// Manifest column names.
+    pub columns: ManifestColumns,
+    /// JSONL text field.
+    pub text_field: String,
+    /// Samples per epoch of the synthetic source.
+    pub synthetic_len: u64,
+    /// Side of synthetic images.
+    pub synthetic_image_size: u32,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            shuffle_buffer: 1000,
+            shuffle: true,
+            columns: ManifestColumns::default(),
+            text_field: "text".into(),
+            synthetic_len: 20_000,
+            synthetic_image_size: 64,
+        }
+    }
+}
+
+/// Opens a source from its spec, for `task`:
+/// `synthetic` (or `synthetic:heldout`, `synthetic:classes`), a shard pattern (`.tar`, `.tar.gz`,
+/// braces allowed), a `.csv`/`.tsv` manifest, `coco:ANNOTATIONS.json:IMAGE_DIR`, an ImageFolder
+/// directory, a `.txt` file (one text per line) or `.jsonl`.
+pub fn open_source(spec: &str, task: Task, opts: &SourceOptions) -> Result<Box<dyn Source>, SourceError> {
+    let seed = opts.seed;
+    if let Some(rest) = spec.strip_prefix("synthetic") {
+        let kind = match task {
+            Task::Pairs => SyntheticKind::Pairs,
+            Task::Images => SyntheticKind::Images,
+            Task::Text => SyntheticKind::Text,
+        };
+        let (kind, split) = match rest {
+            "" | ":train" => (kind, Split::Train),
+            ":heldout" => (kind, Split::HeldOut),
+            ":classes" => (SyntheticKind::Classes, Split::ZeroShot),
+            _ => return Err(SourceError::Unknown(spec.into())),
+        };
+        return Ok(Box::new(SyntheticSource::new(
+            kind,
+            split,
+            seed,
+            opts.synthetic_len,
+            opts.synthetic_image_size,
+        )));
+    }
+    if let Some(rest) = spec.strip_prefix("coco:") {
+        let (ann, dir) = rest.rsplit_once(':').ok_or_else(|| SourceError::Unknown(spec.into()))?;
+        let entries = read_coco(Path::new(ann), Path::new(dir))?;
+        return Ok(Box::new(ListSource::new(spec.into(), entries, seed, opts.shuffle)?));
+    }
+    let lower = spec.to_ascii_lowercase();
+    if lower.ends_with(".tar") || lower.ends_with(".tar.gz") || lower.ends_with(".tgz") {
+        return Ok(Box::new(ShardSource::new(spec, seed, opts.shuffle_buffer)?));
+    }
+    let path = Path::new(spec);
+    if !path.exists() {
+        return Err(SourceError::NoMatch(spec.into()));
+    }
+    let entries = if path.is_dir() {
+        read_image_folder(path)?.0
+    } else if lower.ends_with(".csv") || lower.ends_with(".tsv") {
+        read_manifest(path, &opts.columns)?
+    } else if lower.ends_with(".txt") || lower.ends_with(".jsonl") {
+        read_texts(path, &opts.text_field)?
+    } else {
+        return Err(SourceError::Unknown(spec.into()));
+    };
+    Ok(Box::new(ListSource::new(spec.into(), entries, seed, opts.shuffle)?))
+}
