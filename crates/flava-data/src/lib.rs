@@ -1,8 +1,14 @@
 //! # flava-data
 //!
-//! Everything that feeds FLAVA: image preprocessing reproducing HF `FlavaImageProcessor`
-//! ([`processor`]); later also data sources (WebDataset shards, CSV, COCO, ImageFolder, text),
-//! BEiT block masking, MLM masking and the round-robin dataset mixer.
+//! Everything that feeds FLAVA:
+//! - [`processor`], [`resample`]: HF `FlavaImageProcessor` reproduced (Pillow-exact resampling,
+//!   libjpeg-turbo decoding); [`transforms`]: the two-way random-resized-crop training transform;
+//! - [`masking`]: BEiT block masking; [`mlm`]: BERT MLM masking (whole-word optional);
+//! - [`sources`], [`synthetic`], [`stream`]: WebDataset shards, CSV/TSV manifests, COCO captions,
+//!   ImageFolder trees, text/JSONL files and the built-in synthetic shapes, with counted skips of
+//!   bad samples and resumable positions; [`shards`]: writing and inspecting shards;
+//! - [`batch`]: transforms, masks, tokenization, ITM negatives and collation into tensors;
+//!   [`loader`]: the round-robin/weighted task mixer and the prefetching, deterministic loader.
 
 pub mod batch;
 pub mod loader;
@@ -10,6 +16,7 @@ pub mod masking;
 pub mod mlm;
 pub mod processor;
 pub mod resample;
+pub mod shards;
 pub mod sources;
 pub mod stream;
 pub mod synthetic;

@@ -314,3 +314,38 @@ fn manifests_coco_imagefolder_and_text_files() {
     );
     assert!(open_source(d.join("nope.csv").to_str().unwrap(), Task::Pairs, &o).is_err());
 }
+
+#[test]
+fn itm_negatives_swap_in_a_different_caption() {
+    let mut cfg = builder(8).cfg.clone();
+    cfg.itm_negative_prob = 0.5;
+    let b = BatchBuilder::new(cfg, Some(tokenizer())).unwrap();
+    let sources = BTreeMap::from([(
+        Task::Pairs,
+        vec![open_source("synthetic", Task::Pairs, &opts()).unwrap()],
+    )]);
+    let mut l = DataLoader::new(sources, b, LoaderConfig::default(), None).unwrap();
+    let (mut neg, mut total) = (0, 0);
+    for _ in 0..10 {
+        let x = l.next_batch().unwrap().batch;
+        let src = flava_data::synthetic::SyntheticSource::new(
+            flava_data::synthetic::SyntheticKind::Pairs,
+            flava_data::synthetic::Split::Train,
+            5,
+            20,
+            40,
+        );
+        for (i, key) in x.keys.iter().enumerate() {
+            let idx: u64 = key.rsplit('-').next().unwrap().parse().unwrap();
+            let own = src.sample(idx).text.unwrap();
+            total += 1;
+            if x.itm_labels[i] == 0 {
+                neg += 1;
+                assert_ne!(x.texts[i], own, "a negative must carry another caption");
+            } else {
+                assert_eq!(x.texts[i], own);
+            }
+        }
+    }
+    assert!((neg as f64 / total as f64 - 0.5).abs() < 0.15, "{neg}/{total}");
+}

@@ -5,6 +5,7 @@
 //! safetensors (`flava convert`); the pretraining loop, checkpoints and evaluation join it with
 //! the training issue.
 
+pub mod data_cmd;
 pub mod device;
 pub mod embed;
 

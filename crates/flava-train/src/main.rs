@@ -4,8 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use flava_data::masking::BlockMaskConfig;
+use flava_data::stream::{SourceOptions, Task};
 use flava_fusion::checkpoint::{convert_to_safetensors, find_weights};
-use flava_train::{embed, pick_device};
+use flava_train::{data_cmd, embed, pick_device};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +44,41 @@ enum Command {
         #[arg(long, default_value_t = flava_text::DEFAULT_MAX_LENGTH)]
         max_length: usize,
     },
+    /// Draw BEiT block masks, to see and tune the masking.
+    Masks {
+        /// Patch grid, ROWSxCOLS.
+        #[arg(long, default_value = "14x14")]
+        grid: String,
+        /// Most patches masked per image.
+        #[arg(long, default_value_t = 75)]
+        num_masking_patches: usize,
+        /// Smallest block area.
+        #[arg(long, default_value_t = 16)]
+        min_patches: usize,
+        /// Largest block area (default: the number of masking patches).
+        #[arg(long)]
+        max_patches: Option<usize>,
+        /// Smallest block aspect ratio.
+        #[arg(long, default_value_t = 0.3)]
+        min_aspect: f64,
+        /// Masks to draw.
+        #[arg(long, default_value_t = 4)]
+        samples: usize,
+        /// Random seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Also draw the masks into this PNG.
+        #[arg(long)]
+        png: Option<PathBuf>,
+        /// Print `{"masks": [[0|1; rows*cols]; samples]}` (row-major).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Data utilities: write any source as WebDataset shards, inspect shards.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
     /// Convert a PyTorch checkpoint (`pytorch_model.bin`, `.pt`) to `model.safetensors`,
     /// without executing any pickled code.
     Convert {
@@ -50,6 +87,42 @@ enum Command {
         /// Output file (default: `model.safetensors` beside the input).
         output: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Write a source (synthetic, shards, CSV, COCO, ImageFolder, text) as WebDataset shards.
+    Shards {
+        /// The source spec.
+        #[arg(long)]
+        from: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Samples per shard.
+        #[arg(long, default_value_t = 1000)]
+        shard_size: usize,
+        /// What to read: pairs, images or text.
+        #[arg(long, default_value = "pairs")]
+        task: String,
+        /// Stop after this many samples (the synthetic source has 20,000 per epoch).
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Count samples and members of shards (`data/{000..009}.tar`) and show the first sample.
+    Inspect {
+        /// Shard file or brace pattern.
+        shards: String,
+    },
+}
+
+fn parse_task(s: &str) -> anyhow::Result<Task> {
+    match s {
+        "pairs" => Ok(Task::Pairs),
+        "images" => Ok(Task::Images),
+        "text" => Ok(Task::Text),
+        other => anyhow::bail!("unknown task `{other}` (pairs, images, text)"),
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -70,6 +143,60 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", embed::render(&out, &images, &texts));
             }
         }
+        Command::Masks {
+            grid,
+            num_masking_patches,
+            min_patches,
+            max_patches,
+            min_aspect,
+            samples,
+            seed,
+            png,
+            json,
+        } => {
+            let (height, width) = data_cmd::parse_grid(&grid)?;
+            let cfg = BlockMaskConfig {
+                height,
+                width,
+                num_masking_patches,
+                min_num_patches: min_patches,
+                max_num_patches: max_patches,
+                min_aspect,
+                max_aspect: None,
+            };
+            let masks = data_cmd::masks(cfg, samples, seed)?;
+            if let Some(p) = &png {
+                data_cmd::masks_png(&masks, height, width, p)?;
+            }
+            if json {
+                let m: Vec<Vec<u8>> = masks.iter().map(|m| m.iter().map(|&b| b as u8).collect()).collect();
+                println!("{}", serde_json::json!({ "masks": m }));
+            } else {
+                print!("{}", data_cmd::render_masks(&masks, height, width));
+            }
+        }
+        Command::Data {
+            command:
+                DataCommand::Shards {
+                    from,
+                    out,
+                    shard_size,
+                    task,
+                    limit,
+                },
+        } => {
+            data_cmd::shards(
+                &from,
+                parse_task(&task)?,
+                &out,
+                shard_size,
+                limit,
+                &SourceOptions::default(),
+            )?;
+        }
+        Command::Data {
+            command: DataCommand::Inspect { shards },
+        } => data_cmd::inspect_cmd(&shards)?,
         Command::Convert { input, output } => {
             let input = if input.is_dir() {
                 input.join("pytorch_model.bin")

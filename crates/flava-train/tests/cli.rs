@@ -135,3 +135,75 @@ fn convert_writes_safetensors_that_embed_can_load() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn masks_json_has_the_documented_shape() {
+    let out = flava()
+        .args([
+            "masks",
+            "--grid",
+            "14x14",
+            "--num-masking-patches",
+            "75",
+            "--min-patches",
+            "16",
+            "--samples",
+            "5",
+            "--seed",
+            "3",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let masks: Vec<Vec<u8>> = serde_json::from_value(v["masks"].clone()).unwrap();
+    assert_eq!(masks.len(), 5);
+    for m in &masks {
+        assert_eq!(m.len(), 196);
+        let n = m.iter().filter(|&&b| b == 1).count();
+        assert!((16..=75).contains(&n), "{n}");
+    }
+    let again = flava()
+        .args(["masks", "--samples", "5", "--seed", "3", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(again.stdout, out.stdout, "same seed, same masks");
+    let bad = flava()
+        .args(["masks", "--grid", "4x4", "--num-masking-patches", "20"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}
+
+#[test]
+fn data_shards_then_inspect() {
+    let dir = std::env::temp_dir().join(format!("flava-cli-shards-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    let out = flava()
+        .args([
+            "data",
+            "shards",
+            "--from",
+            "synthetic",
+            "--shard-size",
+            "10",
+            "--limit",
+            "25",
+            "--out",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("wrote 25 samples in 3 shards"));
+    let pattern = format!("{}/{{000000..000002}}.tar", dir.display());
+    let out = flava().args(["data", "inspect", &pattern]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.contains("total: 25 samples in 3 shards") && s.contains("\"image\": \"64x64\""),
+        "{s}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

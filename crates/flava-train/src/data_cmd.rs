@@ -1,0 +1,123 @@
+//! `flava masks` and `flava data shards|inspect`.
+
+use std::path::Path;
+
+use anyhow::Context;
+use flava_data::masking::{BlockMaskConfig, BlockMaskGenerator};
+use flava_data::shards::{inspect, write_shards};
+use flava_data::stream::{open_source, SourceOptions, Task};
+use image::{Rgb, RgbImage};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+/// Parses `ROWSxCOLS` (e.g. `14x14`).
+pub fn parse_grid(s: &str) -> anyhow::Result<(usize, usize)> {
+    let (h, w) = s.split_once(['x', 'X']).context("grid must look like 14x14")?;
+    Ok((
+        h.trim().parse().context("grid rows")?,
+        w.trim().parse().context("grid columns")?,
+    ))
+}
+
+/// Draws `samples` masks; returns them row-major.
+pub fn masks(cfg: BlockMaskConfig, samples: usize, seed: u64) -> anyhow::Result<Vec<Vec<bool>>> {
+    let g = BlockMaskGenerator::new(cfg).map_err(anyhow::Error::msg)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    Ok((0..samples).map(|_| g.generate(&mut rng)).collect())
+}
+
+/// Text rendering: `#` masked, `.` visible, masks side by side.
+pub fn render_masks(masks: &[Vec<bool>], h: usize, w: usize) -> String {
+    let mut s = String::new();
+    for r in 0..h {
+        let row: Vec<String> = masks
+            .iter()
+            .map(|m| (0..w).map(|c| if m[r * w + c] { '#' } else { '.' }).collect())
+            .collect();
+        s += &row.join("   ");
+        s.push('\n');
+    }
+    let counts: Vec<String> = masks
+        .iter()
+        .map(|m| m.iter().filter(|&&b| b).count().to_string())
+        .collect();
+    s += &format!("masked patches: {}\n", counts.join(", "));
+    s
+}
+
+/// Draws masks as a PNG, 12 px a cell, masks side by side.
+pub fn masks_png(masks: &[Vec<bool>], h: usize, w: usize, out: &Path) -> anyhow::Result<()> {
+    let cell = 12u32;
+    let gap = 2 * cell;
+    let width = masks.len() as u32 * (w as u32 * cell + gap);
+    let img = RgbImage::from_fn(width.max(1), h as u32 * cell, |x, y| {
+        let k = (x / (w as u32 * cell + gap)) as usize;
+        let xx = x % (w as u32 * cell + gap);
+        if xx >= w as u32 * cell || k >= masks.len() {
+            return Rgb([255, 255, 255]);
+        }
+        let (r, c) = ((y / cell) as usize, (xx / cell) as usize);
+        let border = x % cell == 0 || y % cell == 0;
+        match (masks[k][r * w + c], border) {
+            (_, true) => Rgb([200, 200, 200]),
+            (true, _) => Rgb([30, 30, 30]),
+            (false, _) => Rgb([240, 240, 240]),
+        }
+    });
+    img.save(out).with_context(|| format!("writing {}", out.display()))
+}
+
+/// `flava data shards`.
+pub fn shards(
+    from: &str,
+    task: Task,
+    out: &Path,
+    shard_size: usize,
+    limit: Option<u64>,
+    opts: &SourceOptions,
+) -> anyhow::Result<()> {
+    let opts = SourceOptions {
+        shuffle: false,
+        shuffle_buffer: 0,
+        ..opts.clone()
+    };
+    let mut src = open_source(from, task, &opts)?;
+    let bar = indicatif::ProgressBar::new(limit.unwrap_or(0));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {pos} samples {per_sec} {elapsed_precise} {msg}")
+            .expect("template"),
+    );
+    let report = write_shards(src.as_mut(), out, shard_size, limit, |n| bar.set_position(n))?;
+    bar.finish_and_clear();
+    println!(
+        "wrote {} samples in {} shards to {} ({} skipped)",
+        report.samples,
+        report.shards.len(),
+        out.display(),
+        report.skipped
+    );
+    Ok(())
+}
+
+/// `flava data inspect`.
+pub fn inspect_cmd(pattern: &str) -> anyhow::Result<()> {
+    let (summaries, first) = inspect(pattern).map_err(anyhow::Error::msg)?;
+    let mut total = 0;
+    for s in &summaries {
+        println!(
+            "{}: {} samples ({} with image, {} with text, {} with label), {} skipped",
+            s.path.display(),
+            s.samples,
+            s.with_image,
+            s.with_text,
+            s.with_label,
+            s.skipped
+        );
+        total += s.samples;
+    }
+    println!("total: {total} samples in {} shards", summaries.len());
+    if let Some(f) = first {
+        println!("first sample: {f}");
+    }
+    Ok(())
+}
