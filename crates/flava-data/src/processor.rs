@@ -220,6 +220,13 @@ pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage, ProcessorError
 pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, String> {
     let format = image::guess_format(bytes).map_err(|e| e.to_string())?;
     if format == image::ImageFormat::Jpeg {
+        // libjpeg pads a cut stream with grey and only warns; Pillow reports "image file is
+        // truncated". A JPEG must end with its EOI marker (trailing padding aside).
+        let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        let tail = &bytes[end.saturating_sub(1024)..end];
+        if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
+            return Err("JPEG data is truncated (no end-of-image marker)".into());
+        }
         if let Some(img) = decode_jpeg_like_pillow(bytes) {
             return Ok(img);
         }

@@ -349,3 +349,25 @@ fn itm_negatives_swap_in_a_different_caption() {
     }
     assert!((neg as f64 / total as f64 - 0.5).abs() < 0.15, "{neg}/{total}");
 }
+
+#[test]
+fn gzipped_shards_read_like_plain_ones() {
+    let d = scratch("gz");
+    write_tar(
+        &d.join("plain.tar"),
+        &[("k1.png", png(8, 8, 1)), ("k1.txt", b"a red square".to_vec())],
+        None,
+    );
+    let tar_bytes = std::fs::read(d.join("plain.tar")).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, &tar_bytes).unwrap();
+    std::fs::write(d.join("x.tar.gz"), gz.finish().unwrap()).unwrap();
+    for name in ["plain.tar", "x.tar.gz"] {
+        let recs = flava_data::sources::ShardSource::read_shard(&d.join(name));
+        assert_eq!(recs.len(), 1, "{name}");
+        let flava_data::sources::Record::Sample(s) = &recs[0] else {
+            panic!("{name}")
+        };
+        assert_eq!((s.key.as_str(), s.text.as_deref()), ("k1", Some("a red square")));
+    }
+}

@@ -83,3 +83,12 @@ fn bad_preprocessor_field_is_named() {
     assert!(err.contains("image_mean"), "{err}");
     std::fs::remove_file(f).ok();
 }
+
+#[test]
+fn truncated_jpeg_is_an_error_not_a_grey_image() {
+    let bytes = std::fs::read(dir().join("photo_256x256.jpg")).unwrap();
+    for keep in [0.3, 0.7, 0.95] {
+        let cut = &bytes[..(bytes.len() as f64 * keep) as usize];
+        assert!(flava_data::processor::decode_image(cut).is_err(), "kept {keep}");
+    }
+}
