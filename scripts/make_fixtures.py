@@ -240,6 +240,42 @@ def processor_fixtures():
         json.dump(names, f)
 
 
+def codebook_fixtures():
+    """A tiny FlavaImageCodebook (hidden 16, vocab 99, perturbed) saved three ways, with its logits
+    and tokens on 64x64 inputs (8x8 tokens): its own directory, DALL-E's original key names."""
+    from transformers import FlavaImageCodebook, FlavaImageCodebookConfig
+    d = os.path.join(ROOT, "codebook")
+    shutil.rmtree(d, ignore_errors=True)
+    torch.manual_seed(4)
+    cfg = FlavaImageCodebookConfig(hidden_size=16, vocab_size=99, num_groups=4, num_blocks_per_group=2)
+    cb = FlavaImageCodebook(cfg).eval()
+    # DALL-E's own initialisation (N(0, 1/sqrt(fan_in))) with small random biases, so that the
+    # argmax tokens vary across the grid.
+    g5 = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in cb.named_parameters():
+            if p.dim() == 4:
+                p.copy_(torch.randn(p.shape, generator=g5) / (p.shape[1] * p.shape[2] * p.shape[3]) ** 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g5) * 0.05)
+    cb.save_pretrained(d, safe_serialization=True)
+    dalle = {}
+    for k, v in cb.state_dict().items():
+        k = k.replace(".group.", ".").replace("res_path.path.", "res_path.")
+        k = k[: -len(".weight")] + ".w" if k.endswith(".weight") else k[: -len(".bias")] + ".b"
+        dalle[k] = v.clone()
+    torch.save(dalle, os.path.join(ROOT, "codebook_dalle_keys.pt"))
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(2, 3, 64, 64, generator=g) * 0.8 + 0.1
+    with torch.no_grad():
+        logits = cb(x)
+        tokens = cb.get_codebook_indices(x)
+        probs = cb.get_codebook_probs(x)
+    save_file({"pixel_values": x, "logits": logits.contiguous(), "probs": probs.contiguous(),
+               "tokens": tokens.reshape(2, -1).to(torch.int64).contiguous()},
+              os.path.join(ROOT, "codebook_io.safetensors"))
+
+
 def embed_fixtures():
     """A complete model directory (tiny weights, tokenizer, 32-px processor) and what
     `flava embed --json` must print for two of the processor images and three texts."""
@@ -279,4 +315,5 @@ if __name__ == "__main__":
     tokenizer_fixtures()
     processor_fixtures()
     embed_fixtures()
+    codebook_fixtures()
     print("fixtures written to", os.path.normpath(ROOT), file=sys.stderr)
