@@ -6,7 +6,7 @@
 //!   autograd) and `probs`;
 //! - [`checkpoint`]: loading `facebook/flava-image-codebook`, the codebook inside a FLAVA
 //!   pretraining checkpoint, or DALL-E's original key names, and saving in the HF layout;
-//! - [`config`]: [`FlavaImageCodebookConfig`].
+//! - [`config`]: the configuration, [`FlavaImageCodebookConfig`].
 //!
 //! The decoder and dVAE training come with the rest of the dVAE issue.
 
