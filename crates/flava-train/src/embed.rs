@@ -178,3 +178,27 @@ pub fn render(out: &EmbedOutput, images: &[PathBuf], texts: &[String]) -> String
     }
     s
 }
+
+/// `flava codebook`: token grids of images (row-major) and the grid side. Preprocessing is the
+/// codebook branch of the directory's image processor (Lanczos resize, `0.8·x + 0.1`).
+pub fn codebook_tokens(dir: &Path, images: &[PathBuf], device: &Device) -> anyhow::Result<(Vec<Vec<u32>>, usize)> {
+    let (codebook, _, _) =
+        flava_dvae::load_codebook(dir, device).with_context(|| format!("loading the codebook of {}", dir.display()))?;
+    let processor = find_processor(dir)?;
+    let decoded = images.iter().map(load_image).collect::<Result<Vec<_>, _>>()?;
+    let px = processor.codebook_pixel_values(&decoded, device);
+    let t = codebook.tokens(px);
+    let [n, hw] = t.dims();
+    let v: Vec<i64> = t
+        .into_data()
+        .convert::<i64>()
+        .try_into_vec()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let side = (hw as f64).sqrt().round() as usize;
+    Ok((
+        (0..n)
+            .map(|i| v[i * hw..(i + 1) * hw].iter().map(|&x| x as u32).collect())
+            .collect(),
+        side,
+    ))
+}

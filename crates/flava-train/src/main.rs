@@ -44,6 +44,21 @@ enum Command {
         #[arg(long, default_value_t = flava_text::DEFAULT_MAX_LENGTH)]
         max_length: usize,
     },
+    /// Visual tokens of images from a codebook (or a full FLAVA directory's codebook).
+    Codebook {
+        /// A codebook directory (`facebook/flava-image-codebook` layout) or a FLAVA directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// An image file (repeatable).
+        #[arg(long = "image", required = true)]
+        images: Vec<PathBuf>,
+        /// Print `{"tokens": [[u32; h*w]; n]}`.
+        #[arg(long)]
+        json: bool,
+        /// Compute device: flex, cuda or wgpu.
+        #[arg(long, default_value = "flex")]
+        device: String,
+    },
     /// Draw BEiT block masks, to see and tune the masking.
     Masks {
         /// Patch grid, ROWSxCOLS.
@@ -141,6 +156,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&out)?);
             } else {
                 print!("{}", embed::render(&out, &images, &texts));
+            }
+        }
+        Command::Codebook {
+            model,
+            images,
+            json,
+            device,
+        } => {
+            let device = pick_device(&device)?;
+            let (tokens, side) = embed::codebook_tokens(&model, &images, &device)?;
+            if json {
+                println!("{}", serde_json::json!({ "tokens": tokens }));
+            } else {
+                for (p, t) in images.iter().zip(&tokens) {
+                    println!("{} ({side}x{side} tokens):", p.display());
+                    for row in t.chunks(side.max(1)) {
+                        println!(
+                            "  {}",
+                            row.iter().map(|v| format!("{v:5}")).collect::<Vec<_>>().join("")
+                        );
+                    }
+                }
             }
         }
         Command::Masks {

@@ -207,3 +207,30 @@ fn data_shards_then_inspect() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn codebook_json_prints_one_token_grid_per_image() {
+    let out = flava()
+        .args(["codebook", "--json", "--model"])
+        .arg(fixtures().join("codebook"))
+        .arg("--image")
+        .arg(fixtures().join("processor/landscape_300x200.png"))
+        .arg("--image")
+        .arg(fixtures().join("processor/photo_256x256.jpg"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tokens: Vec<Vec<u32>> = serde_json::from_value(v["tokens"].clone()).unwrap();
+    assert_eq!(tokens.len(), 2);
+    assert!(tokens.iter().all(|t| t.len() == 14 * 14 && t.iter().all(|&x| x < 99)));
+    assert!(
+        tokens[0].iter().collect::<std::collections::BTreeSet<_>>().len() > 1,
+        "the image's shapes give several tokens"
+    );
+    let bad = flava()
+        .args(["codebook", "--model", "/nonexistent", "--image", "x.png"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("config.json"));
+}
