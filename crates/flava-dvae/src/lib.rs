@@ -8,11 +8,14 @@
 //!   pretraining checkpoint, or DALL-E's original key names, and saving in the HF layout;
 //! - [`config`]: the configuration, [`FlavaImageCodebookConfig`].
 //!
-//! The decoder and dVAE training come with the rest of the dVAE issue.
+//! - [`decoder`]: DALL-E's decoder; [`train`]: training a dVAE of one's own (Gumbel-softmax,
+//!   KL annealing, L2 or logit-Laplace, checkpoints and resume, PSNR/perplexity/code usage).
 
 pub mod checkpoint;
 pub mod config;
+pub mod decoder;
 pub mod encoder;
+pub mod train;
 
 pub use checkpoint::{load_codebook, save_codebook, CodebookError};
 pub use config::FlavaImageCodebookConfig;

@@ -7,6 +7,7 @@
 
 pub mod data_cmd;
 pub mod device;
+pub mod dvae_cmd;
 pub mod embed;
 
 pub use device::pick_device;

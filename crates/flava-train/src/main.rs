@@ -59,6 +59,11 @@ enum Command {
         #[arg(long, default_value = "flex")]
         device: String,
     },
+    /// Train a dVAE image tokenizer, or reconstruct an image with one.
+    Dvae {
+        #[command(subcommand)]
+        command: DvaeCommand,
+    },
     /// Draw BEiT block masks, to see and tune the masking.
     Masks {
         /// Patch grid, ROWSxCOLS.
@@ -101,6 +106,49 @@ enum Command {
         input: PathBuf,
         /// Output file (default: `model.safetensors` beside the input).
         output: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DvaeCommand {
+    /// Train on any image source (synthetic by default); the codebook is saved in the HF layout.
+    Train {
+        /// Image source spec.
+        #[arg(long, default_value = "synthetic")]
+        images: String,
+        /// Held-out images for the final evaluation.
+        #[arg(long, default_value = "synthetic:heldout")]
+        eval: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// JSON file with any `DvaeTrainConfig` fields.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Optimizer steps (overrides the config).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Stop after this many seconds (overrides the config).
+        #[arg(long)]
+        time_limit: Option<f64>,
+        /// Continue from `OUT/checkpoint`.
+        #[arg(long)]
+        resume: bool,
+        /// Compute device.
+        #[arg(long, default_value = "flex")]
+        device: String,
+    },
+    /// Write an image and its reconstruction side by side.
+    Reconstruct {
+        /// A directory written by `flava dvae train`.
+        #[arg(long)]
+        model: PathBuf,
+        /// The image.
+        #[arg(long)]
+        image: PathBuf,
+        /// Output PNG.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -179,6 +227,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
             }
+        }
+        Command::Dvae {
+            command:
+                DvaeCommand::Train {
+                    images,
+                    eval,
+                    out,
+                    config,
+                    steps,
+                    time_limit,
+                    resume,
+                    device,
+                },
+        } => {
+            let device = pick_device(&device)?;
+            let mut cfg: flava_dvae::train::DvaeTrainConfig = match &config {
+                Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+                None => Default::default(),
+            };
+            if let Some(s) = steps {
+                cfg.steps = s;
+            }
+            if time_limit.is_some() {
+                cfg.time_limit_s = time_limit;
+            }
+            flava_train::dvae_cmd::train_cmd(&images, &eval, &out, cfg, resume, &device)?;
+        }
+        Command::Dvae {
+            command: DvaeCommand::Reconstruct { model, image, out },
+        } => {
+            flava_train::dvae_cmd::reconstruct_cmd(&model, &image, &out, &burn::prelude::Device::flex())?;
         }
         Command::Masks {
             grid,

@@ -1,0 +1,499 @@
+//! Training a dVAE of one's own: Gumbel-softmax relaxation with temperature annealing, KL to the
+//! uniform prior with weight annealing, an L2 or logit-Laplace reconstruction loss, AdamW with
+//! warmup and cosine decay, checkpoints and resume, and the metrics that tell whether a codebook
+//! is good: reconstruction PSNR against predicting the mean image, perplexity and codes used.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::prelude::*;
+use burn::tensor::activation::{log_softmax, sigmoid, softmax};
+use burn::tensor::Distribution;
+use flava_data::sources::{Record, Source};
+use flava_data::stream::{decode, SampleStream, StreamPosition, Task};
+use flava_data::transforms::{eval_transform, train_transform, TrainTransformConfig};
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::save_codebook;
+use crate::config::FlavaImageCodebookConfig;
+use crate::decoder::{Decoder, DecoderConfig};
+use crate::encoder::ImageCodebook;
+
+/// The reconstruction loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reconstruction {
+    /// Mean squared error of `sigmoid(out[:, :3])` against the pixels in [0, 1].
+    L2,
+    /// DALL-E's logit-Laplace likelihood (6 output channels: μ and ln b).
+    LogitLaplace,
+}
+
+/// dVAE training settings (a TOML/JSON file may give any of them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DvaeTrainConfig {
+    /// The encoder (becomes the FLAVA codebook).
+    pub codebook: FlavaImageCodebookConfig,
+    /// The decoder (its `vocab_size` follows the codebook's).
+    pub decoder: DecoderConfig,
+    /// Image side (8× the token grid side).
+    pub image_size: u32,
+    /// Images per step.
+    pub batch_size: usize,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Stop early after this many seconds of training (the run is saved as finished).
+    pub time_limit_s: Option<f64>,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warmup steps.
+    pub warmup: usize,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Gumbel-softmax temperature at the start.
+    pub tau_start: f64,
+    /// … and at the end (exponential annealing).
+    pub tau_end: f64,
+    /// Weight of the KL to the uniform prior, reached after `kl_warmup` steps.
+    pub kl_weight: f64,
+    /// Steps of linear KL-weight warmup.
+    pub kl_warmup: usize,
+    /// Reconstruction loss.
+    pub reconstruction: Reconstruction,
+    /// Random crops (scale 0.9–1) instead of plain resizing.
+    pub random_crop: bool,
+    /// Checkpoint every N steps.
+    pub checkpoint_every: usize,
+    /// Seed.
+    pub seed: u64,
+}
+
+impl Default for DvaeTrainConfig {
+    fn default() -> Self {
+        Self {
+            codebook: FlavaImageCodebookConfig {
+                hidden_size: 32,
+                vocab_size: 512,
+                ..Default::default()
+            },
+            decoder: DecoderConfig {
+                vocab_size: 512,
+                n_init: 32,
+                hidden_size: 32,
+                num_blocks_per_group: 1,
+                output_channels: 3,
+            },
+            image_size: 64,
+            batch_size: 32,
+            steps: 2000,
+            time_limit_s: None,
+            lr: 2e-3,
+            warmup: 50,
+            weight_decay: 0.0,
+            tau_start: 1.0,
+            tau_end: 1.0 / 16.0,
+            kl_weight: 1e-3,
+            kl_warmup: 200,
+            reconstruction: Reconstruction::L2,
+            random_crop: false,
+            checkpoint_every: 200,
+            seed: 0,
+        }
+    }
+}
+
+impl DvaeTrainConfig {
+    /// The decoder configuration with the codebook's vocabulary and the loss's channels.
+    pub fn decoder_config(&self) -> DecoderConfig {
+        DecoderConfig {
+            vocab_size: self.codebook.vocab_size,
+            output_channels: match self.reconstruction {
+                Reconstruction::L2 => 3,
+                Reconstruction::LogitLaplace => 6,
+            },
+            ..self.decoder.clone()
+        }
+    }
+}
+
+/// Encoder and decoder.
+#[derive(Module, Debug)]
+pub struct Dvae {
+    /// The encoder.
+    pub encoder: ImageCodebook,
+    /// The decoder.
+    pub decoder: Decoder,
+}
+
+impl Dvae {
+    /// A randomly initialised dVAE.
+    pub fn new(cfg: &DvaeTrainConfig, device: &Device) -> Self {
+        Self {
+            encoder: ImageCodebook::new(&cfg.codebook, device),
+            decoder: Decoder::new(&cfg.decoder_config(), device),
+        }
+    }
+
+    /// Reconstructs images from their hard tokens: [B, 3, H, W] mapped pixels → [B, 3, H, W] in
+    /// [0, 1].
+    pub fn reconstruct(&self, x: Tensor<4>) -> Tensor<4> {
+        let logits = self.encoder.forward(x);
+        let [b, v, h, w] = logits.dims();
+        let idx = logits.argmax(1).expand([b, v, h, w]);
+        let codes = Tensor::<1, Int>::arange(0..v as i64, &idx.device())
+            .reshape([1, v, 1, 1])
+            .expand([b, v, h, w]);
+        let one_hot = idx.equal(codes).float();
+        let out = self.decoder.forward(one_hot);
+        sigmoid(out.slice(s![.., 0..3, .., ..]))
+    }
+}
+
+/// One step's numbers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DvaeMetrics {
+    /// Step (1-based).
+    pub step: usize,
+    /// Total loss.
+    pub loss: f64,
+    /// Reconstruction term.
+    pub reconstruction: f64,
+    /// KL to the uniform prior (nats per position).
+    pub kl: f64,
+    /// PSNR of the relaxed reconstruction on the batch (dB).
+    pub psnr: f64,
+    /// Perplexity of the batch's hard code usage.
+    pub perplexity: f64,
+    /// Temperature.
+    pub tau: f64,
+    /// Learning rate.
+    pub lr: f64,
+    /// Seconds this step took.
+    pub step_time_s: f64,
+}
+
+/// Held-out quality.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DvaeEval {
+    /// PSNR of the hard-token reconstruction (dB).
+    pub psnr: f64,
+    /// PSNR of predicting the training set's mean image (dB).
+    pub baseline_psnr: f64,
+    /// Share of the vocabulary used on the held-out images.
+    pub codes_used: f64,
+    /// Perplexity of the held-out code usage.
+    pub perplexity: f64,
+    /// Images evaluated.
+    pub images: usize,
+}
+
+/// Saved training progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DvaeState {
+    /// Steps done.
+    pub step: usize,
+    /// Data position.
+    pub data: StreamPosition,
+    /// Mean training image so far ([3·H·W] in [0, 1]) and how many images it averages.
+    pub mean_image: Vec<f64>,
+    /// Images averaged.
+    pub mean_count: u64,
+}
+
+fn psnr(mse: f64) -> f64 {
+    10.0 * (1.0 / mse.max(1e-12)).log10()
+}
+
+fn perplexity(counts: &[u64]) -> f64 {
+    let n: u64 = counts.iter().sum();
+    if n == 0 {
+        return 0.0;
+    }
+    let h: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / n as f64;
+            -p * p.ln()
+        })
+        .sum();
+    h.exp()
+}
+
+fn lr_at(cfg: &DvaeTrainConfig, step: usize) -> f64 {
+    if step < cfg.warmup {
+        return cfg.lr * (step + 1) as f64 / cfg.warmup as f64;
+    }
+    let t = (step - cfg.warmup) as f64 / (cfg.steps.saturating_sub(cfg.warmup)).max(1) as f64;
+    cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos()))
+}
+
+fn tau_at(cfg: &DvaeTrainConfig, step: usize) -> f64 {
+    let t = step as f64 / cfg.steps.max(1) as f64;
+    cfg.tau_start * (cfg.tau_end / cfg.tau_start).powf(t.min(1.0))
+}
+
+/// Reads `n` images of a stream as mapped codebook pixels ([3·S·S] each).
+pub fn read_images(
+    stream: &mut SampleStream,
+    n: usize,
+    cfg: &DvaeTrainConfig,
+    step: u64,
+) -> Result<Vec<Vec<f32>>, String> {
+    let t = TrainTransformConfig {
+        image_size: cfg.image_size,
+        codebook_size: cfg.image_size,
+        ..Default::default()
+    };
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        match stream.next_record().map_err(|e| e.to_string())? {
+            Record::Sample(raw) => {
+                let key = raw.key.clone();
+                match decode(raw, Task::Images) {
+                    Ok(d) => {
+                        let img = d.image.expect("image task");
+                        let two = if cfg.random_crop {
+                            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+                                cfg.seed ^ step.wrapping_mul(1_000_003) ^ out.len() as u64,
+                            );
+                            train_transform(&img, &t, &mut rng)
+                        } else {
+                            eval_transform(&img, cfg.image_size, cfg.image_size)
+                        };
+                        out.push(two.codebook);
+                    }
+                    Err((reason, detail)) => stream.count_skip(reason, &key, &detail),
+                }
+            }
+            Record::Skipped { reason, key, detail } => stream.count_skip(reason, &key, &detail),
+        }
+    }
+    Ok(out)
+}
+
+fn batch_tensor(imgs: &[Vec<f32>], s: usize, device: &Device) -> Tensor<4> {
+    let flat: Vec<f32> = imgs.iter().flatten().copied().collect();
+    Tensor::from_data(TensorData::new(flat, [imgs.len(), 3, s, s]), device)
+}
+
+/// Evaluates hard-token reconstructions of `images` (mapped pixels) against the mean image.
+pub fn evaluate(model: &Dvae, images: &[Vec<f32>], mean_image: &[f64], image_size: usize, device: &Device) -> DvaeEval {
+    let v = model.encoder.blocks.output.conv.weight.dims()[0];
+    let mut counts = vec![0u64; v];
+    let (mut se, mut se_base, mut n) = (0f64, 0f64, 0usize);
+    for chunk in images.chunks(16) {
+        let x = batch_tensor(chunk, image_size, device);
+        let target = (x.clone() - 0.1) / 0.8;
+        let rec = model.reconstruct(x.clone());
+        se += (rec - target.clone()).square().sum().into_scalar::<f64>();
+        let t: Vec<i64> = model
+            .encoder
+            .tokens(x)
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec()
+            .unwrap_or_default();
+        t.iter().for_each(|&c| counts[c as usize] += 1);
+        let tv: Vec<f32> = target.into_data().convert::<f32>().try_into_vec().unwrap_or_default();
+        let plane = mean_image.len();
+        se_base += tv
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| (p as f64 - mean_image[i % plane]).powi(2))
+            .sum::<f64>();
+        n += tv.len();
+    }
+    let used = counts.iter().filter(|&&c| c > 0).count();
+    DvaeEval {
+        psnr: psnr(se / n.max(1) as f64),
+        baseline_psnr: psnr(se_base / n.max(1) as f64),
+        codes_used: used as f64 / v as f64,
+        perplexity: perplexity(&counts),
+        images: images.len(),
+    }
+}
+
+/// What a finished run returns.
+#[derive(Debug)]
+pub struct TrainedDvae {
+    /// The model (on the training device, autodiff stripped by `valid()` where needed).
+    pub model: Dvae,
+    /// Final state.
+    pub state: DvaeState,
+    /// The last step's metrics.
+    pub last: DvaeMetrics,
+}
+
+/// Trains on `source` (any image source) and writes into `out`: `checkpoint/` (model, optimizer,
+/// state; resumable with `resume`), `codebook/` (the encoder in the HF codebook layout),
+/// `decoder.safetensors`, `dvae_config.json`, `metrics.jsonl`.
+pub fn train(
+    cfg: &DvaeTrainConfig,
+    source: Box<dyn Source>,
+    out: &Path,
+    resume: bool,
+    device: &Device,
+    mut on_step: impl FnMut(&DvaeMetrics),
+) -> Result<TrainedDvae, String> {
+    let io = |e: std::io::Error| e.to_string();
+    std::fs::create_dir_all(out.join("checkpoint")).map_err(io)?;
+    std::fs::write(
+        out.join("dvae_config.json"),
+        serde_json::to_string_pretty(cfg).expect("json"),
+    )
+    .map_err(io)?;
+    let ad = device.clone().autodiff();
+    let mut model = Dvae::new(cfg, &ad);
+    let mut optim = AdamWConfig::new()
+        .with_epsilon(1e-8)
+        .with_weight_decay(cfg.weight_decay as f32)
+        .init();
+    let s = cfg.image_size as usize;
+    let mut stream = SampleStream::new(source);
+    let ckpt = out.join("checkpoint");
+    let mut state = DvaeState {
+        step: 0,
+        data: StreamPosition::default(),
+        mean_image: vec![0.0; 3 * s * s],
+        mean_count: 0,
+    };
+    if resume && ckpt.join("state.json").is_file() {
+        let st: DvaeState = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json")).map_err(io)?)
+            .map_err(|e| e.to_string())?;
+        model = model.try_load_file(ckpt.join("model")).map_err(|e| e.to_string())?;
+        optim = optim.load(ckpt.join("optim")).map_err(|e| e.to_string())?;
+        stream.seek(st.data).map_err(|e| e.to_string())?;
+        eprintln!("resumed dVAE training at step {}", st.step);
+        state = st;
+    }
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out.join("metrics.jsonl"))
+        .map_err(io)?;
+    let started = Instant::now();
+    let v = cfg.codebook.vocab_size;
+    let mut last = DvaeMetrics::default();
+    let save = |model: &Dvae, optim: &burn::optim::ModuleOptimizer, state: &DvaeState| -> Result<(), String> {
+        model.clone().save_file(ckpt.join("model")).map_err(|e| e.to_string())?;
+        optim.save(ckpt.join("optim")).map_err(|e| e.to_string())?;
+        flava_vit::weights::write_atomic(
+            &ckpt.join("state.json"),
+            serde_json::to_string(state).expect("json").as_bytes(),
+        )
+        .map_err(|e| e.to_string())
+    };
+    while state.step < cfg.steps {
+        if cfg.time_limit_s.is_some_and(|l| started.elapsed().as_secs_f64() >= l) {
+            eprintln!("time limit reached after {} steps", state.step);
+            break;
+        }
+        let t0 = Instant::now();
+        let imgs = read_images(&mut stream, cfg.batch_size, cfg, state.step as u64)?;
+        for img in &imgs {
+            state.mean_count += 1;
+            let k = state.mean_count as f64;
+            for (m, &p) in state.mean_image.iter_mut().zip(img) {
+                *m += ((p as f64 - 0.1) / 0.8 - *m) / k;
+            }
+        }
+        let x = batch_tensor(&imgs, s, &ad);
+        let logits = model.encoder.forward(x.clone());
+        let tau = tau_at(cfg, state.step);
+        let u = Tensor::<4>::random(logits.dims(), Distribution::Uniform(1e-10, 1.0 - 1e-10), &ad);
+        let gumbel = u.log().neg().log().neg();
+        let soft = softmax((logits.clone() + gumbel) / tau, 1);
+        let out_px = model.decoder.forward(soft);
+        let target = (x.clone() - 0.1) / 0.8;
+        let (rec_loss, pred) = match cfg.reconstruction {
+            Reconstruction::L2 => {
+                let pred = sigmoid(out_px.slice(s![.., 0..3, .., ..]));
+                ((pred.clone() - target.clone()).square().mean(), pred)
+            }
+            Reconstruction::LogitLaplace => {
+                let mu = out_px.clone().slice(s![.., 0..3, .., ..]);
+                let ln_b = out_px.slice(s![.., 3..6, .., ..]);
+                let xm = x.clone().clamp(1e-4, 1.0 - 1e-4);
+                let logit_x = xm.clone().log() - (xm.clone().neg() + 1.0).log();
+                let nll = ln_b.clone()
+                    + xm.clone().log()
+                    + (xm.neg() + 1.0).log()
+                    + (logit_x - mu.clone()).abs() * ln_b.neg().exp()
+                    + std::f64::consts::LN_2;
+                (nll.mean(), sigmoid(mu))
+            }
+        };
+        let logq = log_softmax(logits.clone(), 1);
+        let kl = (logq.clone().exp() * (logq + (v as f64).ln())).sum_dim(1).mean();
+        let beta = cfg.kl_weight * ((state.step + 1) as f64 / cfg.kl_warmup.max(1) as f64).min(1.0);
+        let loss = rec_loss.clone() + kl.clone() * beta;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let lr = lr_at(cfg, state.step);
+        model = optim.step(lr, model, grads);
+        state.step += 1;
+        state.data = stream.position();
+        let mse = (pred.detach() - target.detach()).square().mean().into_scalar::<f64>();
+        let hard: Vec<i64> = logits
+            .detach()
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec()
+            .unwrap_or_default();
+        let mut counts = vec![0u64; v];
+        hard.iter().for_each(|&c| counts[c as usize] += 1);
+        last = DvaeMetrics {
+            step: state.step,
+            loss: loss.into_scalar::<f64>(),
+            reconstruction: rec_loss.into_scalar::<f64>(),
+            kl: kl.into_scalar::<f64>(),
+            psnr: psnr(mse),
+            perplexity: perplexity(&counts),
+            tau,
+            lr,
+            step_time_s: t0.elapsed().as_secs_f64(),
+        };
+        use std::io::Write;
+        writeln!(metrics, "{}", serde_json::to_string(&last).expect("json")).map_err(io)?;
+        on_step(&last);
+        if !last.loss.is_finite() {
+            save(&model, &optim, &state)?;
+            return Err(format!(
+                "non-finite dVAE loss at step {}; saved the last checkpoint",
+                state.step
+            ));
+        }
+        if state.step.is_multiple_of(cfg.checkpoint_every.max(1)) {
+            save(&model, &optim, &state)?;
+        }
+    }
+    save(&model, &optim, &state)?;
+    let valid = model.valid();
+    save_codebook(&valid.encoder, &cfg.codebook, out.join("codebook")).map_err(|e| e.to_string())?;
+    let dec = flava_vit::weights::module_state_dict(&valid.decoder, "", &[]);
+    dec.save_safetensors(out.join("decoder.safetensors"))
+        .map_err(|e| e.to_string())?;
+    Ok(TrainedDvae {
+        model: valid,
+        state,
+        last,
+    })
+}
+
+/// Loads a trained dVAE (`dvae_config.json`, `checkpoint/model.bpk`) for reconstruction.
+pub fn load_trained(dir: &Path, device: &Device) -> Result<(Dvae, DvaeTrainConfig), String> {
+    let cfg: DvaeTrainConfig = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("dvae_config.json"))
+            .map_err(|e| format!("{}: {e}", dir.join("dvae_config.json").display()))?,
+    )
+    .map_err(|e| e.to_string())?;
+    let model = Dvae::new(&cfg, device)
+        .try_load_file(dir.join("checkpoint/model"))
+        .map_err(|e| e.to_string())?;
+    Ok((model, cfg))
+}
