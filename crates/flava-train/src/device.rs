@@ -11,9 +11,17 @@ pub fn pick_device(name: &str) -> anyhow::Result<Device> {
         "cuda" => Ok(Device::cuda(0)),
         #[cfg(feature = "wgpu")]
         "wgpu" => Ok(Device::wgpu(Default::default())),
-        "cuda" | "wgpu" => anyhow::bail!(
-            "device `{name}` is not compiled in: rebuild with `cargo build --release -p flava-train --features {name}`"
-        ),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => not_compiled(name),
+        #[cfg(not(feature = "wgpu"))]
+        "wgpu" => not_compiled(name),
         other => anyhow::bail!("unknown device `{other}` (expected flex, cuda or wgpu)"),
     }
+}
+
+#[allow(dead_code)] // unused when every GPU feature is enabled
+fn not_compiled(name: &str) -> anyhow::Result<Device> {
+    anyhow::bail!(
+        "device `{name}` is not compiled in: rebuild with `cargo build --release -p flava-train --features {name}`"
+    )
 }
