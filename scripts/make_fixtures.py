@@ -308,12 +308,174 @@ def embed_fixtures():
                    "text_features": ft.tolist(), "logits_per_image": logits.tolist()}, f)
 
 
+def pretraining_fixtures():
+    """A tiny FlavaForPreTraining (every width 32, as the MMM heads require; codebook inside) and,
+    for a paired, an image-only and a text-only batch: the six losses, the total, every logit the
+    losses use, the codebook targets, and the gradients of the total loss for chosen weights.
+    Also the ITM match probabilities `flava embed --itm` must print for the embed images/texts."""
+    from transformers import FlavaProcessor
+    from transformers.models.flava.image_processing_pil_flava import FlavaImageProcessorPil
+    d = os.path.join(ROOT, "pretraining")
+    shutil.rmtree(d, ignore_errors=True)
+    image = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                 image_size=32, patch_size=4, num_channels=3, qkv_bias=True, mask_token=True, vocab_size=99)
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=41,
+                vocab_size=102, max_position_embeddings=64, type_vocab_size=2, qkv_bias=False)
+    mm = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=43, qkv_bias=True)
+    codebook = dict(hidden_size=16, vocab_size=99, num_groups=4, num_blocks_per_group=2)
+    cfg = FlavaConfig(image_config=image, text_config=text, multimodal_config=mm, image_codebook_config=codebook,
+                      hidden_size=32, projection_dim=24, logit_scale_init_value=2.0, init_codebook=True)
+    for sub in (cfg.image_config, cfg.text_config, cfg.multimodal_config):
+        assert sub.hidden_dropout_prob == 0.0 and sub.attention_probs_dropout_prob == 0.0
+    torch.manual_seed(7)
+    model = FlavaForPreTraining(cfg)
+    perturb(model, 8)
+    with torch.no_grad():
+        # Above ln(100): training must clamp it (value) while the gradient still flows (HF clamps
+        # the parameter in place).
+        model.flava.logit_scale.fill_(5.0)
+        for name, p in model.image_codebook.named_parameters():
+            if p.dim() == 4:
+                p.normal_(0, 1 / (p.shape[1] * p.shape[2] * p.shape[3]) ** 0.5)
+    model.save_pretrained(d, safe_serialization=True)
+    tok = BertTokenizerFast.from_pretrained(os.path.join(ROOT, "tokenizer"))
+    tok.save_pretrained(d)
+    for f in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(d, f)):
+            os.remove(os.path.join(d, f))
+    ip = FlavaImageProcessorPil(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32},
+                                codebook_size={"height": 64, "width": 64},
+                                codebook_crop_size={"height": 64, "width": 64}, do_convert_rgb=True)
+    ip.save_pretrained(d)
+    model = FlavaForPreTraining.from_pretrained(d)
+    model.train()
+
+    g = torch.Generator().manual_seed(9)
+    ignore = -100
+
+    def text_batch(b, l, pad_row, masked):
+        ids = torch.randint(12, 102, (b, l), generator=g)
+        ids[:, 0] = 5
+        ids[:, -1] = 6
+        att = torch.ones(b, l, dtype=torch.long)
+        att[pad_row, 7:] = 0
+        ids[pad_row, 7:] = 0
+        ids[pad_row, 6] = 6
+        labels = torch.full((b, l), ignore, dtype=torch.long)
+        masked_ids = ids.clone()
+        for (r, c) in masked:
+            labels[r, c] = ids[r, c]
+            masked_ids[r, c] = 7 if (r + c) % 3 else int(torch.randint(12, 102, (1,), generator=g))
+        return ids, masked_ids, att, labels
+
+    def image_batch(b):
+        px = torch.randn(b, 3, 32, 32, generator=g)
+        cb = torch.rand(b, 3, 64, 64, generator=g) * 0.8 + 0.1
+        bmp = torch.zeros(b, 64, dtype=torch.bool)
+        for r in range(b):
+            start = 3 + 7 * r
+            bmp[r, start:start + 12 + 2 * r] = True
+        return px, cb, bmp
+
+    grad_keys = [
+        "flava.logit_scale",
+        "flava.image_model.encoder.layer.0.attention.attention.query.weight",
+        "flava.image_model.embeddings.cls_token",
+        "flava.image_model.embeddings.mask_token",
+        "flava.text_model.encoder.layer.1.output.dense.weight",
+        "flava.text_model.embeddings.word_embeddings.weight",
+        "flava.multimodal_model.encoder.layer.0.intermediate.dense.weight",
+        "flava.multimodal_model.cls_token",
+        "flava.image_projection.weight",
+        "flava.text_projection.weight",
+        "flava.image_to_mm_projection.weight",
+        "flava.text_to_mm_projection.weight",
+        "mim_head.transform.dense.weight",
+        "mim_head.decoder.bias",
+        "mlm_head.transform.LayerNorm.weight",
+        "mlm_head.decoder.weight",
+        "mmm_image_head.decoder.weight",
+        "mmm_image_head.transform.dense.bias",
+        "mmm_text_head.transform.dense.weight",
+        "mmm_text_head.decoder.bias",
+        "itm_head.pooler.dense.weight",
+        "itm_head.seq_relationship.weight",
+    ]
+    params = dict(model.named_parameters())
+    t = {}
+
+    def run(name, **inputs):
+        model.zero_grad()
+        out = model(**inputs, return_loss=True)
+        for k in ("mim", "mlm", "itm", "global_contrastive", "mmm_image", "mmm_text"):
+            v = getattr(out.loss_info, k)
+            if v is not None:
+                t[f"{name}.loss.{k}"] = v.detach().reshape(1)
+        t[f"{name}.loss.total"] = out.loss.detach().reshape(1)
+        for k in ("mim_logits", "mlm_logits", "itm_logits", "mmm_image_logits", "mmm_text_logits",
+                  "contrastive_logits_per_image", "contrastive_logits_per_text"):
+            v = getattr(out, k)
+            if v is not None:
+                t[f"{name}.{k}"] = v.detach()
+        out.loss.backward()
+        for k in grad_keys:
+            p = params[k] if k in params else params[k.replace(".decoder.bias", ".bias")]
+            if p.grad is not None and p.grad.abs().max() > 0:
+                t[f"{name}.grad.{k}"] = p.grad.detach().clone().reshape(p.shape if p.dim() else (1,))
+        for k, v in inputs.items():
+            if v is not None:
+                t[f"{name}.input.{k}"] = v.to(torch.uint8) if v.dtype == torch.bool else v
+        if inputs.get("codebook_pixel_values") is not None:
+            with torch.no_grad():
+                t[f"{name}.mim_targets"] = model.image_codebook.get_codebook_indices(
+                    inputs["codebook_pixel_values"]).reshape(inputs["codebook_pixel_values"].shape[0], -1)
+
+    # Paired: 4 pairs, row 2 an ITM negative, row 1 a padded caption.
+    px, cb, bmp = image_batch(4)
+    ids, ids_m, att, labels = text_batch(4, 11, 1, [(0, 2), (0, 5), (1, 3), (2, 4), (3, 1), (3, 8), (3, 9)])
+    run("pairs", input_ids=ids, input_ids_masked=ids_m, attention_mask=att, pixel_values=px,
+        codebook_pixel_values=cb, bool_masked_pos=bmp, mlm_labels=labels.clone(),
+        itm_labels=torch.tensor([1, 1, 0, 1]))
+    # No positive pair: every row counts.
+    run("pairs_allneg", input_ids=ids, input_ids_masked=ids_m, attention_mask=att, pixel_values=px,
+        codebook_pixel_values=cb, bool_masked_pos=bmp, mlm_labels=labels.clone(),
+        itm_labels=torch.tensor([0, 0, 0, 0]))
+    # Image only.
+    px, cb, bmp = image_batch(3)
+    run("images", pixel_values=px, codebook_pixel_values=cb, bool_masked_pos=bmp)
+    # Text only.
+    ids, ids_m, att, labels = text_batch(3, 9, 2, [(0, 1), (0, 4), (1, 2), (1, 7), (2, 3)])
+    run("text", input_ids=ids, input_ids_masked=ids_m, attention_mask=att, mlm_labels=labels.clone())
+    save_file({k: v.contiguous().clone() for k, v in t.items()}, os.path.join(ROOT, "pretraining_io.safetensors"))
+
+    # `flava embed --itm`: P(match) from the ITM head on the unmasked multimodal output of each pair.
+    model.eval()
+    images = ["landscape_300x200.png", "rgba_80x64.png"]
+    texts = ["a photo of a cat", "two red squares left of a blue circle", "dogs playing"]
+    proc = FlavaProcessor(image_processor=ip, tokenizer=tok)
+    pil = [Image.open(os.path.join(ROOT, "processor", n)) for n in images]
+    enc = proc(images=pil, text=texts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    probs = []
+    with torch.no_grad():
+        for i in range(len(images)):
+            row = []
+            for j in range(len(texts)):
+                out = model.flava(pixel_values=enc["pixel_values"][i:i + 1], input_ids=enc["input_ids"][j:j + 1],
+                                  attention_mask=enc["attention_mask"][j:j + 1])
+                logits = model.itm_head(out.multimodal_embeddings)
+                row.append(float(torch.softmax(logits, -1)[0, 1]))
+            probs.append(row)
+    with open(os.path.join(ROOT, "itm_expected.json"), "w") as f:
+        json.dump({"images": images, "texts": texts, "max_length": 16, "itm_match_probability": probs}, f)
+
+
 if __name__ == "__main__":
     print("transformers", transformers.__version__, "torch", torch.__version__, file=sys.stderr)
     random.seed(0)
-    model_fixtures()
-    tokenizer_fixtures()
-    processor_fixtures()
-    embed_fixtures()
-    codebook_fixtures()
+    parts = {"model": model_fixtures, "tokenizer": tokenizer_fixtures, "processor": processor_fixtures,
+             "embed": embed_fixtures, "codebook": codebook_fixtures, "pretraining": pretraining_fixtures}
+    # `make_fixtures.py pretraining` rewrites one part; no argument rewrites all (in this order,
+    # since later parts read the tokenizer and processor images).
+    for name in sys.argv[1:] or parts:
+        parts[name]()
     print("fixtures written to", os.path.normpath(ROOT), file=sys.stderr)

@@ -188,13 +188,22 @@ pub fn save_codebook(
         &dir.join("config.json"),
         serde_json::to_string_pretty(&v).expect("json").as_bytes(),
     )?;
-    let sd = module_state_dict(model, "", &[]);
-    let hf = StateDict {
-        tensors: sd.tensors.into_iter().map(|(k, v)| (module_to_hf(&k), v)).collect(),
-        ignored: vec![],
-    };
-    hf.save_safetensors(dir.join("model.safetensors"))?;
+    codebook_state_dict(model, "").save_safetensors(dir.join("model.safetensors"))?;
     Ok(())
+}
+
+/// The codebook's weights under HF names (`{prefix}blocks.…`), PyTorch layout; with prefix
+/// `image_codebook.` they fit inside a `FlavaForPreTraining` checkpoint.
+pub fn codebook_state_dict(model: &ImageCodebook, prefix: &str) -> StateDict {
+    let sd = module_state_dict(model, "", &[]);
+    StateDict {
+        tensors: sd
+            .tensors
+            .into_iter()
+            .map(|(k, v)| (format!("{prefix}{}", module_to_hf(&k)), v))
+            .collect(),
+        ignored: vec![],
+    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,6 @@ pub mod decoder;
 pub mod encoder;
 pub mod train;
 
-pub use checkpoint::{load_codebook, save_codebook, CodebookError};
+pub use checkpoint::{codebook_state_dict, load_codebook, save_codebook, CodebookError};
 pub use config::FlavaImageCodebookConfig;
 pub use encoder::ImageCodebook;

@@ -1,0 +1,592 @@
+//! `FlavaForPretraining`: the model, its five heads, and one pretraining step's losses
+//! (HF `FlavaForPreTraining.forward`), computed only on masked positions.
+//!
+//! Per batch: the unmasked towers without fusion (for the contrastive loss, paired batches only),
+//! the masked towers with fusion when both modalities are present, and the codebook for the
+//! MIM targets when none are given. Image-only batch: MIM. Text-only batch: MLM. Paired batch:
+//! ITM over all pairs; MMM-image, MMM-text and the contrastive rows over ITM-positive pairs
+//! (every pair when none is positive); contrastive columns are never filtered.
+
+use burn::module::Module;
+use burn::prelude::*;
+use flava_dvae::ImageCodebook;
+use flava_fusion::{l2_normalize, FlavaConfig, FlavaModel};
+use serde::{Deserialize, Serialize};
+
+use crate::contrastive::{clamp_logit_scale, contrastive_loss, EmbeddingGather};
+use crate::heads::{ItmHead, MaskedPredictionHead};
+use crate::losses::{cross_entropy_sum, gather_positions};
+
+/// Weights of the six losses in the total (HF `*_weight` config fields, all 1 by default).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LossWeights {
+    /// Masked image modelling (image-only batches).
+    pub mim: f64,
+    /// Masked language modelling (text-only batches).
+    pub mlm: f64,
+    /// Image-text matching.
+    pub itm: f64,
+    /// Global contrastive.
+    pub global_contrastive: f64,
+    /// Masked multimodal modelling, image side.
+    pub mmm_image: f64,
+    /// Masked multimodal modelling, text side.
+    pub mmm_text: f64,
+}
+
+impl Default for LossWeights {
+    fn default() -> Self {
+        Self {
+            mim: 1.0,
+            mlm: 1.0,
+            itm: 1.0,
+            global_contrastive: 1.0,
+            mmm_image: 1.0,
+            mmm_text: 1.0,
+        }
+    }
+}
+
+impl LossWeights {
+    /// The weights of an HF configuration.
+    pub fn from_config(cfg: &FlavaConfig) -> Self {
+        Self {
+            mim: cfg.mim_weight,
+            mlm: cfg.mlm_weight,
+            itm: cfg.itm_weight,
+            global_contrastive: cfg.global_contrastive_weight,
+            mmm_image: cfg.mmm_image_weight,
+            mmm_text: cfg.mmm_text_weight,
+        }
+    }
+}
+
+/// Errors of a pretraining step.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectiveError {
+    /// Neither images nor text.
+    #[error("the batch holds neither images nor text")]
+    EmptyBatch,
+    /// MIM/MMM-image need targets: pass `mim_targets` or a codebook with `codebook_pixel_values`.
+    #[error("masked image losses need targets: give `mim_targets`, or a codebook and `codebook_pixel_values`")]
+    MissingImageTargets,
+    /// Sizes that do not fit together.
+    #[error("inconsistent batch: {0}")]
+    Shape(String),
+}
+
+/// Host-side MLM targets: flat positions `b·seq + s` (row-major) and their original token ids.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MlmTargets {
+    /// Flat positions of the masked tokens.
+    pub positions: Vec<usize>,
+    /// Original ids at those positions.
+    pub targets: Vec<usize>,
+}
+
+impl MlmTargets {
+    /// From HF-style labels (row-major [batch, seq], `ignore` where not masked).
+    pub fn from_labels(labels: &[i64], ignore: i64) -> Self {
+        let (positions, targets) = labels
+            .iter()
+            .enumerate()
+            .filter(|(_, &l)| l != ignore)
+            .map(|(i, &l)| (i, l as usize))
+            .unzip();
+        Self { positions, targets }
+    }
+}
+
+/// One batch of one task. Present fields decide the losses (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct PretrainingBatch {
+    /// [batch, 3, H, W] normalised pixels.
+    pub pixel_values: Option<Tensor<4>>,
+    /// [batch, num_patches], `true` = masked patch.
+    pub bool_masked_pos: Option<Tensor<2, Bool>>,
+    /// [batch, 3, 8·grid, 8·grid] codebook pixels (`0.8·x + 0.1`), for targets from the codebook.
+    pub codebook_pixel_values: Option<Tensor<4>>,
+    /// [batch, num_patches] visual-token targets; computed by the codebook when absent.
+    pub mim_targets: Option<Tensor<2, Int>>,
+    /// [batch, seq] unmasked token ids (contrastive pass).
+    pub input_ids: Option<Tensor<2, Int>>,
+    /// [batch, seq] token ids with MLM masking applied (masked pass); `input_ids` when absent.
+    pub input_ids_masked: Option<Tensor<2, Int>>,
+    /// [batch, seq], 1 = token, 0 = padding.
+    pub attention_mask: Option<Tensor<2, Int>>,
+    /// [batch, seq] segment ids.
+    pub token_type_ids: Option<Tensor<2, Int>>,
+    /// Masked token positions and targets.
+    pub mlm: Option<MlmTargets>,
+    /// Per pair: 1 = matching, 0 = ITM negative.
+    pub itm_labels: Option<Vec<usize>>,
+}
+
+impl PretrainingBatch {
+    /// Number of samples.
+    pub fn batch_size(&self) -> usize {
+        if let Some(px) = &self.pixel_values {
+            return px.dims()[0];
+        }
+        self.input_ids
+            .as_ref()
+            .or(self.input_ids_masked.as_ref())
+            .map_or(0, |t| t.dims()[0])
+    }
+
+    /// Whether both modalities are present.
+    pub fn is_paired(&self) -> bool {
+        self.pixel_values.is_some() && (self.input_ids.is_some() || self.input_ids_masked.is_some())
+    }
+
+    /// Host copy of the patch mask: (flat `b·P + p` → masked, P).
+    pub fn masked_patches(&self) -> Option<(Vec<bool>, usize)> {
+        self.bool_masked_pos.as_ref().map(|m| {
+            let p = m.dims()[1];
+            let v = m
+                .clone()
+                .into_data()
+                .convert::<bool>()
+                .try_to_vec::<bool>()
+                .unwrap_or_default();
+            (v, p)
+        })
+    }
+
+    /// Rows that count for MMM and contrastive: ITM positives, or all when none is positive or
+    /// there are no labels.
+    pub fn positive_rows(&self) -> Vec<usize> {
+        let b = self.batch_size();
+        match &self.itm_labels {
+            Some(l) if l.iter().any(|&x| x != 0) => (0..b).filter(|&i| l[i] != 0).collect(),
+            _ => (0..b).collect(),
+        }
+    }
+}
+
+/// How the contrastive loss sees other samples.
+#[derive(Clone, Copy, Default)]
+pub enum Contrastive<'a> {
+    /// This batch only.
+    #[default]
+    Local,
+    /// Every rank's batch (global contrastive across devices).
+    Gather(&'a dyn EmbeddingGather),
+    /// Features of the other micro-batches, cached without autograd (gradient accumulation).
+    Cached(&'a CachedFeatures),
+}
+
+/// Contrastive features of a whole accumulated batch, computed without autograd.
+#[derive(Debug, Clone)]
+pub struct CachedFeatures {
+    /// [n, d] normalised image embeddings of all micro-batches.
+    pub image: Tensor<2>,
+    /// [n, d] normalised text embeddings.
+    pub text: Tensor<2>,
+    /// Where this micro-batch's rows start.
+    pub offset: usize,
+    /// Rows (over all micro-batches) that count.
+    pub rows: Vec<usize>,
+    /// Whether the logit scale gets its gradient in this micro-batch (exactly one should).
+    pub live_scale: bool,
+}
+
+/// Denominators of the mean losses; `None` = this batch's own count. Gradient accumulation sets
+/// them to the counts of the whole accumulated batch so that the sum of micro-batch losses is
+/// the big batch's mean.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Denominators {
+    /// Masked patches (MIM).
+    pub mim: Option<usize>,
+    /// Masked tokens (MLM).
+    pub mlm: Option<usize>,
+    /// Pairs (ITM).
+    pub itm: Option<usize>,
+    /// Masked patches of positive pairs (MMM-image).
+    pub mmm_image: Option<usize>,
+    /// Masked tokens of positive pairs (MMM-text).
+    pub mmm_text: Option<usize>,
+}
+
+/// Everything a step needs besides the batch.
+#[derive(Clone, Default)]
+pub struct StepOptions<'a> {
+    /// Frozen codebook for MIM targets (keep it on a device without autodiff).
+    pub codebook: Option<&'a ImageCodebook>,
+    /// Local, gathered or cached contrastive.
+    pub contrastive: Contrastive<'a>,
+    /// Loss denominators (gradient accumulation).
+    pub denominators: Denominators,
+    /// Rows counting for MMM/contrastive, overriding the batch's own rule.
+    pub positive_rows: Option<Vec<usize>>,
+}
+
+/// The losses of one step (unweighted; `total` applies the weights). Absent = not computed
+/// (wrong task, zero weight, or no masked position).
+#[derive(Debug, Clone, Default)]
+pub struct Losses {
+    /// Masked image modelling, [1].
+    pub mim: Option<Tensor<1>>,
+    /// Masked language modelling, [1].
+    pub mlm: Option<Tensor<1>>,
+    /// Image-text matching, [1].
+    pub itm: Option<Tensor<1>>,
+    /// Global contrastive, [1].
+    pub global_contrastive: Option<Tensor<1>>,
+    /// Masked multimodal image, [1].
+    pub mmm_image: Option<Tensor<1>>,
+    /// Masked multimodal text, [1].
+    pub mmm_text: Option<Tensor<1>>,
+}
+
+impl Losses {
+    /// (name, loss) of the present losses, in HF's order.
+    pub fn named(&self) -> Vec<(&'static str, Tensor<1>)> {
+        [
+            ("mim", &self.mim),
+            ("mlm", &self.mlm),
+            ("itm", &self.itm),
+            ("global_contrastive", &self.global_contrastive),
+            ("mmm_image", &self.mmm_image),
+            ("mmm_text", &self.mmm_text),
+        ]
+        .into_iter()
+        .filter_map(|(n, l)| l.clone().map(|l| (n, l)))
+        .collect()
+    }
+}
+
+/// The logits each loss used.
+#[derive(Debug, Clone, Default)]
+pub struct Logits {
+    /// [masked patches, image vocab].
+    pub mim: Option<Tensor<2>>,
+    /// [masked tokens, text vocab].
+    pub mlm: Option<Tensor<2>>,
+    /// [batch, 2].
+    pub itm: Option<Tensor<2>>,
+    /// [positive masked patches, image vocab].
+    pub mmm_image: Option<Tensor<2>>,
+    /// [positive masked tokens, text vocab].
+    pub mmm_text: Option<Tensor<2>>,
+    /// [rows, global batch].
+    pub contrastive_per_image: Option<Tensor<2>>,
+    /// [rows, global batch].
+    pub contrastive_per_text: Option<Tensor<2>>,
+}
+
+/// What a step returns.
+#[derive(Debug, Clone)]
+pub struct PretrainingOutput {
+    /// Each loss.
+    pub losses: Losses,
+    /// `Σ weight · loss` over the present losses.
+    pub total: Option<Tensor<1>>,
+    /// The logits behind the losses.
+    pub logits: Logits,
+    /// Visual-token targets used (host, row-major [batch·num_patches]).
+    pub mim_targets: Option<Vec<usize>>,
+    /// Normalised contrastive image embeddings of the unmasked pass, [batch, projection_dim].
+    pub image_embeddings: Option<Tensor<2>>,
+    /// Normalised contrastive text embeddings, [batch, projection_dim].
+    pub text_embeddings: Option<Tensor<2>>,
+}
+
+/// `FlavaModel` with the MIM, MLM, ITM, MMM-image and MMM-text heads (HF `FlavaForPreTraining`
+/// without the codebook, which stays frozen outside the trained module).
+#[derive(Module, Debug)]
+pub struct FlavaForPretraining {
+    /// The towers, projections and logit scale (`flava.*`).
+    pub flava: FlavaModel,
+    /// Masked image modelling head (image vocabulary).
+    pub mim_head: MaskedPredictionHead,
+    /// Masked language modelling head (text vocabulary).
+    pub mlm_head: MaskedPredictionHead,
+    /// Image-text matching head.
+    pub itm_head: ItmHead,
+    /// Masked multimodal head, image side.
+    pub mmm_image_head: MaskedPredictionHead,
+    /// Masked multimodal head, text side.
+    pub mmm_text_head: MaskedPredictionHead,
+    /// Loss weights.
+    #[module(skip)]
+    pub weights: LossWeights,
+}
+
+impl FlavaForPretraining {
+    /// A randomly initialised model (HF initialisation). The MMM heads read multimodal states, so
+    /// image, text and multimodal hidden sizes must be equal, as HF requires.
+    pub fn new(cfg: &FlavaConfig, device: &Device) -> Self {
+        let (ic, tc) = (&cfg.image_config, &cfg.text_config);
+        let std = cfg.initializer_range;
+        let head = |h: usize, v: usize, act, eps| MaskedPredictionHead::new(h, v, act, eps, std, device);
+        Self {
+            flava: FlavaModel::new(cfg, device),
+            mim_head: head(ic.hidden_size, ic.vocab_size, ic.hidden_act, ic.layer_norm_eps),
+            mlm_head: head(tc.hidden_size, tc.vocab_size, tc.hidden_act, tc.layer_norm_eps),
+            itm_head: ItmHead::new(cfg.hidden_size, std, device),
+            mmm_image_head: head(ic.hidden_size, ic.vocab_size, ic.hidden_act, ic.layer_norm_eps),
+            mmm_text_head: head(tc.hidden_size, tc.vocab_size, tc.hidden_act, tc.layer_norm_eps),
+            weights: LossWeights::from_config(cfg),
+        }
+    }
+
+    /// Clamps the stored `logit_scale` to `[0, ln 100]` (call after each optimizer step; HF clamps
+    /// it in place before each use, which is the same for training).
+    pub fn clamp_logit_scale_param(mut self) -> Self {
+        let v = self
+            .flava
+            .logit_scale
+            .val()
+            .clamp(0.0, crate::contrastive::LOGIT_SCALE_MAX);
+        self.flava.logit_scale = self.flava.logit_scale.map(|_| v.detach());
+        self
+    }
+
+    /// Normalised contrastive embeddings from unmasked towers: ([b, proj], [b, proj]).
+    pub fn contrastive_embeddings(&self, batch: &PretrainingBatch) -> (Tensor<2>, Tensor<2>) {
+        let px = batch.pixel_values.clone().expect("paired batch");
+        let ids = batch
+            .input_ids
+            .clone()
+            .or(batch.input_ids_masked.clone())
+            .expect("paired batch");
+        let img = self.flava.image_model.forward(px, None, false, false);
+        let txt =
+            self.flava
+                .text_model
+                .forward(ids, batch.attention_mask.as_ref(), batch.token_type_ids.clone(), false);
+        let u = l2_normalize(
+            self.flava
+                .project_cls(&self.flava.image_projection, img.last_hidden_state),
+        );
+        let v = l2_normalize(
+            self.flava
+                .project_cls(&self.flava.text_projection, txt.last_hidden_state),
+        );
+        (u, v)
+    }
+
+    /// Visual-token targets: given, or from the codebook (run without autograd).
+    fn image_targets(
+        &self,
+        batch: &PretrainingBatch,
+        codebook: Option<&ImageCodebook>,
+    ) -> Result<Vec<usize>, ObjectiveError> {
+        let tokens = match (&batch.mim_targets, codebook, &batch.codebook_pixel_values) {
+            (Some(t), _, _) => t.clone(),
+            (None, Some(cb), Some(px)) => {
+                let px = px.clone().without_autodiff();
+                cb.tokens(px)
+            }
+            _ => return Err(ObjectiveError::MissingImageTargets),
+        };
+        let v = tokens
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap_or_default();
+        Ok(v.into_iter().map(|t| t.max(0) as usize).collect())
+    }
+
+    /// One step's losses on `batch` (see the module docs for which losses each task gets).
+    pub fn forward(
+        &self,
+        batch: &PretrainingBatch,
+        opts: &StepOptions<'_>,
+    ) -> Result<PretrainingOutput, ObjectiveError> {
+        let w = self.weights;
+        let has_image = batch.pixel_values.is_some();
+        let text_ids = batch.input_ids_masked.clone().or(batch.input_ids.clone());
+        let has_text = text_ids.is_some();
+        if !has_image && !has_text {
+            return Err(ObjectiveError::EmptyBatch);
+        }
+        let paired = has_image && has_text;
+        let b = batch.batch_size();
+        let mut losses = Losses::default();
+        let mut logits = Logits::default();
+
+        let masked = batch.masked_patches();
+        let needs_targets = has_image && ((paired && w.mmm_image > 0.0) || (!paired && w.mim > 0.0));
+        let mim_targets = match (&masked, needs_targets) {
+            (Some(_), true) => Some(self.image_targets(batch, opts.codebook)?),
+            _ => None,
+        };
+        if let (Some((m, p)), Some(t)) = (&masked, &mim_targets) {
+            if m.len() != t.len() || m.len() != b * p {
+                return Err(ObjectiveError::Shape(format!(
+                    "{} mask entries, {} image targets, batch {b} x {p} patches",
+                    m.len(),
+                    t.len()
+                )));
+            }
+        }
+
+        // Masked pass.
+        let img_m = batch.pixel_values.clone().map(|px| {
+            self.flava
+                .image_model
+                .forward(px, batch.bool_masked_pos.as_ref(), false, false)
+        });
+        let txt_m = text_ids.map(|ids| {
+            self.flava
+                .text_model
+                .forward(ids, batch.attention_mask.as_ref(), batch.token_type_ids.clone(), false)
+        });
+
+        let ce =
+            |head: &MaskedPredictionHead, states: Tensor<3>, pos: &[usize], tgt: &[usize], denom: Option<usize>| {
+                let logits = head.forward(gather_positions(states, pos));
+                let n = denom.unwrap_or(pos.len()).max(1) as f64;
+                (cross_entropy_sum(logits.clone(), tgt) / n, logits)
+            };
+
+        if !paired {
+            if let (Some(img), Some((m, p)), Some(t)) = (&img_m, &masked, &mim_targets) {
+                let pos: Vec<usize> = (0..m.len()).filter(|&i| m[i]).collect();
+                if !pos.is_empty() && w.mim > 0.0 {
+                    let [_, s, _] = img.last_hidden_state.dims();
+                    let states = img.last_hidden_state.clone().slice(s![.., s - p..s, ..]);
+                    let tgt: Vec<usize> = pos.iter().map(|&i| t[i]).collect();
+                    let (loss, lg) = ce(&self.mim_head, states, &pos, &tgt, opts.denominators.mim);
+                    losses.mim = Some(loss);
+                    logits.mim = Some(lg);
+                }
+            }
+            if let (Some(txt), Some(mlm)) = (&txt_m, &batch.mlm) {
+                if !mlm.positions.is_empty() && w.mlm > 0.0 {
+                    let (loss, lg) = ce(
+                        &self.mlm_head,
+                        txt.last_hidden_state.clone(),
+                        &mlm.positions,
+                        &mlm.targets,
+                        opts.denominators.mlm,
+                    );
+                    losses.mlm = Some(loss);
+                    logits.mlm = Some(lg);
+                }
+            }
+        }
+
+        let (mut image_embeddings, mut text_embeddings) = (None, None);
+        if paired {
+            let (img, txt) = (img_m.as_ref().expect("paired"), txt_m.as_ref().expect("paired"));
+            let mm = self
+                .flava
+                .fuse(img, txt, batch.attention_mask.as_ref(), false)
+                .last_hidden_state;
+            let [_, s_mm, _] = mm.dims();
+            let l = txt.last_hidden_state.dims()[1];
+            let rows = opts.positive_rows.clone().unwrap_or_else(|| batch.positive_rows());
+            let in_rows = {
+                let mut keep = vec![false; b];
+                for &r in &rows {
+                    if r < b {
+                        keep[r] = true;
+                    }
+                }
+                keep
+            };
+            if w.itm > 0.0 {
+                let lg = self.itm_head.forward(mm.clone());
+                if let Some(labels) = &batch.itm_labels {
+                    if labels.len() != b {
+                        return Err(ObjectiveError::Shape(format!(
+                            "{} ITM labels for {b} pairs",
+                            labels.len()
+                        )));
+                    }
+                    let n = opts.denominators.itm.unwrap_or(b).max(1) as f64;
+                    losses.itm = Some(cross_entropy_sum(lg.clone(), labels) / n);
+                }
+                logits.itm = Some(lg);
+            }
+            if let (Some((m, p)), Some(t), true) = (&masked, &mim_targets, w.mmm_image > 0.0) {
+                let pos: Vec<usize> = (0..m.len()).filter(|&i| m[i] && in_rows[i / p]).collect();
+                if !pos.is_empty() {
+                    let states = mm.clone().slice(s![.., 2..2 + p, ..]);
+                    let tgt: Vec<usize> = pos.iter().map(|&i| t[i]).collect();
+                    let (loss, lg) = ce(&self.mmm_image_head, states, &pos, &tgt, opts.denominators.mmm_image);
+                    losses.mmm_image = Some(loss);
+                    logits.mmm_image = Some(lg);
+                }
+            }
+            if let (Some(mlm), true) = (&batch.mlm, w.mmm_text > 0.0) {
+                let (pos, tgt): (Vec<usize>, Vec<usize>) = mlm
+                    .positions
+                    .iter()
+                    .zip(&mlm.targets)
+                    .filter(|(&i, _)| in_rows[i / l])
+                    .map(|(&i, &t)| (i, t))
+                    .unzip();
+                if !pos.is_empty() {
+                    let states = mm.clone().slice(s![.., s_mm - l..s_mm, ..]);
+                    let (loss, lg) = ce(&self.mmm_text_head, states, &pos, &tgt, opts.denominators.mmm_text);
+                    losses.mmm_text = Some(loss);
+                    logits.mmm_text = Some(lg);
+                }
+            }
+            if w.global_contrastive > 0.0 && !rows.is_empty() {
+                let (u, v) = self.contrastive_embeddings(batch);
+                let scale = clamp_logit_scale(self.flava.logit_scale.val());
+                let out = match opts.contrastive {
+                    Contrastive::Local => {
+                        contrastive_loss(u.clone(), v.clone(), u.clone(), v.clone(), 0, scale, &rows, None)
+                    }
+                    Contrastive::Gather(g) => {
+                        let (ua, va) = (g.gather(u.clone()), g.gather(v.clone()));
+                        contrastive_loss(u.clone(), v.clone(), ua, va, g.rank() * b, scale, &rows, None)
+                    }
+                    Contrastive::Cached(c) => {
+                        let mix = |cache: &Tensor<2>, live: Tensor<2>| {
+                            let n = cache.dims()[0];
+                            let device = live.device();
+                            let cache = cache.clone().to_device(&device).detach();
+                            let mut parts = Vec::new();
+                            if c.offset > 0 {
+                                parts.push(cache.clone().slice(s![0..c.offset, ..]));
+                            }
+                            parts.push(live);
+                            if c.offset + b < n {
+                                parts.push(cache.slice(s![c.offset + b..n, ..]));
+                            }
+                            Tensor::cat(parts, 0)
+                        };
+                        let (ua, va) = (mix(&c.image, u.clone()), mix(&c.text, v.clone()));
+                        let scale = if c.live_scale { scale } else { scale.detach() };
+                        contrastive_loss(ua.clone(), va.clone(), ua, va, 0, scale, &c.rows, None)
+                    }
+                };
+                losses.global_contrastive = Some(out.loss);
+                logits.contrastive_per_image = Some(out.logits_per_image);
+                logits.contrastive_per_text = Some(out.logits_per_text);
+                image_embeddings = Some(u);
+                text_embeddings = Some(v);
+            }
+        }
+
+        let weight = |name: &str| match name {
+            "mim" => w.mim,
+            "mlm" => w.mlm,
+            "itm" => w.itm,
+            "global_contrastive" => w.global_contrastive,
+            "mmm_image" => w.mmm_image,
+            _ => w.mmm_text,
+        };
+        let total = losses
+            .named()
+            .into_iter()
+            .map(|(n, l)| l * weight(n))
+            .reduce(|a, b| a + b);
+        Ok(PretrainingOutput {
+            losses,
+            total,
+            logits,
+            mim_targets,
+            image_embeddings,
+            text_embeddings,
+        })
+    }
+}
