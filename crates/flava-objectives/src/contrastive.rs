@@ -96,6 +96,7 @@ pub struct ContrastiveOutput {
 /// sets [n, d] whose rows `offset..offset + b` are the local ones; `scale`: the clamped logit
 /// scale [1]; `rows`: the local rows that count (ITM positives), columns are never filtered.
 /// `denominator` overrides the number of rows averaged over (gradient accumulation).
+#[allow(clippy::too_many_arguments)]
 pub fn contrastive_loss(
     image: Tensor<2>,
     text: Tensor<2>,

@@ -528,7 +528,11 @@ impl FlavaForPretraining {
                     logits.mmm_text = Some(lg);
                 }
             }
-            if w.global_contrastive > 0.0 && !rows.is_empty() {
+            let contrastive_rows = match opts.contrastive {
+                Contrastive::Cached(c) => c.rows.len(),
+                _ => rows.len(),
+            };
+            if w.global_contrastive > 0.0 && contrastive_rows > 0 {
                 let (u, v) = self.contrastive_embeddings(batch);
                 let scale = clamp_logit_scale(self.flava.logit_scale.val());
                 let out = match opts.contrastive {

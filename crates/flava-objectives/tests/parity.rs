@@ -4,75 +4,16 @@
 //! an image-only and a text-only batch, MIM targets from the codebook inside the checkpoint.
 //! Tolerances: losses and logits max |Δ| ≤ 1e-4; gradients max |Δ| ≤ 1e-4 · max(1, max |g_ref|).
 
-use std::path::PathBuf;
-
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::Gradients;
 use flava_objectives::checkpoint::{load_pretraining, save_pretraining};
-use flava_objectives::{FlavaForPretraining, MlmTargets, PretrainingBatch, PretrainingOutput, StepOptions};
-use flava_vit::weights::{read_int_tensors, IntTensors, StateDict};
+use flava_objectives::{FlavaForPretraining, MlmTargets, PretrainingOutput, StepOptions};
 
-const TOL: f32 = 1e-4;
+mod common;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-struct Io {
-    f: StateDict,
-    i: IntTensors,
-    device: Device,
-}
-
-impl Io {
-    fn load() -> Self {
-        let p = fixtures().join("pretraining_io.safetensors");
-        Self {
-            f: StateDict::from_file(&p).unwrap(),
-            i: read_int_tensors(&p).unwrap(),
-            device: Device::flex().autodiff(),
-        }
-    }
-    fn has(&self, k: &str) -> bool {
-        self.f.get(k).is_some() || self.i.contains_key(k)
-    }
-    fn float<const D: usize>(&self, k: &str) -> Tensor<D> {
-        let t = self.f.get(k).unwrap_or_else(|| panic!("fixture {k}"));
-        let shape = if D == 1 { vec![t.data.len()] } else { t.shape.clone() };
-        Tensor::from_data(TensorData::new(t.data.clone(), shape), &self.device)
-    }
-    fn ints(&self, k: &str) -> Vec<i64> {
-        self.i[k].1.clone()
-    }
-    fn int2(&self, k: &str) -> Tensor<2, Int> {
-        let (s, v) = &self.i[k];
-        Tensor::from_data(TensorData::new(v.clone(), s.clone()), &self.device)
-    }
-    fn batch(&self, name: &str) -> PretrainingBatch {
-        let k = |f: &str| format!("{name}.input.{f}");
-        let opt_int = |f: &str| self.has(&k(f)).then(|| self.int2(&k(f)));
-        PretrainingBatch {
-            pixel_values: self.has(&k("pixel_values")).then(|| self.float(&k("pixel_values"))),
-            codebook_pixel_values: self
-                .has(&k("codebook_pixel_values"))
-                .then(|| self.float(&k("codebook_pixel_values"))),
-            bool_masked_pos: opt_int("bool_masked_pos").map(|t| t.equal_elem(1)),
-            mim_targets: None,
-            input_ids: opt_int("input_ids"),
-            input_ids_masked: opt_int("input_ids_masked"),
-            attention_mask: opt_int("attention_mask"),
-            token_type_ids: None,
-            mlm: self
-                .has(&k("mlm_labels"))
-                .then(|| MlmTargets::from_labels(&self.ints(&k("mlm_labels")), -100)),
-            itm_labels: self
-                .has(&k("itm_labels"))
-                .then(|| self.ints(&k("itm_labels")).iter().map(|&x| x as usize).collect()),
-        }
-    }
-}
+use common::{fixtures, Io, TOL};
 
 fn max_abs<const D: usize>(t: Tensor<D>) -> f32 {
     t.abs().max().into_scalar::<f32>()

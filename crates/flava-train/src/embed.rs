@@ -6,7 +6,10 @@ use anyhow::Context;
 use burn::prelude::*;
 use flava_data::processor::{load_image, ImageProcessor};
 use flava_fusion::{load_flava_model, FlavaModel};
+use flava_objectives::checkpoint::load_pretraining;
+use flava_objectives::ItmHead;
 use flava_text::Tokenizer;
+use flava_vit::encoder::EncoderOutput;
 use serde::Serialize;
 
 /// What `flava embed --json` prints.
@@ -21,6 +24,10 @@ pub struct EmbedOutput {
     /// [n_images][n_texts] `exp(logit_scale) · cos`, when both are given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logits_per_image: Option<Vec<Vec<f32>>>,
+    /// [n_images][n_texts] softmax probability of "matching" from the ITM head on the fusion
+    /// encoder's output for each (unmasked) pair, with `--itm`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub itm_match_probability: Option<Vec<Vec<f32>>>,
     /// Indices of texts that were cut to the maximum length.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub truncated_texts: Vec<usize>,
@@ -57,9 +64,55 @@ pub fn find_processor(dir: &Path) -> anyhow::Result<ImageProcessor> {
     }
 }
 
-/// Computes features (and logits when both modalities are given) with a loaded model.
+/// ITM match probabilities of every (image, text) pair: towers once, then the fusion encoder
+/// and the ITM head on all n·m pairs. `pixel_values` [n, 3, H, W], `ids`/`mask` [m, L] → [n][m].
+pub fn itm_probabilities(
+    model: &FlavaModel,
+    head: &ItmHead,
+    pixel_values: Tensor<4>,
+    ids: Tensor<2, Int>,
+    mask: Tensor<2, Int>,
+) -> Vec<Vec<f32>> {
+    let img = model.image_model.forward(pixel_values, None, false, false);
+    let txt = model.text_model.forward(ids, Some(&mask), None, false);
+    let (n, m) = (img.pre_layernorm.dims()[0], txt.pre_layernorm.dims()[0]);
+    let device = mask.device();
+    // Pair (i, j) is row i·m + j.
+    let pick = |f: &dyn Fn(usize, usize) -> usize| {
+        let idx: Vec<i64> = (0..n)
+            .flat_map(|i| (0..m).map(move |j| (i, j)))
+            .map(|(i, j)| f(i, j) as i64)
+            .collect();
+        Tensor::<1, Int>::from_data(TensorData::new(idx, [n * m]), &device)
+    };
+    let (ii, jj) = (pick(&|i, _| i), pick(&|_, j| j));
+    let states = |o: &EncoderOutput, idx: Tensor<1, Int>| EncoderOutput {
+        last_hidden_state: o.pre_layernorm.clone().select(0, idx.clone()),
+        pre_layernorm: o.pre_layernorm.clone().select(0, idx),
+        pooler_output: o.pooler_output.clone(),
+        hidden_states: None,
+    };
+    let mm = model.fuse(
+        &states(&img, ii),
+        &states(&txt, jj.clone()),
+        Some(&mask.select(0, jj)),
+        false,
+    );
+    let p = head
+        .match_probability(mm.last_hidden_state)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 data");
+    (0..n).map(|i| p[i * m..(i + 1) * m].to_vec()).collect()
+}
+
+/// Computes features (and logits when both modalities are given) with a loaded model; with an
+/// ITM head, also the match probability of every pair.
+#[allow(clippy::too_many_arguments)]
 pub fn embed_with(
     model: &FlavaModel,
+    itm_head: Option<&ItmHead>,
     tokenizer: Option<&Tokenizer>,
     processor: &ImageProcessor,
     images: &[PathBuf],
@@ -71,13 +124,17 @@ pub fn embed_with(
         image_features: vec![],
         text_features: vec![],
         logits_per_image: None,
+        itm_match_probability: None,
         truncated_texts: vec![],
     };
     let mut img_t = None;
     let mut txt_t = None;
+    let mut px_t = None;
+    let mut ids_t = None;
     if !images.is_empty() {
         let decoded = images.iter().map(load_image).collect::<Result<Vec<_>, _>>()?;
         let px = processor.pixel_values(&decoded, device);
+        px_t = Some(px.clone());
         let f = model.image_features(px);
         out.image_features = rows(f.clone());
         img_t = Some(f);
@@ -96,6 +153,7 @@ pub fn embed_with(
             eprintln!("warning: text {i} is longer than {max_length} tokens and was truncated");
         }
         let (ids, mask, _) = batch.to_tensors(device);
+        ids_t = Some((ids.clone(), mask.clone()));
         let f = model.text_features(ids, Some(&mask));
         out.text_features = rows(f.clone());
         txt_t = Some(f);
@@ -103,28 +161,56 @@ pub fn embed_with(
     if let (Some(i), Some(t)) = (img_t, txt_t) {
         out.logits_per_image = Some(rows(model.contrastive_logits(i, t)));
     }
+    if let (Some(head), Some(px), Some((ids, mask))) = (itm_head, px_t, ids_t) {
+        out.itm_match_probability = Some(itm_probabilities(model, head, px, ids, mask));
+    }
     Ok(out)
 }
 
-/// `flava embed`: loads the directory and embeds.
+/// `flava embed`: loads the directory and embeds; `itm` also loads the ITM head and scores every
+/// pair (needs images and texts, and a checkpoint with `itm_head.*`).
 pub fn run(
     model_dir: &Path,
     images: &[PathBuf],
     texts: &[String],
     max_length: usize,
+    itm: bool,
     device: &Device,
 ) -> anyhow::Result<EmbedOutput> {
     if images.is_empty() && texts.is_empty() {
         anyhow::bail!("nothing to embed: give at least one --image or --text");
     }
-    let loaded = load_flava_model(model_dir, device).with_context(|| format!("loading {}", model_dir.display()))?;
-    if !loaded.report.unexpected.is_empty() {
-        eprintln!(
-            "note: {} checkpoint tensors not used by FlavaModel (pretraining heads, codebook)",
-            loaded.report.unexpected.len()
-        );
+    if itm && (images.is_empty() || texts.is_empty()) {
+        anyhow::bail!("--itm scores image-text pairs: give at least one --image and one --text");
     }
-    let max_positions = loaded.config.text_config.max_position_embeddings;
+    let (model, itm_head, config) = if itm {
+        let loaded =
+            load_pretraining(model_dir, true, device).with_context(|| format!("loading {}", model_dir.display()))?;
+        let missing: Vec<&String> = loaded
+            .report
+            .missing
+            .iter()
+            .filter(|k| k.starts_with("itm_head."))
+            .collect();
+        if !missing.is_empty() {
+            anyhow::bail!(
+                "{}: --itm needs the ITM head, but the checkpoint lacks {} (a FlavaModel checkpoint has no heads; use a FlavaForPreTraining one)",
+                model_dir.display(),
+                missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            );
+        }
+        (loaded.model.flava, Some(loaded.model.itm_head), loaded.config)
+    } else {
+        let loaded = load_flava_model(model_dir, device).with_context(|| format!("loading {}", model_dir.display()))?;
+        if !loaded.report.unexpected.is_empty() {
+            eprintln!(
+                "note: {} checkpoint tensors not used by FlavaModel (pretraining heads, codebook)",
+                loaded.report.unexpected.len()
+            );
+        }
+        (loaded.model, None, loaded.config)
+    };
+    let max_positions = config.text_config.max_position_embeddings;
     let max_length = if max_length > max_positions {
         eprintln!(
             "note: --max-length {max_length} exceeds the model's {max_positions} positions; using {max_positions}"
@@ -140,7 +226,8 @@ pub fn run(
     };
     let processor = find_processor(model_dir)?;
     embed_with(
-        &loaded.model,
+        &model,
+        itm_head.as_ref(),
         tokenizer.as_ref(),
         &processor,
         images,
@@ -173,6 +260,16 @@ pub fn render(out: &EmbedOutput, images: &[PathBuf], texts: &[String]) -> String
                 "  {}: {}\n",
                 p.display(),
                 row.iter().map(|x| format!("{x:8.3}")).collect::<Vec<_>>().join(" ")
+            );
+        }
+    }
+    if let Some(l) = &out.itm_match_probability {
+        s += "itm_match_probability (rows: images, columns: texts):\n";
+        for (p, row) in images.iter().zip(l) {
+            s += &format!(
+                "  {}: {}\n",
+                p.display(),
+                row.iter().map(|x| format!("{x:8.4}")).collect::<Vec<_>>().join(" ")
             );
         }
     }

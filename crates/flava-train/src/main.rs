@@ -43,6 +43,10 @@ enum Command {
         /// Text length in tokens, [CLS] and [SEP] included.
         #[arg(long, default_value_t = flava_text::DEFAULT_MAX_LENGTH)]
         max_length: usize,
+        /// Also print the ITM head's match probability for every (image, text) pair (needs a
+        /// FlavaForPreTraining checkpoint).
+        #[arg(long)]
+        itm: bool,
     },
     /// Visual tokens of images from a codebook (or a full FLAVA directory's codebook).
     Codebook {
@@ -197,9 +201,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             device,
             max_length,
+            itm,
         } => {
             let device = pick_device(&device)?;
-            let out = embed::run(&model, &images, &texts, max_length, &device)?;
+            let out = embed::run(&model, &images, &texts, max_length, itm, &device)?;
             if json {
                 println!("{}", serde_json::to_string(&out)?);
             } else {

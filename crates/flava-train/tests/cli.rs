@@ -63,6 +63,42 @@ fn embed_json_matches_transformers() {
 }
 
 #[test]
+fn embed_itm_matches_transformers_itm_head() {
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("itm_expected.json")).unwrap()).unwrap();
+    let mut cmd = flava();
+    cmd.args(["embed", "--json", "--itm", "--max-length", "16", "--model"])
+        .arg(fixtures().join("pretraining"));
+    for i in e["images"].as_array().unwrap() {
+        cmd.arg("--image")
+            .arg(fixtures().join("processor").join(i.as_str().unwrap()));
+    }
+    for t in e["texts"].as_array().unwrap() {
+        cmd.args(["--text", t.as_str().unwrap()]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got: Vec<Vec<f32>> = serde_json::from_value(v["itm_match_probability"].clone()).unwrap();
+    let want: Vec<Vec<f32>> = serde_json::from_value(e["itm_match_probability"].clone()).unwrap();
+    let d = max_diff(&got, &want);
+    eprintln!("itm_match_probability vs transformers: {d:.1e}");
+    assert!(d <= 1e-4, "{d}");
+
+    // A FlavaModel checkpoint has no ITM head: a clear error, not random weights.
+    let out = flava()
+        .args(["embed", "--itm", "--text", "a cat", "--model"])
+        .arg(fixtures().join("embed_model"))
+        .arg("--image")
+        .arg(fixtures().join("processor").join("rgba_80x64.png"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ITM head") && err.contains("itm_head."), "{err}");
+}
+
+#[test]
 fn embed_text_only_prints_a_table() {
     let out = flava()
         .args(["embed", "--text", "a photo of a cat", "--model"])

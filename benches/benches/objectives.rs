@@ -1,0 +1,128 @@
+//! The pretraining heads and losses at the `small` preset, forward and backward, each on
+//! hidden states of a batch of 32 (40% masked patches, 15% masked tokens); and a whole paired-batch
+//! pretraining step (both towers twice, fusion, five heads, backward) at `tiny` and `small`.
+//! Run: `cargo bench -p flava-benches --bench objectives`.
+
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use flava_fusion::FlavaConfig;
+use flava_objectives::contrastive::{clamp_logit_scale, contrastive_loss};
+use flava_objectives::losses::{cross_entropy, gather_positions};
+use flava_objectives::{FlavaForPretraining, MlmTargets, PretrainingBatch, StepOptions};
+
+const BATCH: usize = 32;
+const SEQ: usize = 32;
+
+fn positions(n: usize, every: usize) -> Vec<usize> {
+    (0..n).filter(|i| i % every == 0).collect()
+}
+
+fn states(b: usize, s: usize, d: usize, device: &Device) -> Tensor<3> {
+    Tensor::random([b, s, d], Distribution::Normal(0.0, 1.0), device).require_grad()
+}
+
+fn bench_losses(c: &mut Criterion) {
+    let device = Device::flex().autodiff();
+    let cfg = FlavaConfig::small();
+    let model = FlavaForPretraining::new(&cfg, &device);
+    let (h, grid) = (
+        cfg.hidden_size,
+        cfg.image_config.image_size / cfg.image_config.patch_size,
+    );
+    let patches = grid * grid;
+    let img_pos = positions(BATCH * patches, 2); // 50% of the patches
+    let txt_pos = positions(BATCH * SEQ, 7); // ~15%
+    let img_tgt: Vec<usize> = img_pos.iter().map(|p| p % cfg.image_config.vocab_size).collect();
+    let txt_tgt: Vec<usize> = txt_pos.iter().map(|p| p % cfg.text_config.vocab_size).collect();
+    let mut g = c.benchmark_group("losses/small");
+    g.sample_size(20);
+    for (name, head, n_pos, tgt) in [
+        ("mim", &model.mim_head, &img_pos, &img_tgt),
+        ("mmm_image", &model.mmm_image_head, &img_pos, &img_tgt),
+        ("mlm", &model.mlm_head, &txt_pos, &txt_tgt),
+        ("mmm_text", &model.mmm_text_head, &txt_pos, &txt_tgt),
+    ] {
+        let seq = if tgt.len() == img_tgt.len() { patches } else { SEQ };
+        let x = states(BATCH, seq, h, &device);
+        g.bench_function(BenchmarkId::new(name, BATCH), |b| {
+            b.iter(|| {
+                let loss = cross_entropy(head.forward(gather_positions(x.clone(), n_pos)), tgt);
+                loss.backward()
+            })
+        });
+    }
+    let mm = states(BATCH, 2 + patches + SEQ, h, &device);
+    let labels: Vec<usize> = (0..BATCH).map(|i| usize::from(i % 5 != 0)).collect();
+    g.bench_function(BenchmarkId::new("itm", BATCH), |b| {
+        b.iter(|| cross_entropy(model.itm_head.forward(mm.clone()), &labels).backward())
+    });
+    let u: Tensor<2> =
+        Tensor::random([BATCH, cfg.projection_dim], Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let v: Tensor<2> =
+        Tensor::random([BATCH, cfg.projection_dim], Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let rows: Vec<usize> = (0..BATCH).collect();
+    g.bench_function(BenchmarkId::new("global_contrastive", BATCH), |b| {
+        b.iter(|| {
+            let (un, vn) = (
+                flava_fusion::l2_normalize(u.clone()),
+                flava_fusion::l2_normalize(v.clone()),
+            );
+            let scale = clamp_logit_scale(model.flava.logit_scale.val());
+            contrastive_loss(un.clone(), vn.clone(), un, vn, 0, scale, &rows, None)
+                .loss
+                .backward()
+        })
+    });
+    g.finish();
+}
+
+fn paired_batch(cfg: &FlavaConfig, b: usize, device: &Device) -> PretrainingBatch {
+    let s = cfg.image_config.image_size;
+    let grid = s / cfg.image_config.patch_size;
+    let p = grid * grid;
+    let mask: Vec<bool> = (0..b * p).map(|i| i % 5 < 2).collect();
+    let ids = Tensor::<2>::random([b, SEQ], Distribution::Uniform(5.0, 1000.0), device).int();
+    let mlm_pos = positions(b * SEQ, 7);
+    PretrainingBatch {
+        pixel_values: Some(Tensor::random([b, 3, s, s], Distribution::Normal(0.0, 1.0), device)),
+        bool_masked_pos: Some(Tensor::from_data(TensorData::new(mask, [b, p]), device)),
+        mim_targets: Some(
+            Tensor::<2>::random(
+                [b, p],
+                Distribution::Uniform(0.0, cfg.image_config.vocab_size as f64 - 1.0),
+                device,
+            )
+            .int(),
+        ),
+        input_ids: Some(ids.clone()),
+        input_ids_masked: Some(ids),
+        attention_mask: Some(Tensor::ones([b, SEQ], device)),
+        mlm: Some(MlmTargets {
+            targets: mlm_pos.iter().map(|p| p % 900).collect(),
+            positions: mlm_pos,
+        }),
+        itm_labels: Some((0..b).map(|i| usize::from(i % 5 != 0)).collect()),
+        ..Default::default()
+    }
+}
+
+fn bench_step(c: &mut Criterion) {
+    let device = Device::flex().autodiff();
+    for (name, cfg, samples) in [("tiny", FlavaConfig::tiny(), 20), ("small", FlavaConfig::small(), 10)] {
+        let model = FlavaForPretraining::new(&cfg, &device);
+        let batch = paired_batch(&cfg, BATCH, &device);
+        let mut g = c.benchmark_group(format!("pretraining_step/{name}"));
+        g.sample_size(samples);
+        g.bench_function(BenchmarkId::new("pairs_forward_backward", BATCH), |b| {
+            b.iter(|| {
+                let out = model.forward(&batch, &StepOptions::default()).unwrap();
+                out.total.unwrap().backward()
+            })
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(benches, bench_losses, bench_step);
+criterion_main!(benches);

@@ -1,0 +1,191 @@
+//! Global contrastive across simulated ranks and contrastive-exact gradient accumulation, on the
+//! HF fixture model. Both must reproduce the single-device, full-batch loss and gradients:
+//! tolerance max |Δ| ≤ 1e-4 · max(1, max |g|), as for parity (only float summation order differs;
+//! logits at scale 100 amplify it to ~2e-5).
+
+mod common;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use common::{fixtures, slice_batch, Io};
+use flava_objectives::checkpoint::load_pretraining;
+use flava_objectives::{
+    accumulate_gradients, clamp_logit_scale, contrastive_loss, FlavaForPretraining, PretrainingBatch, StepOptions,
+};
+
+const TOL: f32 = 1e-4;
+
+/// Every float parameter's gradient, flattened, in visiting order.
+struct Collect<'a> {
+    grads: &'a GradientsParams,
+    out: Vec<(String, Vec<f32>)>,
+}
+
+impl ModuleVisitor for Collect<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let g = self
+            .grads
+            .get::<D>(param.id)
+            .map(|t| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap())
+            .unwrap_or_default();
+        self.out.push((format!("{:?}", param.id), g));
+    }
+}
+
+fn flat_grads(model: &FlavaForPretraining, grads: &GradientsParams) -> Vec<(String, Vec<f32>)> {
+    let mut c = Collect { grads, out: vec![] };
+    model.visit(&mut c);
+    c.out
+}
+
+fn assert_same_grads(model: &FlavaForPretraining, got: &GradientsParams, want: &GradientsParams) {
+    let (got, want) = (flat_grads(model, got), flat_grads(model, want));
+    let mut compared = 0;
+    let mut worst = 0f32;
+    for ((name, g), (_, w)) in got.iter().zip(&want) {
+        if w.is_empty() {
+            assert!(
+                g.iter().all(|&x| x == 0.0),
+                "{name}: gradient here but none in the reference"
+            );
+            continue;
+        }
+        assert_eq!(g.len(), w.len(), "{name}: gradient missing");
+        let scale = w.iter().fold(1f32, |m, x| m.max(x.abs()));
+        let diff = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        worst = worst.max(diff / scale);
+        assert!(diff <= TOL * scale, "{name}: max |diff| {diff:e} (scale {scale})");
+        compared += 1;
+    }
+    eprintln!("{compared} parameter gradients equal, worst relative diff {worst:.2e}");
+    assert!(compared > 30, "only {compared} gradients compared");
+}
+
+fn load(io: &Io) -> (FlavaForPretraining, flava_dvae::ImageCodebook) {
+    let l = load_pretraining(fixtures().join("pretraining"), false, &io.device).unwrap();
+    (l.model, l.codebook.unwrap())
+}
+
+fn contrastive_only(model: FlavaForPretraining) -> FlavaForPretraining {
+    let mut m = model;
+    m.weights.itm = 0.0;
+    m.weights.mmm_image = 0.0;
+    m.weights.mmm_text = 0.0;
+    m
+}
+
+#[test]
+fn global_contrastive_over_simulated_ranks_equals_the_full_batch() {
+    let io = Io::load();
+    let (model, _) = load(&io);
+    let model = contrastive_only(model);
+    let mut full = io.batch("pairs");
+    full.itm_labels = None;
+    let b = full.batch_size();
+
+    // Single device, whole batch.
+    let out = model.forward(&full, &StepOptions::default()).unwrap();
+    let want_loss = out.losses.global_contrastive.clone().unwrap().into_scalar::<f32>();
+    let want = GradientsParams::from_grads(out.total.unwrap().backward(), &model);
+
+    for world in [2, 4] {
+        // Each rank embeds its shard; the gathered set is every rank's embeddings in one graph,
+        // so gradients reach their owners as through the differentiable all-gather.
+        let local = b / world;
+        let shards: Vec<PretrainingBatch> = (0..world)
+            .map(|r| slice_batch(&full, r * local, (r + 1) * local))
+            .collect();
+        let emb: Vec<(Tensor<2>, Tensor<2>)> = shards.iter().map(|s| model.contrastive_embeddings(s)).collect();
+        let u_all = Tensor::cat(emb.iter().map(|e| e.0.clone()).collect(), 0);
+        let v_all = Tensor::cat(emb.iter().map(|e| e.1.clone()).collect(), 0);
+        let scale = clamp_logit_scale(model.flava.logit_scale.val());
+        let rows: Vec<usize> = (0..local).collect();
+        // DDP averages the ranks' gradients: differentiate the mean of the rank losses.
+        let losses: Vec<Tensor<1>> = emb
+            .iter()
+            .enumerate()
+            .map(|(r, (u, v))| {
+                let out = contrastive_loss(
+                    u.clone(),
+                    v.clone(),
+                    u_all.clone(),
+                    v_all.clone(),
+                    r * local,
+                    scale.clone(),
+                    &rows,
+                    None,
+                );
+                assert_eq!(out.logits_per_image.dims(), [local, b], "rows local, columns global");
+                out.loss
+            })
+            .collect();
+        let mean = losses.into_iter().reduce(|a, c| a + c).unwrap() / world as f64;
+        let got_loss = mean.clone().into_scalar::<f32>();
+        assert!(
+            (got_loss - want_loss).abs() < 1e-5,
+            "W={world}: loss {got_loss} vs {want_loss}"
+        );
+        let got = GradientsParams::from_grads(mean.backward(), &model);
+        assert_same_grads(&model, &got, &want);
+    }
+}
+
+#[test]
+fn accumulated_micro_batches_equal_one_big_batch() {
+    let io = Io::load();
+    let (model, codebook) = load(&io);
+    // The paired batch: ITM negative in row 2, padded caption in row 1, masks and MLM targets
+    // of different counts per row, so the denominators matter.
+    let full = io.batch("pairs");
+    let opts = StepOptions {
+        codebook: Some(&codebook),
+        ..Default::default()
+    };
+    let out = model.forward(&full, &opts).unwrap();
+    let want_total = out.total.clone().unwrap().into_scalar::<f64>();
+    let want_losses: Vec<(&str, f64)> = out
+        .losses
+        .named()
+        .into_iter()
+        .map(|(n, l)| (n, l.into_scalar::<f64>()))
+        .collect();
+    let want = GradientsParams::from_grads(out.total.unwrap().backward(), &model);
+
+    for k in [2, 4] {
+        let per = full.batch_size() / k;
+        let micro: Vec<PretrainingBatch> = (0..k).map(|i| slice_batch(&full, i * per, (i + 1) * per)).collect();
+        let step = accumulate_gradients(&model, &micro, Some(&codebook)).unwrap();
+        assert!(
+            (step.total - want_total).abs() < 1e-4,
+            "k={k}: total {} vs {want_total}",
+            step.total
+        );
+        for (name, v) in &want_losses {
+            let got = step.losses.iter().find(|(n, _)| n == name).map(|x| x.1);
+            assert!(
+                got.is_some_and(|g| (g - v).abs() < 1e-4),
+                "k={k} {name}: {got:?} vs {v}"
+            );
+        }
+        assert_same_grads(&model, &step.grads, &want);
+    }
+}
+
+#[test]
+fn accumulation_of_image_only_micro_batches_equals_one_big_batch() {
+    let io = Io::load();
+    let (model, codebook) = load(&io);
+    let full = io.batch("images");
+    let opts = StepOptions {
+        codebook: Some(&codebook),
+        ..Default::default()
+    };
+    let out = model.forward(&full, &opts).unwrap();
+    let want_total = out.total.clone().unwrap().into_scalar::<f64>();
+    let want = GradientsParams::from_grads(out.total.unwrap().backward(), &model);
+    let micro: Vec<PretrainingBatch> = (0..3).map(|i| slice_batch(&full, i, i + 1)).collect();
+    let step = accumulate_gradients(&model, &micro, Some(&codebook)).unwrap();
+    assert!((step.total - want_total).abs() < 1e-4, "{} vs {want_total}", step.total);
+    assert_same_grads(&model, &step.grads, &want);
+}
