@@ -126,6 +126,68 @@ fn ints(v: &[u32], shape: Vec<usize>, device: &Device) -> Tensor<2, Int> {
 }
 
 impl HostBatch {
+    /// Splits the batch into `k` micro-batches of equal size (rows in order; MLM positions
+    /// re-based). `k` must divide the batch size.
+    pub fn split(&self, k: usize) -> Vec<HostBatch> {
+        assert!(
+            k > 0 && self.batch_size.is_multiple_of(k),
+            "{k} micro-batches of {}",
+            self.batch_size
+        );
+        let per = self.batch_size / k;
+        let (l, g) = (self.max_length, self.grid);
+        let (px, cb) = (
+            3 * self.image_size * self.image_size,
+            3 * self.codebook_size * self.codebook_size,
+        );
+        let rows = |v: &[f32], n: usize, i: usize| {
+            if v.is_empty() {
+                vec![]
+            } else {
+                v[i * per * n..(i + 1) * per * n].to_vec()
+            }
+        };
+        (0..k)
+            .map(|i| {
+                let (a, b) = (i * per, (i + 1) * per);
+                let pick_u32 = |v: &[u32], n: usize| if v.is_empty() { vec![] } else { v[a * n..b * n].to_vec() };
+                let (mlm_positions, mlm_targets) = self
+                    .mlm_positions
+                    .iter()
+                    .zip(&self.mlm_targets)
+                    .filter(|(&p, _)| p / l >= a && p / l < b)
+                    .map(|(&p, &t)| (p - a * l, t))
+                    .unzip();
+                HostBatch {
+                    task: self.task,
+                    keys: self.keys[a..b].to_vec(),
+                    labels: self.labels[a..b].to_vec(),
+                    texts: if self.texts.is_empty() {
+                        vec![]
+                    } else {
+                        self.texts[a..b].to_vec()
+                    },
+                    pixel_values: rows(&self.pixel_values, px, i),
+                    codebook_pixel_values: rows(&self.codebook_pixel_values, cb, i),
+                    bool_masked_pos: if self.bool_masked_pos.is_empty() {
+                        vec![]
+                    } else {
+                        self.bool_masked_pos[a * g..b * g].to_vec()
+                    },
+                    input_ids: pick_u32(&self.input_ids, l),
+                    input_ids_masked: pick_u32(&self.input_ids_masked, l),
+                    attention_mask: pick_u32(&self.attention_mask, l),
+                    mlm_positions,
+                    mlm_targets,
+                    itm_labels: pick_u32(&self.itm_labels, 1),
+                    truncated: 0,
+                    batch_size: per,
+                    ..self.clone()
+                }
+            })
+            .collect()
+    }
+
     /// Moves the batch to `device` as tensors.
     pub fn to_device(&self, device: &Device) -> FlavaBatch {
         let b = self.batch_size;

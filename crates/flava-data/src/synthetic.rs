@@ -75,15 +75,19 @@ impl Split {
 pub fn scene(seed: u64, split: Split, index: u64) -> Vec<Object> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ index);
     rng.set_stream(split.stream());
+    // Half the scenes hold one object (a clean colour-shape binding), the rest two or three.
     let n = if split == Split::ZeroShot {
         1
     } else {
-        rng.random_range(1..=3)
+        [1, 1, 2, 3][rng.random_range(0..4)]
     };
     let mut objs: Vec<Object> = Vec::new();
-    while objs.len() < n {
+    // Rejection sampling, capped so that an unlucky draw cannot loop for long.
+    let mut attempts = 0;
+    while objs.len() < n && attempts < 1000 {
+        attempts += 1;
         let big = rng.random::<bool>();
-        let r = if big { 0.2 } else { 0.12 };
+        let r = radius(big);
         let o = Object {
             shape: rng.random_range(0..SHAPES.len()),
             colour: rng.random_range(0..COLOURS.len()),
@@ -92,15 +96,25 @@ pub fn scene(seed: u64, split: Split, index: u64) -> Vec<Object> {
             cy: rng.random_range(r..1.0 - r),
         };
         // Keep objects apart so that each stays visible.
-        if objs.iter().all(|p| (p.cx - o.cx).abs() + (p.cy - o.cy).abs() > 0.38) {
+        if objs.iter().all(|p| (p.cx - o.cx).abs() + (p.cy - o.cy).abs() > 0.46) {
             objs.push(o);
         }
     }
     objs
 }
 
+/// Object radius as a share of the image side: large enough that shapes span several 8-px
+/// patches at 64 px, so a small ViT can tell them apart after minutes of CPU training.
+fn radius(big: bool) -> f32 {
+    if big {
+        0.26
+    } else {
+        0.16
+    }
+}
+
 fn inside(o: &Object, x: f32, y: f32) -> bool {
-    let r = if o.big { 0.2 } else { 0.12 };
+    let r = radius(o.big);
     let (dx, dy) = (x - o.cx, y - o.cy);
     match SHAPES[o.shape] {
         "circle" => dx * dx + dy * dy <= r * r,

@@ -196,9 +196,10 @@ impl FlavaConfig {
         Self::scaled(64, 8, 256, 4, 1024, [4, 4, 2], 1024, 64)
     }
 
-    /// A tiny model for tests and smoke runs: 32-px images, patch 8, hidden 64, 2/2/1 layers.
+    /// A tiny model for smoke runs and the default `flava pretrain` on 2 CPU cores: 64-px images,
+    /// patch 8, hidden 128, 4 heads, FFN 512, 2/2/1 layers.
     pub fn tiny() -> Self {
-        Self::scaled(32, 8, 64, 2, 128, [2, 2, 1], 512, 32)
+        Self::scaled(64, 8, 128, 4, 512, [2, 2, 1], 512, 32)
     }
 
     /// ViT-B-sized towers, like `full` (an alias kept for the trainer's `--preset base`).

@@ -22,12 +22,13 @@ pub struct MultimodalModel {
 }
 
 impl MultimodalModel {
-    /// Builds a randomly initialised fusion tower (CLS token zero, as HF).
+    /// Builds a randomly initialised fusion tower; the CLS token is drawn from N(0, std) rather
+    /// than HF's zeros, for the LayerNorm reason given at `flava_vit::vit::ImageEmbeddings::new`.
     pub fn new(cfg: &FlavaMultimodalConfig, device: &Device) -> Self {
         Self {
             cls_token: cfg
                 .use_cls_token
-                .then(|| Param::from_tensor(Tensor::zeros([1, 1, cfg.hidden_size], device))),
+                .then(|| flava_vit::vit::normal_param([1, 1, cfg.hidden_size], cfg.initializer_range, device)),
             encoder: Encoder::new(&cfg.encoder(), device),
             layernorm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, device),
             pooler: Pooler::new(cfg.hidden_size, cfg.initializer_range, device),

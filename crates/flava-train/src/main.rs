@@ -7,13 +7,14 @@ use clap::{Parser, Subcommand};
 use flava_data::masking::BlockMaskConfig;
 use flava_data::stream::{SourceOptions, Task};
 use flava_fusion::checkpoint::{convert_to_safetensors, find_weights};
-use flava_train::{data_cmd, embed, pick_device};
+use flava_train::pretrain::config::PretrainConfig;
+use flava_train::{data_cmd, embed, eval_cmd, pick_device, pretrain};
 
 #[derive(Parser)]
 #[command(
     name = "flava",
     version,
-    about = "FLAVA in Rust: embed, convert, and (soon) pretrain"
+    about = "FLAVA in Rust: pretrain, evaluate, embed, tokenize images, prepare data, convert checkpoints"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -22,6 +23,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Pretrain FLAVA (all six losses, round-robin over image, text and paired data). With no
+    /// arguments: a small model on the built-in synthetic data, ending with an evaluation.
+    Pretrain(Box<PretrainArgs>),
+    /// Evaluate a model directory (ours or an HF FLAVA one).
+    Eval {
+        #[command(subcommand)]
+        command: EvalCommand,
+    },
     /// Image and text features, and their contrastive logits, from an HF-format FLAVA directory.
     Embed {
         /// Model directory: config.json, model.safetensors or pytorch_model.bin, tokenizer.json
@@ -113,6 +122,206 @@ enum Command {
     },
 }
 
+/// `flava pretrain` options; each overrides the same key of `--config`.
+#[derive(clap::Args)]
+struct PretrainArgs {
+    /// TOML file with any pretraining option (keys as printed by --print-config).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Model size: tiny, small, base or full.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Paired source (repeatable): shards, CSV/TSV, coco:ANN.json:DIR, synthetic.
+    #[arg(long = "pairs")]
+    pairs: Vec<String>,
+    /// Image-only source (repeatable): shards, ImageFolder, synthetic.
+    #[arg(long = "images")]
+    images: Vec<String>,
+    /// Text-only source (repeatable): .txt, .jsonl, synthetic.
+    #[arg(long = "text")]
+    text: Vec<String>,
+    /// round-robin, or weights pairs=W,images=W,text=W.
+    #[arg(long)]
+    mix: Option<String>,
+    /// Optimizer steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Stop after N steps in this invocation (checkpoint saved; continue with --resume).
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// Samples per step.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Split each batch into K micro-batches (contrastive negatives kept across them).
+    #[arg(long)]
+    accumulate: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Warmup steps.
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// AdamW weight decay.
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Global gradient-norm clip (0 = off).
+    #[arg(long)]
+    grad_clip: Option<f64>,
+    /// Run directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue from the last complete checkpoint in --out.
+    #[arg(long)]
+    resume: bool,
+    /// Start from a pretrained FLAVA directory (e.g. flava-full).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Freeze a tower: image, text or multimodal (repeatable).
+    #[arg(long = "freeze")]
+    freeze: Vec<String>,
+    /// Unimodal phases before joint training: image:N,text:N,joint:N.
+    #[arg(long)]
+    phases: Option<String>,
+    /// Codebook directory (HF layout); a dVAE is trained first when absent.
+    #[arg(long)]
+    codebook: Option<PathBuf>,
+    /// tokenizer.json or vocab.txt; a WordPiece tokenizer is trained first when absent.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// flex, cuda or wgpu.
+    #[arg(long)]
+    device: Option<String>,
+    /// Several devices for data parallelism: cuda:0,cuda:1.
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<String>,
+    /// Checkpoint every N steps.
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Seconds of dVAE training when no codebook is given.
+    #[arg(long)]
+    dvae_time: Option<f64>,
+    /// Skip the final evaluation.
+    #[arg(long)]
+    no_eval: bool,
+}
+
+impl PretrainArgs {
+    fn into_config(self) -> anyhow::Result<(PretrainConfig, bool)> {
+        let mut c = match &self.config {
+            Some(p) => PretrainConfig::from_toml_file(p)?,
+            None => PretrainConfig::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        set!(
+            preset,
+            mix,
+            steps,
+            batch_size,
+            accumulate,
+            lr,
+            warmup,
+            weight_decay,
+            grad_clip,
+            out,
+            device,
+            checkpoint_every,
+            seed
+        );
+        for (dst, src) in [
+            (&mut c.pairs, self.pairs),
+            (&mut c.images, self.images),
+            (&mut c.text, self.text),
+        ] {
+            if !src.is_empty() {
+                *dst = src;
+            }
+        }
+        if self.stop_after.is_some() {
+            c.stop_after = self.stop_after;
+        }
+        if self.resume {
+            c.resume = true;
+        }
+        for (dst, src) in [
+            (&mut c.init, self.init),
+            (&mut c.codebook, self.codebook),
+            (&mut c.tokenizer, self.tokenizer),
+        ] {
+            if src.is_some() {
+                *dst = src;
+            }
+        }
+        if !self.freeze.is_empty() {
+            c.freeze = self.freeze;
+        }
+        if self.phases.is_some() {
+            c.phases = self.phases;
+        }
+        if !self.devices.is_empty() {
+            c.devices = self.devices;
+        }
+        if let Some(t) = self.dvae_time {
+            c.dvae.time_limit_s = t;
+        }
+        if self.no_eval {
+            c.eval.skip = true;
+        }
+        Ok((c, self.print_config))
+    }
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Zero-shot classification: class names from the labels (ImageFolder folder names, or
+    /// `synthetic:classes`), prompts from the templates, top-1 and top-5 accuracy.
+    ZeroShot {
+        /// Model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Labelled images: an ImageFolder directory or `synthetic:classes`.
+        #[arg(long)]
+        data: String,
+        /// Prompt template with `{}` for the class (repeatable; several are averaged).
+        #[arg(long = "template")]
+        templates: Vec<String>,
+        /// Most images evaluated.
+        #[arg(long, default_value_t = 50_000)]
+        max_images: usize,
+        /// Print `{"top1", "top5", "n_images", "classes"}`.
+        #[arg(long)]
+        json: bool,
+        /// Compute device.
+        #[arg(long, default_value = "flex")]
+        device: String,
+    },
+    /// Image-text retrieval, R@1/5/10 both ways.
+    Retrieval {
+        /// Model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Image-caption pairs: shards, CSV/TSV, coco:ANN.json:DIR, synthetic:heldout.
+        #[arg(long)]
+        pairs: String,
+        /// Most pairs evaluated.
+        #[arg(long, default_value_t = 5_000)]
+        max_pairs: usize,
+        /// Print `{"image_to_text": {...}, "text_to_image": {...}, "n_images", "n_texts"}`.
+        #[arg(long)]
+        json: bool,
+        /// Compute device.
+        #[arg(long, default_value = "flex")]
+        device: String,
+    },
+}
+
 #[derive(Subcommand)]
 enum DvaeCommand {
     /// Train on any image source (synthetic by default); the codebook is saved in the HF layout.
@@ -194,6 +403,62 @@ fn parse_task(s: &str) -> anyhow::Result<Task> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Pretrain(args) => {
+            let (cfg, print) = args.into_config()?;
+            if print {
+                print!("{}", cfg.to_toml());
+                return Ok(());
+            }
+            pretrain::run(&cfg)?;
+        }
+        Command::Eval { command } => match command {
+            EvalCommand::ZeroShot {
+                model,
+                data,
+                templates,
+                max_images,
+                json,
+                device,
+            } => {
+                let device = pick_device(&device)?;
+                let z = eval_cmd::zero_shot(&model, &data, &templates, max_images, &device)?;
+                if json {
+                    println!("{}", serde_json::to_string(&z)?);
+                } else {
+                    println!(
+                        "zero-shot on {} images, {} classes: top-1 {:.2}%, top-5 {:.2}% (chance {:.2}%)",
+                        z.n_images,
+                        z.classes.len(),
+                        100.0 * z.top1,
+                        100.0 * z.top5,
+                        100.0 / z.classes.len() as f64
+                    );
+                }
+            }
+            EvalCommand::Retrieval {
+                model,
+                pairs,
+                max_pairs,
+                json,
+                device,
+            } => {
+                let device = pick_device(&device)?;
+                let r = eval_cmd::retrieval(&model, &pairs, max_pairs, &device)?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!("retrieval on {} images, {} texts:", r.n_images, r.n_texts);
+                    for (name, x) in [("image->text", r.image_to_text), ("text->image", r.text_to_image)] {
+                        println!(
+                            "  {name}: R@1 {:.2}%  R@5 {:.2}%  R@10 {:.2}%",
+                            100.0 * x.r1,
+                            100.0 * x.r5,
+                            100.0 * x.r10
+                        );
+                    }
+                }
+            }
+        },
         Command::Embed {
             model,
             images,

@@ -34,8 +34,21 @@ pub struct ImageEmbeddings {
     pub patch_size: usize,
 }
 
+/// A parameter drawn from N(0, std).
+pub fn normal_param(shape: [usize; 3], std: f64, device: &Device) -> Param<Tensor<3>> {
+    Param::from_tensor(Tensor::random(
+        shape,
+        burn::tensor::Distribution::Normal(0.0, std),
+        device,
+    ))
+}
+
 impl ImageEmbeddings {
-    /// Builds the embeddings; tokens and position embeddings start at zero as in HF.
+    /// Builds the embeddings. HF starts the CLS/mask tokens and position embeddings at zero; we
+    /// draw them from N(0, initializer_range) as timm's ViT does: a zero CLS vector meets the
+    /// first LayerNorm (eps 1e-12) with zero variance, which makes its first gradients ~1e6 times
+    /// too large and stalls contrastive training from scratch (measured: the contrastive loss
+    /// stays at ln(batch) for hundreds of steps). Loaded checkpoints are unaffected.
     pub fn new(cfg: &FlavaImageConfig, device: &Device) -> Self {
         let d = cfg.hidden_size;
         let projection = Conv2dConfig::new([cfg.num_channels, d], [cfg.patch_size, cfg.patch_size])
@@ -46,11 +59,11 @@ impl ImageEmbeddings {
             })
             .init(device);
         Self {
-            cls_token: Param::from_tensor(Tensor::zeros([1, 1, d], device)),
+            cls_token: normal_param([1, 1, d], cfg.initializer_range, device),
             mask_token: cfg
                 .mask_token
-                .then(|| Param::from_tensor(Tensor::zeros([1, 1, d], device))),
-            position_embeddings: Param::from_tensor(Tensor::zeros([1, cfg.num_patches() + 1, d], device)),
+                .then(|| normal_param([1, 1, d], cfg.initializer_range, device)),
+            position_embeddings: normal_param([1, cfg.num_patches() + 1, d], cfg.initializer_range, device),
             patch_embeddings: PatchEmbeddings { projection },
             patch_size: cfg.patch_size,
         }

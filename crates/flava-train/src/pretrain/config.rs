@@ -1,0 +1,363 @@
+//! The pretraining configuration: every `flava pretrain` option, also readable from TOML
+//! (`--config FILE.toml`; command-line options override the file). `--print-config` prints the
+//! effective configuration in the same TOML form.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// dVAE training done by the default run when no codebook is given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DvaeSection {
+    /// Seconds of dVAE training.
+    pub time_limit_s: f64,
+    /// Most dVAE steps.
+    pub steps: usize,
+    /// Codebook size (the image vocabulary of MIM).
+    pub vocab_size: usize,
+    /// Codebook width.
+    pub hidden_size: usize,
+}
+
+impl Default for DvaeSection {
+    fn default() -> Self {
+        Self {
+            time_limit_s: 45.0,
+            steps: 2000,
+            vocab_size: 64,
+            hidden_size: 16,
+        }
+    }
+}
+
+/// The evaluation at the end of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSection {
+    /// Labelled images for zero-shot classification (ImageFolder or `synthetic:classes`).
+    pub zero_shot: String,
+    /// Images evaluated for zero-shot.
+    pub zero_shot_images: usize,
+    /// Prompt templates (`{}` = class name), averaged as CLIP does.
+    pub templates: Vec<String>,
+    /// Held-out pairs for retrieval and MLM/MIM accuracy.
+    pub retrieval: String,
+    /// Pairs evaluated for retrieval.
+    pub retrieval_pairs: usize,
+    /// Held-out texts for MLM accuracy.
+    pub text: String,
+    /// Held-out images for MIM accuracy.
+    pub images: String,
+    /// Samples for MLM and MIM accuracy each.
+    pub masked_samples: usize,
+    /// Skip the evaluation.
+    pub skip: bool,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            zero_shot: "synthetic:classes".into(),
+            zero_shot_images: 480,
+            templates: vec!["a big {}".into(), "a small {}".into(), "a picture of a {}".into()],
+            retrieval: "synthetic:heldout".into(),
+            retrieval_pairs: 500,
+            text: "synthetic:heldout".into(),
+            images: "synthetic:heldout".into(),
+            masked_samples: 256,
+            skip: false,
+        }
+    }
+}
+
+/// Every option of `flava pretrain`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PretrainConfig {
+    /// Model size: tiny, small, base or full (ignored with `init`, which brings its own).
+    pub preset: String,
+    /// Paired sources (image + caption).
+    pub pairs: Vec<String>,
+    /// Image-only sources.
+    pub images: Vec<String>,
+    /// Text-only sources.
+    pub text: Vec<String>,
+    /// Task mix: `round-robin` or weights `pairs=W,images=W,text=W`.
+    pub mix: String,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Stop after this many steps in this invocation (saving a checkpoint), to continue later
+    /// with `resume`; the schedule still spans `steps`.
+    pub stop_after: Option<usize>,
+    /// Samples per step (per task batch).
+    pub batch_size: usize,
+    /// Micro-batches per step (the batch is split; contrastive negatives are kept).
+    pub accumulate: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warmup steps.
+    pub warmup: usize,
+    /// Cosine decay ends at `lr · min_lr_ratio`.
+    pub min_lr_ratio: f64,
+    /// AdamW weight decay (not applied to biases, LayerNorms, tokens, position embeddings,
+    /// the logit scale).
+    pub weight_decay: f64,
+    /// AdamW betas.
+    pub betas: (f64, f64),
+    /// AdamW epsilon.
+    pub eps: f64,
+    /// Global gradient-norm clipping (0 = off).
+    pub grad_clip: f64,
+    /// Run directory.
+    pub out: PathBuf,
+    /// Continue from the last complete checkpoint in `out`.
+    pub resume: bool,
+    /// Initialise from a pretrained FLAVA directory (e.g. flava-full).
+    pub init: Option<PathBuf>,
+    /// Towers to freeze: `image`, `text`, `multimodal`.
+    pub freeze: Vec<String>,
+    /// Phases in order: `image`, `text` (unimodal), `pairs` (paired only) and `joint` (the mix),
+    /// each `NAME:STEPS` or `NAME:P%` of `steps`; one may omit its count to take the rest, e.g.
+    /// `image:100,text:100,joint`. The default starts with 20% paired-only steps, which lets the
+    /// contrastive loss leave its plateau before the unimodal losses share the towers.
+    pub phases: Option<String>,
+    /// Codebook directory (HF layout); trained first when absent.
+    pub codebook: Option<PathBuf>,
+    /// `tokenizer.json` or `vocab.txt`; trained first when absent.
+    pub tokenizer: Option<PathBuf>,
+    /// WordPiece vocabulary size when the tokenizer is trained.
+    pub tokenizer_vocab_size: usize,
+    /// Compute device: flex, cuda or wgpu.
+    pub device: String,
+    /// Several devices for data parallelism (`cuda:0,cuda:1`).
+    pub devices: Vec<String>,
+    /// Checkpoint every N steps (0 = only at the end).
+    pub checkpoint_every: usize,
+    /// Checkpoints kept.
+    pub keep_checkpoints: usize,
+    /// Consecutive non-finite losses before the run saves and stops.
+    pub max_nonfinite: usize,
+    /// Seed of data order, masking and initialisation.
+    pub seed: u64,
+    /// Data worker threads.
+    pub workers: usize,
+    /// Text length in tokens.
+    pub max_length: usize,
+    /// Share of pairs turned into ITM negatives.
+    pub itm_negative_prob: f64,
+    /// Patches masked per image (BEiT); default 40% of the grid.
+    pub mask_patches: Option<usize>,
+    /// Loss weights (default: the model configuration's `*_weight` fields, all 1).
+    pub weights: Option<flava_objectives::LossWeights>,
+    /// dVAE training when no codebook is given.
+    pub dvae: DvaeSection,
+    /// Final evaluation.
+    pub eval: EvalSection,
+    /// Testing aid: steps whose loss is replaced by NaN (exercises the non-finite guard).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub inject_nonfinite_at: Vec<usize>,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        Self {
+            preset: "tiny".into(),
+            pairs: vec!["synthetic".into()],
+            images: vec!["synthetic".into()],
+            text: vec!["synthetic".into()],
+            mix: "round-robin".into(),
+            steps: 1050,
+            stop_after: None,
+            batch_size: 32,
+            accumulate: 1,
+            lr: 1e-3,
+            warmup: 60,
+            min_lr_ratio: 0.02,
+            weight_decay: 0.01,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            grad_clip: 1.0,
+            out: PathBuf::from("runs/flava"),
+            resume: false,
+            init: None,
+            freeze: vec![],
+            phases: Some("pairs:20%,joint".into()),
+            codebook: None,
+            tokenizer: None,
+            tokenizer_vocab_size: 200,
+            device: "flex".into(),
+            devices: vec![],
+            checkpoint_every: 200,
+            keep_checkpoints: 2,
+            max_nonfinite: 5,
+            seed: 0,
+            workers: 2,
+            max_length: 24,
+            itm_negative_prob: 0.25,
+            mask_patches: None,
+            weights: None,
+            dvae: DvaeSection::default(),
+            eval: EvalSection::default(),
+            inject_nonfinite_at: vec![],
+        }
+    }
+}
+
+/// One training phase: which tasks it samples, for how many steps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Phase {
+    /// `image`, `text` or `joint`.
+    pub name: String,
+    /// Steps in this phase.
+    pub steps: usize,
+}
+
+impl PretrainConfig {
+    /// Reads a TOML file; unknown keys are errors that name the key.
+    pub fn from_toml_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// The configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the configuration serialises")
+    }
+
+    /// The phases: `phases` parsed, or one joint phase of `steps`. A phase without a count
+    /// (`pairs:150,joint`) takes the steps the others leave.
+    pub fn phases(&self) -> anyhow::Result<Vec<Phase>> {
+        let Some(spec) = &self.phases else {
+            return Ok(vec![Phase {
+                name: "joint".into(),
+                steps: self.steps,
+            }]);
+        };
+        let mut out = Vec::new();
+        let mut open = None;
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, n) = part.split_once(':').map_or((part, None), |(a, b)| (a, Some(b)));
+            if !matches!(name, "image" | "text" | "pairs" | "joint") {
+                anyhow::bail!("phase `{part}`: unknown phase `{name}` (image, text, pairs or joint)");
+            }
+            let bad = || {
+                anyhow::anyhow!(
+                    "phase `{part}`: `{}` is not a step count or a percentage",
+                    n.unwrap_or("")
+                )
+            };
+            let steps = match n {
+                Some(p) if p.ends_with('%') => {
+                    let pct: f64 = p.trim_end_matches('%').parse().map_err(|_| bad())?;
+                    (pct / 100.0 * self.steps as f64).floor() as usize
+                }
+                Some(n) => n.parse().map_err(|_| bad())?,
+                None if open.is_none() => {
+                    open = Some(out.len());
+                    0
+                }
+                None => anyhow::bail!("--phases: only one phase may leave out its step count"),
+            };
+            out.push(Phase {
+                name: name.into(),
+                steps,
+            });
+        }
+        if out.is_empty() {
+            anyhow::bail!("--phases is empty");
+        }
+        let fixed: usize = out.iter().map(|p| p.steps).sum();
+        if let Some(i) = open {
+            if fixed > self.steps {
+                anyhow::bail!("the phases take {fixed} steps but --steps is {}", self.steps);
+            }
+            out[i].steps = self.steps - fixed;
+        }
+        Ok(out)
+    }
+
+    /// Checks values that would fail later with a less clear message.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.batch_size == 0 || self.steps == 0 {
+            anyhow::bail!("batch size and steps must be at least 1");
+        }
+        if self.accumulate == 0 || !self.batch_size.is_multiple_of(self.accumulate) {
+            anyhow::bail!(
+                "--accumulate {} must divide --batch-size {} (the batch is split into micro-batches)",
+                self.accumulate,
+                self.batch_size
+            );
+        }
+        for f in &self.freeze {
+            if !matches!(f.as_str(), "image" | "text" | "multimodal") {
+                anyhow::bail!("--freeze {f}: expected image, text or multimodal");
+            }
+        }
+        if self.devices.len() > 1 {
+            anyhow::bail!(
+                "data-parallel training over {} devices is not available in this build; train on one device (--device)",
+                self.devices.len()
+            );
+        }
+        flava_data::loader::Mix::parse(&self.mix).map_err(anyhow::Error::msg)?;
+        let total: usize = self.phases()?.iter().map(|p| p.steps).sum();
+        if self.phases.is_some() && total != self.steps {
+            anyhow::bail!("the phases add up to {total} steps but --steps is {}", self.steps);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_round_trip_and_unknown_keys() {
+        let cfg = PretrainConfig::default();
+        let back: PretrainConfig = toml::from_str(&cfg.to_toml()).unwrap();
+        assert_eq!(back, cfg);
+        let err = toml::from_str::<PretrainConfig>("stepz = 3").unwrap_err().to_string();
+        assert!(err.contains("stepz"), "{err}");
+        let part: PretrainConfig = toml::from_str("steps = 7\n[eval]\nretrieval_pairs = 9").unwrap();
+        assert_eq!((part.steps, part.eval.retrieval_pairs, part.batch_size), (7, 9, 32));
+    }
+
+    #[test]
+    fn phases_parse_and_check() {
+        let open = PretrainConfig {
+            phases: Some("pairs:4,joint".into()),
+            steps: 10,
+            ..Default::default()
+        };
+        assert_eq!(
+            open.phases().unwrap().iter().map(|p| p.steps).collect::<Vec<_>>(),
+            [4, 6]
+        );
+        let pct = PretrainConfig {
+            phases: Some("pairs:20%,joint".into()),
+            steps: 1050,
+            ..Default::default()
+        };
+        assert_eq!(
+            pct.phases().unwrap().iter().map(|p| p.steps).collect::<Vec<_>>(),
+            [210, 840]
+        );
+        let cfg = PretrainConfig {
+            phases: Some("image:2, text:3,joint:5".into()),
+            steps: 10,
+            ..Default::default()
+        };
+        let p = cfg.phases().unwrap();
+        assert_eq!(p.iter().map(|p| p.steps).collect::<Vec<_>>(), [2, 3, 5]);
+        cfg.validate().unwrap();
+        let bad = PretrainConfig {
+            phases: Some("vision:2".into()),
+            ..Default::default()
+        };
+        assert!(bad.phases().unwrap_err().to_string().contains("vision"));
+        let short = PretrainConfig { steps: 11, ..cfg };
+        assert!(short.validate().is_err());
+    }
+}

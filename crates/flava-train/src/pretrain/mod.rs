@@ -1,0 +1,763 @@
+//! `flava pretrain`: trains (when not given) a WordPiece tokenizer and a dVAE codebook, then
+//! FLAVA with all six losses over round-robin image, text and paired batches; checkpoints,
+//! exact resume, a non-finite-loss guard, metrics, loss curves, a final HF-layout model
+//! directory and an evaluation.
+//!
+//! Run directory (`--out`): `config.toml`, `tokenizer.json`, `dvae/` (its `codebook/`),
+//! `checkpoints/step-N/`, `metrics.jsonl`, `loss_curves.png`, `model/` (`config.json`,
+//! `model.safetensors`, `tokenizer.json`, `preprocessor_config.json`), `eval.json`.
+
+pub mod checkpoint;
+pub mod config;
+pub mod optim;
+pub mod plot;
+pub mod tokenizer;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::prelude::*;
+use flava_data::batch::{BatchBuilder, BatchConfig, HostBatch};
+use flava_data::loader::{DataLoader, LoaderConfig, Mix};
+use flava_data::masking::BlockMaskConfig;
+use flava_data::processor::{ImageProcessor, ImageProcessorConfig, SizeSpec};
+use flava_data::sources::Source;
+use flava_data::stream::{open_source, SourceOptions, Task};
+use flava_data::transforms::TrainTransformConfig;
+use flava_dvae::ImageCodebook;
+use flava_fusion::checkpoint::read_config;
+use flava_fusion::FlavaConfig;
+use flava_objectives::checkpoint::{load_pretraining, save_pretraining};
+use flava_objectives::{accumulate_gradients, FlavaForPretraining, MlmTargets, PretrainingBatch, StepOptions};
+use flava_text::Tokenizer;
+use serde_json::json;
+
+use crate::eval::{self, EvalReport};
+use checkpoint::{list_checkpoints, read_state, remove_partial, save_checkpoint, TrainState};
+use config::PretrainConfig;
+use optim::{apply_weight_decay, clip_and_filter, learning_rate, ParamGroups};
+
+/// What a finished run reports.
+#[derive(Debug)]
+pub struct RunSummary {
+    /// Optimizer steps done in total.
+    pub steps: usize,
+    /// Non-finite losses skipped.
+    pub nonfinite: usize,
+    /// The final model directory.
+    pub model_dir: PathBuf,
+    /// The evaluation, unless skipped.
+    pub eval: Option<EvalReport>,
+    /// Seconds of FLAVA training in this invocation.
+    pub train_seconds: f64,
+}
+
+/// A host batch as model inputs on `device`.
+pub fn to_pretraining(h: &HostBatch, device: &Device) -> PretrainingBatch {
+    let f = h.to_device(device);
+    let has_text = !h.input_ids.is_empty();
+    PretrainingBatch {
+        pixel_values: f.pixel_values,
+        bool_masked_pos: f.bool_masked_pos,
+        codebook_pixel_values: f.codebook_pixel_values,
+        mim_targets: None,
+        input_ids: f.input_ids,
+        input_ids_masked: f.input_ids_masked,
+        attention_mask: f.attention_mask,
+        token_type_ids: None,
+        mlm: has_text.then(|| MlmTargets {
+            positions: h.mlm_positions.clone(),
+            targets: h.mlm_targets.iter().map(|&t| t as usize).collect(),
+        }),
+        itm_labels: (h.task == Task::Pairs).then(|| h.itm_labels.iter().map(|&t| t as usize).collect()),
+    }
+}
+
+fn source_options(cfg: &PretrainConfig, shuffle: bool) -> SourceOptions {
+    SourceOptions {
+        seed: cfg.seed,
+        shuffle,
+        shuffle_buffer: if shuffle { 1000 } else { 0 },
+        synthetic_image_size: 64,
+        ..Default::default()
+    }
+}
+
+/// The tokenizer: given, already in the run directory, from `--init`, or trained on the run's texts.
+fn prepare_tokenizer(cfg: &PretrainConfig) -> anyhow::Result<(Tokenizer, PathBuf)> {
+    if let Some(p) = &cfg.tokenizer {
+        return Ok((
+            Tokenizer::from_file(p).with_context(|| format!("loading {}", p.display()))?,
+            p.clone(),
+        ));
+    }
+    let path = cfg.out.join("tokenizer.json");
+    if path.is_file() {
+        return Ok((Tokenizer::from_file(&path)?, path));
+    }
+    if let Some(init) = &cfg.init {
+        for name in ["tokenizer.json", "vocab.txt"] {
+            let p = init.join(name);
+            if p.is_file() {
+                return Ok((Tokenizer::from_file(&p)?, p));
+            }
+        }
+        anyhow::bail!(
+            "{} has no tokenizer.json or vocab.txt; pass --tokenizer",
+            init.display()
+        );
+    }
+    let mut texts = Vec::new();
+    let opts = source_options(cfg, false);
+    for (spec, task) in cfg
+        .text
+        .iter()
+        .map(|s| (s, Task::Text))
+        .chain(cfg.pairs.iter().map(|s| (s, Task::Pairs)))
+    {
+        let mut src = open_source(spec, task, &opts)?;
+        let (samples, _) = eval::read_samples(src.as_mut(), Task::Text, 20_000);
+        texts.extend(samples.into_iter().filter_map(|s| s.text));
+    }
+    if texts.is_empty() {
+        anyhow::bail!("no text to train the tokenizer on (give --text or --pairs sources, or --tokenizer)");
+    }
+    let t0 = Instant::now();
+    let n = tokenizer::train_wordpiece(texts.clone().into_iter(), cfg.tokenizer_vocab_size, &path)?;
+    println!(
+        "tokenizer: WordPiece with {n} tokens trained on {} texts in {:.1}s -> {}",
+        texts.len(),
+        t0.elapsed().as_secs_f64(),
+        path.display()
+    );
+    Ok((Tokenizer::from_file(&path)?, path))
+}
+
+/// The codebook: given, from `--init`, already trained in the run directory, or trained now.
+fn prepare_codebook(
+    cfg: &PretrainConfig,
+    codebook_side: u32,
+    device: &Device,
+) -> anyhow::Result<(ImageCodebook, flava_dvae::FlavaImageCodebookConfig, PathBuf)> {
+    let dir = match (&cfg.codebook, &cfg.init) {
+        (Some(d), _) => d.clone(),
+        (None, Some(init)) => init.clone(),
+        (None, None) => {
+            let dvae_dir = cfg.out.join("dvae");
+            let cb = dvae_dir.join("codebook");
+            if !cb.join("config.json").is_file() {
+                let mut dc = flava_dvae::train::DvaeTrainConfig::default();
+                dc.codebook.vocab_size = cfg.dvae.vocab_size;
+                dc.codebook.hidden_size = cfg.dvae.hidden_size;
+                dc.image_size = codebook_side;
+                dc.steps = cfg.dvae.steps;
+                dc.time_limit_s = Some(cfg.dvae.time_limit_s);
+                dc.seed = cfg.seed;
+                let images = cfg
+                    .images
+                    .first()
+                    .or(cfg.pairs.first())
+                    .context("no image source for the dVAE")?;
+                println!(
+                    "dVAE: training a {}-code image tokenizer for up to {:.0}s on {images}",
+                    dc.codebook.vocab_size, cfg.dvae.time_limit_s
+                );
+                crate::dvae_cmd::train_cmd(images, &cfg.eval.images, &dvae_dir, dc, false, device)?;
+            }
+            cb
+        }
+    };
+    let (codebook, cb_cfg, _) = flava_dvae::load_codebook(&dir, device)
+        .with_context(|| format!("loading the codebook of {}", dir.display()))?;
+    Ok((codebook, cb_cfg, dir))
+}
+
+/// The FLAVA configuration: from `--init` or the preset, sized to the tokenizer and codebook.
+fn model_config(
+    cfg: &PretrainConfig,
+    tokenizer: &Tokenizer,
+    cb: &flava_dvae::FlavaImageCodebookConfig,
+) -> anyhow::Result<FlavaConfig> {
+    let mut mc = match &cfg.init {
+        Some(dir) => read_config(dir)?,
+        None => FlavaConfig::preset(&cfg.preset)?,
+    };
+    let vocab = tokenizer.vocab_size();
+    if cfg.init.is_some() && mc.text_config.vocab_size != vocab {
+        anyhow::bail!(
+            "the tokenizer has {vocab} tokens but the --init model's text vocabulary is {}",
+            mc.text_config.vocab_size
+        );
+    }
+    mc.text_config.vocab_size = vocab;
+    mc.text_config.max_position_embeddings = mc.text_config.max_position_embeddings.max(cfg.max_length);
+    mc.image_config.vocab_size = cb.vocab_size;
+    mc.image_codebook_config = cb.clone();
+    let (i, t, m) = (
+        mc.image_config.hidden_size,
+        mc.text_config.hidden_size,
+        mc.multimodal_config.hidden_size,
+    );
+    if i != t || t != m {
+        anyhow::bail!(
+            "pretraining needs equal image/text/multimodal widths (the MMM heads read fused states); got {i}/{t}/{m}"
+        );
+    }
+    mc.validate()?;
+    Ok(mc)
+}
+
+/// The `preprocessor_config.json` that reproduces the training-time evaluation transform.
+pub fn processor_config(image_size: u32, codebook_side: u32) -> ImageProcessorConfig {
+    let hw = |s| SizeSpec::HeightWidth { height: s, width: s };
+    ImageProcessorConfig {
+        size: hw(image_size),
+        crop_size: hw(image_size),
+        codebook_size: hw(codebook_side),
+        codebook_crop_size: hw(codebook_side),
+        ..Default::default()
+    }
+}
+
+/// Writes the final model directory in the HF layout.
+fn save_model_dir(
+    dir: &Path,
+    model: &FlavaForPretraining,
+    codebook: &ImageCodebook,
+    mc: &FlavaConfig,
+    tokenizer_path: &Path,
+    processor: &ImageProcessorConfig,
+) -> anyhow::Result<()> {
+    save_pretraining(model, Some(codebook), mc, dir)?;
+    let tok_dst = dir.join("tokenizer.json");
+    if tokenizer_path.extension().is_some_and(|e| e == "json") {
+        std::fs::copy(tokenizer_path, &tok_dst)?;
+    } else {
+        std::fs::copy(tokenizer_path, dir.join("vocab.txt"))?;
+    }
+    let mut v = serde_json::to_value(processor)?;
+    v["image_processor_type"] = json!("FlavaImageProcessor");
+    std::fs::write(dir.join("preprocessor_config.json"), serde_json::to_string_pretty(&v)?)?;
+    Ok(())
+}
+
+/// Sources per task.
+type TaskSources = BTreeMap<Task, Vec<Box<dyn Source>>>;
+
+fn sources(cfg: &PretrainConfig, phase: &str) -> anyhow::Result<(TaskSources, Mix)> {
+    let opts = source_options(cfg, true);
+    let mut out: TaskSources = BTreeMap::new();
+    let wanted: &[Task] = match phase {
+        "image" => &[Task::Images],
+        "text" => &[Task::Text],
+        "pairs" => &[Task::Pairs],
+        _ => &[Task::Pairs, Task::Images, Task::Text],
+    };
+    for &task in wanted {
+        let specs = match task {
+            Task::Pairs => &cfg.pairs,
+            Task::Images => &cfg.images,
+            Task::Text => &cfg.text,
+        };
+        for s in specs {
+            out.entry(task)
+                .or_default()
+                .push(open_source(s, task, &opts).with_context(|| format!("opening {} source `{s}`", task.name()))?);
+        }
+    }
+    if out.is_empty() {
+        anyhow::bail!("phase `{phase}` has no data source");
+    }
+    let mix = match phase {
+        "joint" => Mix::parse(&cfg.mix).map_err(anyhow::Error::msg)?,
+        _ => Mix::RoundRobin,
+    };
+    Ok((out, mix))
+}
+
+/// Keeps the metrics lines of steps up to `step` (a resumed run rewrites what came after).
+fn truncate_metrics(path: &Path, step: usize) -> anyhow::Result<()> {
+    if !path.is_file() {
+        return Ok(());
+    }
+    let kept: Vec<String> = std::fs::read_to_string(path)?
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(String::from)
+        .collect();
+    let mut text = kept.join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    std::fs::write(path, text)?;
+    Ok(())
+}
+
+/// Loss curves from `metrics.jsonl`: the total per task and each loss.
+fn write_curves(metrics: &Path, png: &Path) -> anyhow::Result<()> {
+    let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for line in std::fs::read_to_string(metrics)?.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let (Some(step), Some(task)) = (v["step"].as_f64(), v["task"].as_str()) else {
+            continue;
+        };
+        if let Some(l) = v["loss"].as_f64().filter(|l| l.is_finite()) {
+            series.entry(format!("total ({task})")).or_default().push((step, l));
+        }
+        for name in ["mim", "mlm", "itm", "global_contrastive", "mmm_image", "mmm_text"] {
+            if let Some(l) = v[name].as_f64().filter(|l| l.is_finite()) {
+                series.entry(name.to_string()).or_default().push((step, l));
+            }
+        }
+    }
+    plot::plot_losses(&series, png)
+}
+
+/// Masked-prediction accuracy on held-out data: MLM on texts, MIM on images (targets from the
+/// codebook), with the same masking as training.
+pub fn masked_accuracy(
+    model: &FlavaForPretraining,
+    codebook: &ImageCodebook,
+    builder: &BatchBuilder,
+    cfg: &PretrainConfig,
+    device: &Device,
+) -> anyhow::Result<(f64, f64)> {
+    let opts = source_options(cfg, false);
+    let mut result = [0.0f64; 2];
+    for (k, (spec, task)) in [(&cfg.eval.text, Task::Text), (&cfg.eval.images, Task::Images)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut src = open_source(spec, task, &opts)?;
+        let (samples, _) = eval::read_samples(src.as_mut(), task, cfg.eval.masked_samples);
+        let (mut hit, mut total) = (0usize, 0usize);
+        for (i, chunk) in samples.chunks(eval::CHUNK).enumerate() {
+            let host = builder
+                .build(task, chunk.to_vec(), 1_000_000 + i as u64)
+                .map_err(anyhow::Error::msg)?;
+            let batch = to_pretraining(&host, device);
+            let out = model.forward(
+                &batch,
+                &StepOptions {
+                    codebook: Some(codebook),
+                    ..Default::default()
+                },
+            )?;
+            let (logits, targets): (Option<Tensor<2>>, Vec<usize>) = match task {
+                Task::Text => (out.logits.mlm, batch.mlm.map(|m| m.targets).unwrap_or_default()),
+                _ => {
+                    let t = out.mim_targets.unwrap_or_default();
+                    let mask = &host.bool_masked_pos;
+                    let targets = (0..mask.len().min(t.len()))
+                        .filter(|&j| mask[j])
+                        .map(|j| t[j])
+                        .collect();
+                    (out.logits.mim, targets)
+                }
+            };
+            if let Some(l) = logits {
+                let pred: Vec<i64> = l
+                    .argmax(1)
+                    .into_data()
+                    .convert::<i64>()
+                    .try_into_vec::<i64>()
+                    .unwrap_or_default();
+                hit += pred.iter().zip(&targets).filter(|(p, t)| **p as usize == **t).count();
+                total += targets.len();
+            }
+        }
+        result[k] = hit as f64 / total.max(1) as f64;
+    }
+    Ok((result[0], result[1]))
+}
+
+/// The evaluation of a trained model (zero-shot, retrieval, MLM/MIM accuracy).
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate(
+    model: &FlavaForPretraining,
+    codebook: &ImageCodebook,
+    tokenizer: &Tokenizer,
+    processor: &ImageProcessor,
+    builder: &BatchBuilder,
+    mc: &FlavaConfig,
+    cfg: &PretrainConfig,
+    device: &Device,
+) -> anyhow::Result<EvalReport> {
+    let opts = source_options(cfg, false);
+    let mut zs_src = open_source(&cfg.eval.zero_shot, Task::Images, &opts)?;
+    let (zs_samples, _) = eval::read_samples(zs_src.as_mut(), Task::Images, cfg.eval.zero_shot_images);
+    let zero_shot = eval::zero_shot(
+        &model.flava,
+        tokenizer,
+        processor,
+        &zs_samples,
+        &cfg.eval.templates,
+        cfg.max_length,
+        device,
+    )?;
+    let mut r_src = open_source(&cfg.eval.retrieval, Task::Pairs, &opts)?;
+    let (pairs, _) = eval::read_samples(r_src.as_mut(), Task::Pairs, cfg.eval.retrieval_pairs);
+    let retrieval = eval::retrieval(&model.flava, tokenizer, processor, &pairs, cfg.max_length, device)?;
+    let (mlm, mim) = masked_accuracy(model, codebook, builder, cfg, device)?;
+    let chance = eval::chance_levels(
+        Some(zero_shot.classes.len()),
+        Some(&retrieval),
+        mc.text_config.vocab_size,
+        mc.image_config.vocab_size,
+    );
+    Ok(EvalReport {
+        zero_shot: Some(zero_shot),
+        retrieval: Some(retrieval),
+        mlm_accuracy: Some(mlm),
+        mim_accuracy: Some(mim),
+        chance,
+    })
+}
+
+/// Runs `flava pretrain` with `cfg`.
+pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
+    cfg.validate()?;
+    let out = cfg.out.clone();
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let partial = remove_partial(&out);
+    if partial > 0 {
+        eprintln!("removed {partial} incomplete checkpoint(s) left by an interrupted run");
+    }
+    let existing = list_checkpoints(&out);
+    let resume_from = if cfg.resume {
+        if existing.is_empty() {
+            eprintln!("--resume: no checkpoint in {}; starting from scratch", out.display());
+        }
+        existing.last().cloned()
+    } else {
+        if !existing.is_empty() {
+            anyhow::bail!(
+                "{} already holds checkpoints (latest: step {}); pass --resume to continue it or choose another --out",
+                out.display(),
+                existing.last().map_or(0, |c| c.0)
+            );
+        }
+        None
+    };
+    std::fs::write(out.join("config.toml"), cfg.to_toml())?;
+
+    let device = crate::pick_device(&cfg.device)?;
+    device.seed(cfg.seed);
+    let ad = device.clone().autodiff();
+
+    let (tokenizer, tokenizer_path) = prepare_tokenizer(cfg)?;
+    let preset_cfg = match &cfg.init {
+        Some(dir) => read_config(dir)?,
+        None => FlavaConfig::preset(&cfg.preset)?,
+    };
+    let image_size = preset_cfg.image_config.image_size as u32;
+    let grid = image_size as usize / preset_cfg.image_config.patch_size;
+    let codebook_side = 8 * grid as u32;
+    let (codebook, cb_cfg, codebook_dir) = prepare_codebook(cfg, codebook_side, &device)?;
+    let mc = model_config(cfg, &tokenizer, &cb_cfg)?;
+
+    let mut model = match &cfg.init {
+        Some(dir) => {
+            let l = load_pretraining(dir, true, &ad).with_context(|| format!("loading --init {}", dir.display()))?;
+            println!("init from {}: {}", dir.display(), l.report);
+            l.model
+        }
+        None => FlavaForPretraining::new(&mc, &ad),
+    };
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(cfg.betas.0 as f32)
+        .with_beta_2(cfg.betas.1 as f32)
+        .with_epsilon(cfg.eps as f32)
+        // Decoupled decay is applied by `apply_weight_decay`, only where it belongs.
+        .with_weight_decay(0.0)
+        .init();
+    let mut state = TrainState {
+        step: 0,
+        phase: 0,
+        mixer: None,
+        nonfinite_total: 0,
+        nonfinite_consecutive: 0,
+        samples: 0,
+        train_seconds: 0.0,
+    };
+    if let Some((_, dir)) = &resume_from {
+        model = model
+            .try_load_file(dir.join("model"))
+            .with_context(|| format!("loading the model of {}", dir.display()))?;
+        optim = optim
+            .load(dir.join("optim"))
+            .map_err(|e| anyhow::anyhow!("loading the optimizer of {}: {e}", dir.display()))?;
+        state = read_state(dir)?;
+        println!("resumed from {} (step {})", dir.display(), state.step);
+    }
+    if let Some(w) = cfg.weights {
+        model.weights = w;
+    }
+    let groups = ParamGroups::of(&model, &cfg.freeze);
+    println!(
+        "model: preset {}, {} parameter tensors, {:.2}M trainable; text vocab {}, image vocab {} ({})",
+        cfg.init
+            .as_ref()
+            .map_or(cfg.preset.clone(), |d| d.display().to_string()),
+        groups.tensors,
+        groups.trainable as f64 / 1e6,
+        mc.text_config.vocab_size,
+        mc.image_config.vocab_size,
+        codebook_dir.display()
+    );
+
+    let num_patches = grid * grid;
+    let masking = cfg.mask_patches.unwrap_or((num_patches * 2).div_ceil(5));
+    let batch_cfg = BatchConfig {
+        batch_size: cfg.batch_size,
+        transform: TrainTransformConfig {
+            image_size,
+            codebook_size: codebook_side,
+            ..Default::default()
+        },
+        train: true,
+        mask: BlockMaskConfig {
+            height: grid,
+            width: grid,
+            num_masking_patches: masking,
+            min_num_patches: (masking / 4).clamp(1, 16),
+            ..Default::default()
+        },
+        max_length: cfg.max_length,
+        itm_negative_prob: cfg.itm_negative_prob,
+        seed: cfg.seed,
+        ..Default::default()
+    };
+    let builder = BatchBuilder::new(batch_cfg.clone(), Some(tokenizer.clone())).map_err(anyhow::Error::msg)?;
+
+    let metrics_path = out.join("metrics.jsonl");
+    truncate_metrics(&metrics_path, state.step)?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)?;
+
+    let phases = cfg.phases()?;
+    let total = cfg.steps;
+    let stop_at = cfg.stop_after.map_or(total, |n| (state.step + n).min(total));
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:28} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
+            .expect("template"),
+    );
+    bar.set_position(state.step as u64);
+    let started = Instant::now();
+    let step_opts = StepOptions {
+        codebook: Some(&codebook),
+        ..Default::default()
+    };
+    let save = |model: &FlavaForPretraining, optim: &burn::optim::ModuleOptimizer, state: &TrainState| {
+        save_checkpoint(&out, state, cfg.keep_checkpoints, |dir| {
+            model
+                .clone()
+                .save_file(dir.join("model"))
+                .map_err(|e| anyhow::anyhow!("saving the model: {e}"))?;
+            optim
+                .save(dir.join("optim"))
+                .map_err(|e| anyhow::anyhow!("saving the optimizer: {e}"))?;
+            Ok(())
+        })
+    };
+    let mut phase_start = 0;
+    for (pi, phase) in phases.iter().enumerate() {
+        let phase_end = phase_start + phase.steps;
+        if state.step >= phase_end || state.step >= stop_at {
+            phase_start = phase_end;
+            continue;
+        }
+        let resume_mixer = if state.phase == pi { state.mixer.take() } else { None };
+        state.phase = pi;
+        let (srcs, mix) = sources(cfg, &phase.name)?;
+        let mut loader = DataLoader::new(
+            srcs,
+            builder.clone(),
+            LoaderConfig {
+                mix,
+                workers: cfg.workers,
+                prefetch: 4,
+                seed: cfg.seed.wrapping_add(pi as u64),
+            },
+            resume_mixer,
+        )?;
+        if state.step == phase_start {
+            for d in loader.describe() {
+                println!("phase {} data: {d}", phase.name);
+            }
+        }
+        while state.step < phase_end.min(stop_at) {
+            let t0 = Instant::now();
+            let lb = loader.next_batch().map_err(anyhow::Error::msg)?;
+            let host = &lb.batch;
+            let lr = learning_rate(state.step, total, cfg.warmup, cfg.lr, cfg.min_lr_ratio);
+            let inject = cfg.inject_nonfinite_at.contains(&(lb.state_after.step as usize));
+            let (losses, value, grads) = if cfg.accumulate > 1 {
+                let micro: Vec<PretrainingBatch> = host
+                    .split(cfg.accumulate)
+                    .iter()
+                    .map(|h| to_pretraining(h, &ad))
+                    .collect();
+                let s = accumulate_gradients(&model, &micro, Some(&codebook))?;
+                (s.losses, s.total, Some(s.grads))
+            } else {
+                let batch = to_pretraining(host, &ad);
+                let o = model.forward(&batch, &step_opts)?;
+                let losses: Vec<(&str, f64)> = o
+                    .losses
+                    .named()
+                    .into_iter()
+                    .map(|(n, l)| (n, l.into_scalar::<f64>()))
+                    .collect();
+                match o.total {
+                    Some(t) => {
+                        let v = t.clone().into_scalar::<f64>();
+                        let g = (v.is_finite() && !inject).then(|| GradientsParams::from_grads(t.backward(), &model));
+                        (losses, v, g)
+                    }
+                    None => (losses, 0.0, None),
+                }
+            };
+            let value = if inject { f64::NAN } else { value };
+            state.mixer = Some(lb.state_after.clone());
+            let mut grads = match grads {
+                Some(g) if value.is_finite() => g,
+                _ if !value.is_finite() => {
+                    state.nonfinite_total += 1;
+                    state.nonfinite_consecutive += 1;
+                    bar.suspend(|| {
+                        eprintln!(
+                            "warning: non-finite loss at step {} ({} batch); skipped ({} in a row, {} in total)",
+                            state.step + 1,
+                            host.task.name(),
+                            state.nonfinite_consecutive,
+                            state.nonfinite_total
+                        )
+                    });
+                    if state.nonfinite_consecutive >= cfg.max_nonfinite {
+                        let dir = save(&model, &optim, &state)?;
+                        bar.abandon();
+                        anyhow::bail!(
+                            "{} non-finite losses in a row at step {}: stopped and saved {} (lower --lr, raise --warmup or check the data)",
+                            state.nonfinite_consecutive,
+                            state.step,
+                            dir.display()
+                        );
+                    }
+                    continue;
+                }
+                // A batch with no loss (e.g. nothing masked): nothing to learn.
+                _ => continue,
+            };
+            state.nonfinite_consecutive = 0;
+            let grad_norm = clip_and_filter(&model, &mut grads, cfg.grad_clip, &groups.frozen);
+            model = apply_weight_decay(model, &groups, lr, cfg.weight_decay);
+            model = optim.step(lr, model, grads);
+            model = model.clamp_logit_scale_param();
+            state.step += 1;
+            state.samples += host.batch_size as u64;
+            let dt = t0.elapsed().as_secs_f64();
+            state.train_seconds += dt;
+            let mut line = json!({
+                "step": state.step,
+                "task": host.task.name(),
+                "loss": value,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "step_time_s": dt,
+                "samples_per_s": host.batch_size as f64 / dt.max(1e-9),
+            });
+            for (n, v) in &losses {
+                line[*n] = json!(v);
+            }
+            writeln!(metrics, "{line}")?;
+            bar.set_position(state.step as u64);
+            bar.set_message(format!(
+                "{:<6} loss {value:.3} lr {lr:.1e} {dt:.2}s/step",
+                host.task.name()
+            ));
+            if cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every) && state.step < total {
+                let dir = save(&model, &optim, &state)?;
+                bar.suspend(|| println!("checkpoint {}", dir.display()));
+            }
+        }
+        drop(loader);
+        phase_start = phase_end;
+    }
+    bar.finish();
+    metrics.flush()?;
+    if list_checkpoints(&out).last().map(|c| c.0) != Some(state.step) {
+        save(&model, &optim, &state)?;
+    }
+    let train_seconds = started.elapsed().as_secs_f64();
+    if state.step < total {
+        println!(
+            "stopped after step {} of {total} (--stop-after); continue with --resume",
+            state.step
+        );
+        return Ok(RunSummary {
+            steps: state.step,
+            nonfinite: state.nonfinite_total,
+            model_dir: out.join("model"),
+            eval: None,
+            train_seconds,
+        });
+    }
+    println!(
+        "trained {} steps ({} samples) in {:.0}s; {} non-finite loss(es) skipped",
+        state.step, state.samples, state.train_seconds, state.nonfinite_total
+    );
+
+    let valid = model.valid();
+    let model_dir = out.join("model");
+    let proc_cfg = processor_config(image_size, codebook_side);
+    save_model_dir(&model_dir, &valid, &codebook, &mc, &tokenizer_path, &proc_cfg)?;
+    println!("model (HF layout) in {}", model_dir.display());
+    if let Err(e) = write_curves(&metrics_path, &out.join("loss_curves.png")) {
+        eprintln!("warning: loss curves not drawn: {e}");
+    }
+    let eval = if cfg.eval.skip {
+        None
+    } else {
+        let mut eval_builder = builder.clone();
+        eval_builder.cfg.train = false;
+        let eval_builder = BatchBuilder::new(eval_builder.cfg, Some(tokenizer.clone())).map_err(anyhow::Error::msg)?;
+        let processor = ImageProcessor::new(proc_cfg);
+        let report = evaluate(
+            &valid,
+            &codebook,
+            &tokenizer,
+            &processor,
+            &eval_builder,
+            &mc,
+            cfg,
+            &device,
+        )?;
+        std::fs::write(out.join("eval.json"), serde_json::to_string_pretty(&report)?)?;
+        print!("{}", eval::render_report(&report));
+        println!("evaluation saved to {}", out.join("eval.json").display());
+        Some(report)
+    };
+    Ok(RunSummary {
+        steps: state.step,
+        nonfinite: state.nonfinite_total,
+        model_dir,
+        eval,
+        train_seconds,
+    })
+}

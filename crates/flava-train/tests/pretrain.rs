@@ -1,0 +1,296 @@
+//! `flava pretrain` end to end on a few steps of synthetic data (tiny preset): the run
+//! directory, metrics, evaluation, exact resume, a crash in the middle of a checkpoint, the
+//! non-finite guard, and the configuration.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("flava-pretrain-{name}-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A small, fast configuration: tiny preset, batch 8, round-robin from the first step, the
+/// fixture codebook, a short evaluation (`skip = true` in `[eval]` when `skip_eval`).
+fn config(dir: &Path, extra: &str) -> PathBuf {
+    let p = dir.join("run.toml");
+    let (extra, skip) = match extra.split_once("[eval]") {
+        Some((top, ev)) => (top.to_string(), ev.trim().to_string()),
+        None => (extra.to_string(), String::new()),
+    };
+    let steps = if extra.contains("steps =") { "" } else { "steps = 6\n" };
+    let text = format!(
+        "preset = \"tiny\"\nbatch_size = 8\n{steps}warmup = 2\nworkers = 1\ncheckpoint_every = 3\nphases = \"joint\"\n\
+         codebook = {:?}\nout = {:?}\n{extra}\n[eval]\nzero_shot_images = 48\nretrieval_pairs = 40\nmasked_samples = 16\n{skip}\n",
+        fixtures().join("codebook"),
+        dir.join("run"),
+    );
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn flava(args: &[&str], cfg: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flava"))
+        .arg("pretrain")
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    let s = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "stdout:\n{s}\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    s
+}
+
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn pretrain_runs_end_to_end_and_its_model_loads_everywhere() {
+    let dir = scratch("e2e");
+    // No codebook: the run trains its tokenizer and a dVAE (2 s) first, as the default run does.
+    let cfg = config(&dir, "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text.replace(&format!("codebook = {:?}\n", fixtures().join("codebook")), "");
+    std::fs::write(
+        &cfg,
+        format!("{text}\n[dvae]\ntime_limit_s = 2.0\nvocab_size = 32\nhidden_size = 8\n"),
+    )
+    .unwrap();
+    let out = ok(&flava(&[], &cfg));
+    let run = dir.join("run");
+    assert!(
+        out.contains("tokenizer: WordPiece") && out.contains("zero-shot top-1"),
+        "{out}"
+    );
+    for f in [
+        "config.toml",
+        "tokenizer.json",
+        "dvae/codebook/config.json",
+        "metrics.jsonl",
+        "loss_curves.png",
+        "eval.json",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "model/preprocessor_config.json",
+    ] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+    let m = metrics(&run);
+    assert_eq!(m.len(), 6);
+    let tasks: Vec<&str> = m.iter().map(|r| r["task"].as_str().unwrap()).collect();
+    assert_eq!(
+        tasks,
+        ["pairs", "images", "text", "pairs", "images", "text"],
+        "round-robin"
+    );
+    for r in &m {
+        for k in ["step", "loss", "lr", "step_time_s", "samples_per_s"] {
+            assert!(r[k].is_number(), "{k} in {r}");
+        }
+    }
+    for k in ["global_contrastive", "itm", "mmm_image", "mmm_text"] {
+        assert!(m[0][k].is_number(), "{k} in the paired step");
+    }
+    assert!(m[1]["mim"].is_number() && m[2]["mlm"].is_number());
+    // The total is the sum of the step's losses.
+    let sum: f64 = ["global_contrastive", "itm", "mmm_image", "mmm_text"]
+        .iter()
+        .map(|k| m[0][k].as_f64().unwrap())
+        .sum();
+    assert!((sum - m[0]["loss"].as_f64().unwrap()).abs() < 1e-4);
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
+    // The classes are those present among the 48 images (most of the 24 colour-shape pairs).
+    let classes = eval["zero_shot"]["classes"].as_array().unwrap();
+    let known = flava_data::synthetic::class_names();
+    assert!(classes.len() >= 12 && classes.iter().all(|c| known.contains(&c.as_str().unwrap().to_string())));
+    assert_eq!(eval["zero_shot"]["n_images"], 48);
+    assert_eq!(eval["retrieval"]["n_texts"], 40);
+    for k in ["r1", "r5", "r10"] {
+        assert!(eval["retrieval"]["image_to_text"][k].is_number());
+    }
+    assert!(eval["mlm_accuracy"].is_number() && eval["mim_accuracy"].is_number());
+
+    // The model directory serves `flava eval` and `flava embed --itm`.
+    let model = run.join("model");
+    let z = Command::new(env!("CARGO_BIN_EXE_flava"))
+        .args([
+            "eval",
+            "zero-shot",
+            "--json",
+            "--data",
+            "synthetic:classes",
+            "--max-images",
+            "24",
+            "--model",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap();
+    let z: serde_json::Value = serde_json::from_str(&ok(&z)).unwrap();
+    assert_eq!(z["n_images"], 24);
+    assert!(z["top1"].as_f64().unwrap() <= z["top5"].as_f64().unwrap());
+    let r = Command::new(env!("CARGO_BIN_EXE_flava"))
+        .args([
+            "eval",
+            "retrieval",
+            "--json",
+            "--pairs",
+            "synthetic:heldout",
+            "--max-pairs",
+            "20",
+            "--model",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_str(&ok(&r)).unwrap();
+    assert_eq!((r["n_images"].as_u64(), r["n_texts"].as_u64()), (Some(20), Some(20)));
+    let e = Command::new(env!("CARGO_BIN_EXE_flava"))
+        .args(["embed", "--json", "--itm", "--text", "a big red circle", "--model"])
+        .arg(&model)
+        .arg("--image")
+        .arg(fixtures().join("processor").join("rgba_80x64.png"))
+        .output()
+        .unwrap();
+    let e: serde_json::Value = serde_json::from_str(&ok(&e)).unwrap();
+    let p = e["itm_match_probability"][0][0].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&p));
+    // A second run into the same directory must not overwrite it silently.
+    let again = flava(&[], &cfg);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    metrics(run)
+        .iter()
+        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn stopping_and_resuming_gives_the_same_losses_as_one_run() {
+    let dir = scratch("resume");
+    let whole = dir.join("whole");
+    std::fs::create_dir_all(&whole).unwrap();
+    let cfg = config(&whole, "steps = 9\n[eval]\nskip = true");
+    ok(&flava(&[], &cfg));
+    let want = losses(&whole.join("run"));
+    assert_eq!(want.len(), 9);
+
+    let parts = dir.join("parts");
+    std::fs::create_dir_all(&parts).unwrap();
+    let cfg = config(&parts, "steps = 9\n[eval]\nskip = true");
+    let first = ok(&flava(&["--stop-after", "4"], &cfg));
+    assert!(first.contains("stopped after step 4"), "{first}");
+    let second = ok(&flava(&["--resume"], &cfg));
+    assert!(second.contains("(step 4)"), "{second}");
+    let got = losses(&parts.join("run"));
+    assert_eq!(got.len(), 9);
+    for ((s, a), (_, b)) in got.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-6, "step {s}: {a} resumed vs {b} uninterrupted");
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn a_crash_while_writing_a_checkpoint_resumes_from_the_last_complete_one() {
+    let dir = scratch("crash");
+    let cfg = config(&dir, "steps = 9\n[eval]\nskip = true");
+    let crashed = Command::new(env!("CARGO_BIN_EXE_flava"))
+        .args(["pretrain", "--config"])
+        .arg(&cfg)
+        .env("FLAVA_CRASH_IN_CHECKPOINT", "6")
+        .output()
+        .unwrap();
+    assert!(!crashed.status.success(), "the process was meant to die");
+    let ckpts = dir.join("run/checkpoints");
+    assert!(ckpts.join("step-00000003/state.json").is_file());
+    assert!(
+        ckpts.join("step-00000006.tmp").is_dir(),
+        "the interrupted write is left behind"
+    );
+    assert!(!ckpts.join("step-00000006").exists());
+    let out = ok(&flava(&["--resume"], &cfg));
+    assert!(out.contains("(step 3)"), "{out}");
+    assert!(!ckpts.join("step-00000006.tmp").exists());
+    let m = losses(&dir.join("run"));
+    assert_eq!(m.iter().map(|x| x.0).collect::<Vec<_>>(), (1..=9).collect::<Vec<_>>());
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn non_finite_losses_are_skipped_then_stop_the_run() {
+    let dir = scratch("nan");
+    // Batch 2 (an image batch) gets a NaN loss: skipped, counted, training goes on.
+    let cfg = config(&dir, "inject_nonfinite_at = [2]\n[eval]\nskip = true");
+    let out = flava(&[], &cfg);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("non-finite loss"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 non-finite loss(es) skipped"));
+    assert_eq!(
+        metrics(&dir.join("run")).len(),
+        6,
+        "6 optimizer steps despite the skipped batch"
+    );
+
+    let dir2 = scratch("nan-stop");
+    let cfg = config(
+        &dir2,
+        "inject_nonfinite_at = [2, 3, 4]\nmax_nonfinite = 3\n[eval]\nskip = true",
+    );
+    let out = flava(&[], &cfg);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("3 non-finite losses in a row"), "{err}");
+    assert!(
+        dir2.join("run/checkpoints/step-00000001/state.json").is_file(),
+        "saved before stopping"
+    );
+    std::fs::remove_dir_all(dir).ok();
+    std::fs::remove_dir_all(dir2).ok();
+}
+
+#[test]
+fn print_config_shows_the_effective_options_and_bad_keys_are_named() {
+    let dir = scratch("cfg");
+    let cfg = config(&dir, "");
+    let out = ok(&flava(
+        &["--print-config", "--lr", "0.005", "--pairs", "data/{000..003}.tar"],
+        &cfg,
+    ));
+    let v: toml::Value = toml::from_str(&out).unwrap();
+    assert_eq!(v["lr"].as_float(), Some(0.005));
+    assert_eq!(v["preset"].as_str(), Some("tiny"));
+    assert_eq!(v["pairs"][0].as_str(), Some("data/{000..003}.tar"));
+    assert_eq!(v["eval"]["retrieval_pairs"].as_integer(), Some(40));
+    std::fs::write(dir.join("bad.toml"), "learning_rate = 1.0\n").unwrap();
+    let out = flava(&[], &dir.join("bad.toml"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("learning_rate"));
+    let out = flava(&["--accumulate", "3"], &cfg);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must divide"));
+    std::fs::remove_dir_all(dir).ok();
+}
