@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Pretrain FLAVA (all six losses, round-robin over image, text and paired data). With no
-    /// arguments: a small model on the built-in synthetic data, ending with an evaluation.
+    /// arguments: a tiny model on the built-in synthetic data, ending with an evaluation.
     Pretrain(Box<PretrainArgs>),
     /// Evaluate a model directory (ours or an HF FLAVA one).
     Eval {
