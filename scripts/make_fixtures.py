@@ -276,14 +276,10 @@ def codebook_fixtures():
               os.path.join(ROOT, "codebook_io.safetensors"))
 
 
-def embed_fixtures():
-    """A complete model directory (tiny weights, tokenizer, 32-px processor) and what
-    `flava embed --json` must print for two of the processor images and three texts."""
-    from transformers import FlavaProcessor
+def add_tokenizer_and_processor(d):
+    """Saves the fixture tokenizer (tokenizer.json only) and a 32-px processor (64-px codebook
+    branch) into model directory `d`; returns both."""
     from transformers.models.flava.image_processing_pil_flava import FlavaImageProcessorPil
-    d = os.path.join(ROOT, "embed_model")
-    shutil.rmtree(d, ignore_errors=True)
-    shutil.copytree(os.path.join(ROOT, "tiny"), d)
     tok = BertTokenizerFast.from_pretrained(os.path.join(ROOT, "tokenizer"))
     tok.save_pretrained(d)
     for f in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
@@ -293,6 +289,17 @@ def embed_fixtures():
                                 codebook_size={"height": 64, "width": 64},
                                 codebook_crop_size={"height": 64, "width": 64}, do_convert_rgb=True)
     ip.save_pretrained(d)
+    return tok, ip
+
+
+def embed_fixtures():
+    """A complete model directory (tiny weights, tokenizer, 32-px processor) and what
+    `flava embed --json` must print for two of the processor images and three texts."""
+    from transformers import FlavaProcessor
+    d = os.path.join(ROOT, "embed_model")
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(os.path.join(ROOT, "tiny"), d)
+    tok, ip = add_tokenizer_and_processor(d)
     model = FlavaModel.from_pretrained(d).eval()
     images = ["landscape_300x200.png", "rgba_80x64.png"]
     texts = ["a photo of a cat", "two red squares left of a blue circle", "dogs playing"]
@@ -314,7 +321,6 @@ def pretraining_fixtures():
     losses use, the codebook targets, and the gradients of the total loss for chosen weights.
     Also the ITM match probabilities `flava embed --itm` must print for the embed images/texts."""
     from transformers import FlavaProcessor
-    from transformers.models.flava.image_processing_pil_flava import FlavaImageProcessorPil
     d = os.path.join(ROOT, "pretraining")
     shutil.rmtree(d, ignore_errors=True)
     image = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
@@ -338,15 +344,7 @@ def pretraining_fixtures():
             if p.dim() == 4:
                 p.normal_(0, 1 / (p.shape[1] * p.shape[2] * p.shape[3]) ** 0.5)
     model.save_pretrained(d, safe_serialization=True)
-    tok = BertTokenizerFast.from_pretrained(os.path.join(ROOT, "tokenizer"))
-    tok.save_pretrained(d)
-    for f in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        if os.path.exists(os.path.join(d, f)):
-            os.remove(os.path.join(d, f))
-    ip = FlavaImageProcessorPil(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32},
-                                codebook_size={"height": 64, "width": 64},
-                                codebook_crop_size={"height": 64, "width": 64}, do_convert_rgb=True)
-    ip.save_pretrained(d)
+    tok, ip = add_tokenizer_and_processor(d)
     model = FlavaForPreTraining.from_pretrained(d)
     model.train()
 

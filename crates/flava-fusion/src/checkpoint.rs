@@ -190,10 +190,12 @@ pub fn flava_model_state_dict(model: &FlavaModel) -> StateDict {
     module_state_dict(model, "", &["logit_scale"])
 }
 
-/// Writes `config.json` and `model.safetensors` (FlavaModel keys) into `dir`, creating it.
-pub fn save_flava_model(
-    model: &FlavaModel,
+/// Writes an HF model directory: `config.json` (with `architectures: [architecture]`) and
+/// `model.safetensors` holding `sd`, creating `dir`.
+pub fn save_model_dir(
+    sd: &StateDict,
     config: &FlavaConfig,
+    architecture: &str,
     dir: impl AsRef<Path>,
 ) -> Result<(), CheckpointError> {
     let dir = dir.as_ref();
@@ -202,9 +204,18 @@ pub fn save_flava_model(
         source,
     })?;
     let cfg_path = dir.join("config.json");
-    flava_vit::weights::write_atomic(&cfg_path, config.to_json_pretty("FlavaModel").as_bytes())?;
-    flava_model_state_dict(model).save_safetensors(dir.join("model.safetensors"))?;
+    flava_vit::weights::write_atomic(&cfg_path, config.to_json_pretty(architecture).as_bytes())?;
+    sd.save_safetensors(dir.join("model.safetensors"))?;
     Ok(())
+}
+
+/// Writes `config.json` and `model.safetensors` (FlavaModel keys) into `dir`, creating it.
+pub fn save_flava_model(
+    model: &FlavaModel,
+    config: &FlavaConfig,
+    dir: impl AsRef<Path>,
+) -> Result<(), CheckpointError> {
+    save_model_dir(&flava_model_state_dict(model), config, "FlavaModel", dir)
 }
 
 /// Converts a checkpoint file (`.bin`, `.pt` or `.safetensors`) to safetensors, keeping every

@@ -165,16 +165,8 @@ pub fn accumulate_gradients(
             acc.accumulate(model, grads);
         }
     }
-    let w = model.weights;
     for (name, v) in &sums {
-        total += v * match *name {
-            "mim" => w.mim,
-            "mlm" => w.mlm,
-            "itm" => w.itm,
-            "global_contrastive" => w.global_contrastive,
-            "mmm_image" => w.mmm_image,
-            _ => w.mmm_text,
-        };
+        total += v * model.weights.get(name);
     }
     Ok(AccumulatedStep {
         grads: acc.grads(),

@@ -7,9 +7,9 @@ use std::path::Path;
 use burn::prelude::*;
 use flava_dvae::checkpoint::codebook_from_state_dict;
 use flava_dvae::{codebook_state_dict, ImageCodebook};
-use flava_fusion::checkpoint::{find_weights, read_config, CheckpointError};
+use flava_fusion::checkpoint::{find_weights, read_config, save_model_dir, CheckpointError};
 use flava_fusion::FlavaConfig;
-use flava_vit::weights::{load_module, module_state_dict, write_atomic, LoadReport, StateDict, WeightsError};
+use flava_vit::weights::{load_module, module_state_dict, LoadReport, StateDict, WeightsError};
 
 use crate::pretraining::FlavaForPretraining;
 
@@ -128,15 +128,10 @@ pub fn save_pretraining(
     config: &FlavaConfig,
     dir: impl AsRef<Path>,
 ) -> Result<(), CheckpointError> {
-    let dir = dir.as_ref();
-    std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {
-        path: dir.into(),
-        source,
-    })?;
-    write_atomic(
-        &dir.join("config.json"),
-        config.to_json_pretty("FlavaForPreTraining").as_bytes(),
-    )?;
-    pretraining_state_dict(model, codebook).save_safetensors(dir.join("model.safetensors"))?;
-    Ok(())
+    save_model_dir(
+        &pretraining_state_dict(model, codebook),
+        config,
+        "FlavaForPreTraining",
+        dir,
+    )
 }

@@ -49,6 +49,18 @@ impl Default for LossWeights {
 }
 
 impl LossWeights {
+    /// The weight of a loss by its name in [`Losses::named`].
+    pub fn get(&self, name: &str) -> f64 {
+        match name {
+            "mim" => self.mim,
+            "mlm" => self.mlm,
+            "itm" => self.itm,
+            "global_contrastive" => self.global_contrastive,
+            "mmm_image" => self.mmm_image,
+            _ => self.mmm_text,
+        }
+    }
+
     /// The weights of an HF configuration.
     pub fn from_config(cfg: &FlavaConfig) -> Self {
         Self {
@@ -571,18 +583,10 @@ impl FlavaForPretraining {
             }
         }
 
-        let weight = |name: &str| match name {
-            "mim" => w.mim,
-            "mlm" => w.mlm,
-            "itm" => w.itm,
-            "global_contrastive" => w.global_contrastive,
-            "mmm_image" => w.mmm_image,
-            _ => w.mmm_text,
-        };
         let total = losses
             .named()
             .into_iter()
-            .map(|(n, l)| l * weight(n))
+            .map(|(n, l)| l * w.get(n))
             .reduce(|a, b| a + b);
         Ok(PretrainingOutput {
             losses,

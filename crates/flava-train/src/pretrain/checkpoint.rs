@@ -10,7 +10,7 @@ use flava_data::loader::MixerState;
 use serde::{Deserialize, Serialize};
 
 /// Everything besides model and optimizer needed to continue exactly.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {
     /// Optimizer steps done.
     pub step: usize,
@@ -113,12 +113,7 @@ mod tests {
     fn state(step: usize) -> TrainState {
         TrainState {
             step,
-            phase: 0,
-            mixer: None,
-            nonfinite_total: 0,
-            nonfinite_consecutive: 0,
-            samples: 0,
-            train_seconds: 0.0,
+            ..Default::default()
         }
     }
 

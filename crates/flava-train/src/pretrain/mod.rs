@@ -483,15 +483,7 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
         // Decoupled decay is applied by `apply_weight_decay`, only where it belongs.
         .with_weight_decay(0.0)
         .init();
-    let mut state = TrainState {
-        step: 0,
-        phase: 0,
-        mixer: None,
-        nonfinite_total: 0,
-        nonfinite_consecutive: 0,
-        samples: 0,
-        train_seconds: 0.0,
-    };
+    let mut state = TrainState::default();
     if let Some((_, dir)) = &resume_from {
         model = model
             .try_load_file(dir.join("model"))
@@ -734,9 +726,11 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
     let eval = if cfg.eval.skip {
         None
     } else {
-        let mut eval_builder = builder.clone();
-        eval_builder.cfg.train = false;
-        let eval_builder = BatchBuilder::new(eval_builder.cfg, Some(tokenizer.clone())).map_err(anyhow::Error::msg)?;
+        let eval_cfg = BatchConfig {
+            train: false,
+            ..batch_cfg
+        };
+        let eval_builder = BatchBuilder::new(eval_cfg, Some(tokenizer.clone())).map_err(anyhow::Error::msg)?;
         let processor = ImageProcessor::new(proc_cfg);
         let report = evaluate(
             &valid,
