@@ -1,61 +1,196 @@
 #!/usr/bin/env python3
-"""Times transformers' FLAVA encoders in PyTorch (CPU, all cores) on the configurations of
-benches/benches/encoders.rs, printing medians in ms. Run right before or after
-`cargo bench -p flava-benches --bench encoders` on the same idle machine and compare medians.
+"""flava-rs against transformers' FLAVA in PyTorch, side by side on this machine.
 
-    .venv/bin/python benches/compare_pytorch.py
+Each configuration runs alternately in both implementations, each in a fresh process
+(`target/release/flava-bench` for ours, this script with `--worker` for PyTorch), for several
+rounds; the table shows the medians over all timed iterations, the ratio ours / PyTorch (time;
+below 1 means flava-rs is faster) and each process's peak resident memory.
+
+    .venv/bin/python benches/compare_pytorch.py            # the whole table (~10 min on 2 cores)
+    .venv/bin/python benches/compare_pytorch.py --quick    # one round, fewer iterations
+
+Configurations (random weights, same shapes and masks on both sides, see benches/src/inputs.rs):
+`small` (64 px, patch 8, hidden 256, 4/4/2 layers): image and text embedding and the pretraining
+step (forward, backward, AdamW) on paired, image-only and text-only batches of 32; `full`
+(flava-full sizes): image and text embedding and the paired pretraining forward, batch 8.
+PyTorch runs eager with `torch.get_num_threads()` threads (all cores) and
+`skip_unmasked_multimodal_encoder=True` (pretraining needs no unmasked fusion; flava-rs skips it).
 """
+import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
-import torch
-from transformers import FlavaConfig, FlavaModel
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OURS = os.path.join(ROOT, "target", "release", "flava-bench")
+SEQ = 32
+
+CONFIGS = [
+    # what, preset, batch, task, iterations per round
+    ("image", "small", 32, "pairs", 10),
+    ("text", "small", 32, "pairs", 10),
+    ("step", "small", 32, "pairs", 4),
+    ("step", "small", 32, "images", 4),
+    ("step", "small", 32, "text", 4),
+    ("image", "full", 8, "pairs", 3),
+    ("text", "full", 8, "pairs", 5),
+    ("forward", "full", 8, "pairs", 2),
+]
 
 
-def preset(name):
-    if name == "full":
-        return FlavaConfig(), 1
-    hidden, heads, ffn, layers, size, patch = {
-        "tiny": (64, 2, 128, (2, 2, 1), 32, 8),
-        "small": (256, 4, 1024, (4, 4, 2), 64, 8),
-    }[name]
-    common = dict(hidden_size=hidden, num_attention_heads=heads, intermediate_size=ffn)
-    cfg = FlavaConfig(
-        image_config=dict(num_hidden_layers=layers[0], image_size=size, patch_size=patch, **common),
-        text_config=dict(num_hidden_layers=layers[1], max_position_embeddings=128, **common),
-        multimodal_config=dict(num_hidden_layers=layers[2], **common),
-        hidden_size=hidden, projection_dim=hidden)
-    return cfg, 8
+def peak_rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
-def median_ms(fn, n):
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
+def inputs(cfg, b, task):
+    """The batch of benches/src/inputs.rs."""
+    import torch
+
+    s, patch = cfg.image_config.image_size, cfg.image_config.patch_size
+    p = (s // patch) ** 2
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    if task != "text":
+        out["pixel_values"] = torch.randn(b, 3, s, s, generator=g)
+        i = torch.arange(b * p)
+        out["bool_masked_pos"] = (i % 5 < 2).reshape(b, p)
+        out["mim_labels"] = (i * 7 % cfg.image_config.vocab_size).reshape(b, p)
+    if task != "images":
+        i = torch.arange(b * SEQ)
+        ids = (5 + i * 13 % 900).reshape(b, SEQ)
+        out["input_ids"] = ids
+        out["input_ids_masked"] = ids.clone()
+        out["attention_mask"] = torch.ones(b, SEQ, dtype=torch.long)
+        labels = torch.full((b * SEQ,), -100, dtype=torch.long)
+        pos = i[i % 7 == 0]
+        labels[pos] = 5 + pos * 13 % 900
+        out["mlm_labels"] = labels.reshape(b, SEQ)
+    if task == "pairs":
+        out["itm_labels"] = torch.tensor([int(k % 5 != 0) for k in range(b)])
+    return out
+
+
+def worker(args):
+    import torch
+    from transformers import FlavaConfig, FlavaForPreTraining
+
+    torch.manual_seed(0)
+    with open(args.config) as f:
+        cfg = FlavaConfig(**json.load(f))
+    model = FlavaForPreTraining(cfg)
+    x = inputs(cfg, args.batch, args.task)
+
+    def timed(fn):
         fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+        ts = []
+        for _ in range(args.iters):
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1e3)
+        return ts
+
+    if args.what in ("image", "text", "forward"):
+        model.eval()
+        with torch.no_grad():
+            if args.what == "image":
+                times = timed(lambda: model.flava.image_model(pixel_values=x["pixel_values"]))
+            elif args.what == "text":
+                times = timed(lambda: model.flava.text_model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]))
+            else:
+                times = timed(lambda: model(**x, skip_unmasked_multimodal_encoder=True, return_loss=True))
+    else:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-8, weight_decay=0.01)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            out = model(**x, skip_unmasked_multimodal_encoder=True, return_loss=True)
+            out.loss.backward()
+            opt.step()
+
+        times = timed(step)
+    print(json.dumps({"times_ms": times, "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}))
 
 
-torch.manual_seed(0)
-print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-for name, n in [("tiny", 50), ("small", 20), ("full", 10)]:
-    cfg, b = preset(name)
-    m = FlavaModel(cfg).eval()
-    s = cfg.image_config.image_size
-    px = torch.randn(b, 3, s, s)
-    ids = torch.randint(1, 1000, (b, 32))
-    mask = torch.ones(b, 32, dtype=torch.long)
-    with torch.no_grad():
-        img = m.image_model(pixel_values=px, output_hidden_states=True)
-        txt = m.text_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        mm_in = torch.cat([m.image_to_mm_projection(img.hidden_states[-1]), m.text_to_mm_projection(txt.hidden_states[-1])], 1)
-        mm_mask = torch.cat([torch.ones(b, mm_in.shape[1] - 32 + 1, dtype=torch.long), mask], 1)
-        r = {
-            "image": median_ms(lambda: m.image_model(pixel_values=px), n),
-            "text": median_ms(lambda: m.text_model(input_ids=ids, attention_mask=mask), n),
-            "multimodal": median_ms(lambda: m.multimodal_model(mm_in, attention_mask=mm_mask), n),
-        }
-    for k, v in r.items():
-        print(f"encoders/{name}/{k}/{b}: {v:.3f} ms")
+def run_json(cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="one round, a third of the iterations")
+    ap.add_argument("--only", default="", help="comma-separated what/preset/task filters, e.g. step/small")
+    ap.add_argument("--no-build", action="store_true", help="use the existing target/release/flava-bench")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--what")
+    ap.add_argument("--config")
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--task", default="pairs")
+    ap.add_argument("--iters", type=int)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+
+    if not args.no_build:
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "flava-benches", "--bin", "flava-bench"],
+                       cwd=ROOT, check=True)
+    import torch
+    import transformers
+
+    rounds = 1 if args.quick else args.rounds
+    configs = [c for c in CONFIGS if not args.only or any(
+        all(part in (c[0], c[1], c[3]) for part in f.split("/")) for f in args.only.split(","))]
+    cfg_files = {}
+    for preset in sorted({c[1] for c in configs}):
+        path = os.path.join(ROOT, "target", f"bench-config-{preset}.json")
+        out = subprocess.run([OURS, "config", "--preset", preset], capture_output=True, text=True, check=True)
+        with open(path, "w") as f:
+            f.write(out.stdout)
+        cfg_files[preset] = path
+    results = {}
+    for r in range(rounds):
+        for what, preset, b, task, iters in configs:
+            iters = max(1, iters // 3) if args.quick else iters
+            common = ["--batch", str(b), "--iters", str(iters), "--task", task]
+            ours = run_json([OURS, what, "--preset", preset] + common)
+            theirs = run_json([sys.executable, __file__, "--worker", "--what", what, "--config", cfg_files[preset]] + common)
+            key = (what, preset, b, task)
+            acc = results.setdefault(key, {"ours": [], "torch": [], "ours_rss": 0.0, "torch_rss": 0.0})
+            acc["ours"] += ours["times_ms"]
+            acc["torch"] += theirs["times_ms"]
+            acc["ours_rss"] = max(acc["ours_rss"], ours["peak_rss_mb"])
+            acc["torch_rss"] = max(acc["torch_rss"], theirs["peak_rss_mb"])
+            print(f"round {r + 1}/{rounds} {what}/{preset}/{task}/b{b}: ours {statistics.median(ours['times_ms']):.1f} ms, "
+                  f"PyTorch {statistics.median(theirs['times_ms']):.1f} ms", file=sys.stderr, flush=True)
+    print(f"\ntorch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
+          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}, {rounds} round(s), alternating\n")
+    print("| config | batch | work | flava-rs | PyTorch | ratio (time) | peak RSS flava-rs | peak RSS PyTorch |")
+    print("|---|---|---|---|---|---|---|---|")
+    table = []
+    for (what, preset, b, task), acc in results.items():
+        o, t = statistics.median(acc["ours"]), statistics.median(acc["torch"])
+        work = {"image": "image embedding", "text": "text embedding",
+                "step": f"pretraining step ({task})", "forward": "pretraining forward (pairs)"}[what]
+        print(f"| {preset} | {b} | {work} | {o:.1f} ms | {t:.1f} ms | {o / t:.2f} | "
+              f"{acc['ours_rss']:.0f} MB | {acc['torch_rss']:.0f} MB |")
+        table.append({"what": what, "preset": preset, "batch": b, "task": task, "ours_ms": o, "torch_ms": t,
+                      "ratio": o / t, "ours_peak_rss_mb": acc["ours_rss"], "torch_peak_rss_mb": acc["torch_rss"]})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(table, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

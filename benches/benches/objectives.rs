@@ -6,17 +6,13 @@
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use flava_benches::inputs::{positions, pretraining_batch, BenchTask, SEQ};
 use flava_fusion::FlavaConfig;
 use flava_objectives::contrastive::{clamp_logit_scale, contrastive_loss};
 use flava_objectives::losses::{cross_entropy, gather_positions};
-use flava_objectives::{FlavaForPretraining, MlmTargets, PretrainingBatch, StepOptions};
+use flava_objectives::{FlavaForPretraining, StepOptions};
 
 const BATCH: usize = 32;
-const SEQ: usize = 32;
-
-fn positions(n: usize, every: usize) -> Vec<usize> {
-    (0..n).filter(|i| i % every == 0).collect()
-}
 
 fn states(b: usize, s: usize, d: usize, device: &Device) -> Tensor<3> {
     Tensor::random([b, s, d], Distribution::Normal(0.0, 1.0), device).require_grad()
@@ -77,41 +73,11 @@ fn bench_losses(c: &mut Criterion) {
     g.finish();
 }
 
-fn paired_batch(cfg: &FlavaConfig, b: usize, device: &Device) -> PretrainingBatch {
-    let s = cfg.image_config.image_size;
-    let grid = s / cfg.image_config.patch_size;
-    let p = grid * grid;
-    let mask: Vec<bool> = (0..b * p).map(|i| i % 5 < 2).collect();
-    let ids = Tensor::<2>::random([b, SEQ], Distribution::Uniform(5.0, 1000.0), device).int();
-    let mlm_pos = positions(b * SEQ, 7);
-    PretrainingBatch {
-        pixel_values: Some(Tensor::random([b, 3, s, s], Distribution::Normal(0.0, 1.0), device)),
-        bool_masked_pos: Some(Tensor::from_data(TensorData::new(mask, [b, p]), device)),
-        mim_targets: Some(
-            Tensor::<2>::random(
-                [b, p],
-                Distribution::Uniform(0.0, cfg.image_config.vocab_size as f64 - 1.0),
-                device,
-            )
-            .int(),
-        ),
-        input_ids: Some(ids.clone()),
-        input_ids_masked: Some(ids),
-        attention_mask: Some(Tensor::ones([b, SEQ], device)),
-        mlm: Some(MlmTargets {
-            targets: mlm_pos.iter().map(|p| p % 900).collect(),
-            positions: mlm_pos,
-        }),
-        itm_labels: Some((0..b).map(|i| usize::from(i % 5 != 0)).collect()),
-        ..Default::default()
-    }
-}
-
 fn bench_step(c: &mut Criterion) {
     let device = Device::flex().autodiff();
     for (name, cfg, samples) in [("tiny", FlavaConfig::tiny(), 20), ("small", FlavaConfig::small(), 10)] {
         let model = FlavaForPretraining::new(&cfg, &device);
-        let batch = paired_batch(&cfg, BATCH, &device);
+        let batch = pretraining_batch(&cfg, BATCH, BenchTask::Pairs, &device);
         let mut g = c.benchmark_group(format!("pretraining_step/{name}"));
         g.sample_size(samples);
         g.bench_function(BenchmarkId::new("pairs_forward_backward", BATCH), |b| {

@@ -1,1 +1,4 @@
-//! Shared helpers for the criterion benches live here.
+//! Shared pieces of the benchmarks: the synthetic inputs that the criterion benches, the
+//! `flava-bench` timer and `compare_pytorch.py` all use.
+
+pub mod inputs;

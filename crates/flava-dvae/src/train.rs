@@ -203,6 +203,9 @@ pub struct DvaeState {
     pub mean_image: Vec<f64>,
     /// Images averaged.
     pub mean_count: u64,
+    /// Seconds of training so far (over resumed runs too): the time limit counts them.
+    #[serde(default)]
+    pub train_seconds: f64,
 }
 
 fn psnr(mse: f64) -> f64 {
@@ -225,17 +228,25 @@ fn perplexity(counts: &[u64]) -> f64 {
     h.exp()
 }
 
-fn lr_at(cfg: &DvaeTrainConfig, step: usize) -> f64 {
+/// How far training is, in [0, 1]: the share of `steps` done or, with a time limit, the share
+/// of the time spent, whichever is larger. The schedules follow it, so that a run cut short by
+/// its time limit still ends annealed (low temperature, decayed learning rate): the hard-token
+/// codebook it saves is what its decoder was trained for.
+fn progress(cfg: &DvaeTrainConfig, step: usize, seconds: f64) -> f64 {
+    let by_steps = step as f64 / cfg.steps.max(1) as f64;
+    let by_time = cfg.time_limit_s.map_or(0.0, |l| seconds / l.max(1e-9));
+    by_steps.max(by_time).min(1.0)
+}
+
+fn lr_at(cfg: &DvaeTrainConfig, step: usize, progress: f64) -> f64 {
     if step < cfg.warmup {
         return cfg.lr * (step + 1) as f64 / cfg.warmup as f64;
     }
-    let t = (step - cfg.warmup) as f64 / (cfg.steps.saturating_sub(cfg.warmup)).max(1) as f64;
-    cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos()))
+    cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
 }
 
-fn tau_at(cfg: &DvaeTrainConfig, step: usize) -> f64 {
-    let t = step as f64 / cfg.steps.max(1) as f64;
-    cfg.tau_start * (cfg.tau_end / cfg.tau_start).powf(t.min(1.0))
+fn tau_at(cfg: &DvaeTrainConfig, progress: f64) -> f64 {
+    cfg.tau_start * (cfg.tau_end / cfg.tau_start).powf(progress)
 }
 
 /// Reads `n` images of a stream as mapped codebook pixels ([3·S·S] each).
@@ -362,6 +373,7 @@ pub fn train(
         data: StreamPosition::default(),
         mean_image: vec![0.0; 3 * s * s],
         mean_count: 0,
+        train_seconds: 0.0,
     };
     if resume && ckpt.join("state.json").is_file() {
         let st: DvaeState = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json")).map_err(io)?)
@@ -378,6 +390,7 @@ pub fn train(
         .open(out.join("metrics.jsonl"))
         .map_err(io)?;
     let started = Instant::now();
+    let base_seconds = state.train_seconds;
     let v = cfg.codebook.vocab_size;
     let mut last = DvaeMetrics::default();
     let save = |model: &Dvae, optim: &burn::optim::ModuleOptimizer, state: &DvaeState| -> Result<(), String> {
@@ -390,7 +403,8 @@ pub fn train(
         .map_err(|e| e.to_string())
     };
     while state.step < cfg.steps {
-        if cfg.time_limit_s.is_some_and(|l| started.elapsed().as_secs_f64() >= l) {
+        let seconds = base_seconds + started.elapsed().as_secs_f64();
+        if cfg.time_limit_s.is_some_and(|l| seconds >= l) {
             eprintln!("time limit reached after {} steps", state.step);
             break;
         }
@@ -405,7 +419,8 @@ pub fn train(
         }
         let x = batch_tensor(&imgs, s, &ad);
         let logits = model.encoder.forward(x.clone());
-        let tau = tau_at(cfg, state.step);
+        let p = progress(cfg, state.step, seconds);
+        let tau = tau_at(cfg, p);
         let u = Tensor::<4>::random(logits.dims(), Distribution::Uniform(1e-10, 1.0 - 1e-10), &ad);
         let gumbel = u.log().neg().log().neg();
         let soft = softmax((logits.clone() + gumbel) / tau, 1);
@@ -434,9 +449,10 @@ pub fn train(
         let beta = cfg.kl_weight * ((state.step + 1) as f64 / cfg.kl_warmup.max(1) as f64).min(1.0);
         let loss = rec_loss.clone() + kl.clone() * beta;
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let lr = lr_at(cfg, state.step);
+        let lr = lr_at(cfg, state.step, p);
         model = optim.step(lr, model, grads);
         state.step += 1;
+        state.train_seconds = base_seconds + started.elapsed().as_secs_f64();
         state.data = stream.position();
         let mse = (pred.detach() - target.detach()).square().mean().into_scalar::<f64>();
         let hard: Vec<i64> = logits
@@ -497,4 +513,34 @@ pub fn load_trained(dir: &Path, device: &Device) -> Result<(Dvae, DvaeTrainConfi
         .try_load_file(dir.join("checkpoint/model"))
         .map_err(|e| e.to_string())?;
     Ok((model, cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_follow_steps_or_time_whichever_is_further() {
+        let mut cfg = DvaeTrainConfig {
+            steps: 2000,
+            warmup: 20,
+            lr: 1e-3,
+            tau_start: 1.0,
+            tau_end: 0.25,
+            ..Default::default()
+        };
+        // Without a time limit: steps only.
+        assert_eq!(progress(&cfg, 500, 1e6), 0.25);
+        // A run cut at 45 s after 200 of 2000 steps ends fully annealed.
+        cfg.time_limit_s = Some(45.0);
+        assert_eq!(progress(&cfg, 200, 45.0), 1.0);
+        assert!((progress(&cfg, 200, 22.5) - 0.5).abs() < 1e-12);
+        assert_eq!(progress(&cfg, 1500, 9.0), 0.75);
+        assert!((tau_at(&cfg, 1.0) - 0.25).abs() < 1e-12);
+        assert!((tau_at(&cfg, 0.5) - 0.5).abs() < 1e-12);
+        assert!((lr_at(&cfg, 200, 1.0) - 1e-4).abs() < 1e-12);
+        assert!((lr_at(&cfg, 200, 0.0) - 1e-3).abs() < 1e-12);
+        // Warmup is counted in steps.
+        assert!((lr_at(&cfg, 9, 0.9) - 5e-4).abs() < 1e-12);
+    }
 }

@@ -352,7 +352,17 @@ impl FlavaForPretraining {
             .logit_scale
             .val()
             .clamp(0.0, crate::contrastive::LOGIT_SCALE_MAX);
-        self.flava.logit_scale = self.flava.logit_scale.map(|_| v.detach());
+        // Mapping to a detached tensor would leave the parameter without autodiff tracking:
+        // keep it trainable (without this the scale silently stayed at its initial value).
+        self.flava.logit_scale = self.flava.logit_scale.map(|t| {
+            let rg = t.is_require_grad();
+            let v = v.detach();
+            if rg {
+                v.require_grad()
+            } else {
+                v
+            }
+        });
         self
     }
 

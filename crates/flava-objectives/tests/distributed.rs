@@ -189,3 +189,23 @@ fn accumulation_of_image_only_micro_batches_equals_one_big_batch() {
     assert!((step.total - want_total).abs() < 1e-4, "{} vs {want_total}", step.total);
     assert_same_grads(&model, &step.grads, &want);
 }
+
+/// The clamp after each optimizer step must leave `logit_scale` a trainable parameter (mapping
+/// it to a detached tensor once froze it at its initial value for whole training runs).
+#[test]
+fn logit_scale_stays_trainable_after_the_clamp() {
+    let io = Io::load();
+    let (model, _) = load(&io);
+    let model = contrastive_only(model).clamp_logit_scale_param();
+    let scale = model.flava.logit_scale.val().into_scalar::<f32>();
+    assert!((scale - 4.6052).abs() < 1e-6, "clamped to {scale}");
+    let mut batch = io.batch("pairs");
+    batch.itm_labels = None;
+    let out = model.forward(&batch, &StepOptions::default()).unwrap();
+    let grads = GradientsParams::from_grads(out.total.unwrap().backward(), &model);
+    let g = grads
+        .get::<1>(model.flava.logit_scale.id)
+        .expect("logit_scale has a gradient after the clamp")
+        .into_scalar::<f32>();
+    assert!(g.abs() > 1e-6, "logit_scale gradient {g}");
+}

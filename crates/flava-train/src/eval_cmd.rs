@@ -45,6 +45,14 @@ pub fn zero_shot(
     if skipped > 0 {
         eprintln!("{skipped} image(s) skipped");
     }
+    // The synthetic classes name a colour and a pattern, not an object: prompt them as captions.
+    let synthetic_templates;
+    let templates = if templates.is_empty() && data.starts_with("synthetic") {
+        synthetic_templates = flava_data::synthetic::class_templates();
+        &synthetic_templates[..]
+    } else {
+        templates
+    };
     eval::zero_shot(&model, &tok, &proc, &samples, templates, max_len, device)
 }
 

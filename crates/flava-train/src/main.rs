@@ -289,7 +289,8 @@ enum EvalCommand {
         /// Labelled images: an ImageFolder directory or `synthetic:classes`.
         #[arg(long)]
         data: String,
-        /// Prompt template with `{}` for the class (repeatable; several are averaged).
+        /// Prompt template with `{}` for the class (repeatable; several are averaged). Default "a
+        /// photo of a {}.", or for `synthetic:classes` captions of every shape ("a big {} circle", ...).
         #[arg(long = "template")]
         templates: Vec<String>,
         /// Most images evaluated.

@@ -673,6 +673,8 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
                 "grad_norm": grad_norm,
                 "step_time_s": dt,
                 "samples_per_s": host.batch_size as f64 / dt.max(1e-9),
+                // The contrastive temperature's log (CLIP-style runs watch it grow).
+                "logit_scale": model.flava.logit_scale.val().into_scalar::<f64>(),
             });
             for (n, v) in &losses {
                 line[*n] = json!(v);

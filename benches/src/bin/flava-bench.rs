@@ -1,0 +1,143 @@
+//! `flava-bench`: times one configuration of flava-rs and prints one JSON line, so that
+//! `benches/compare_pytorch.py` can alternate it with the same configuration in PyTorch:
+//! `{"what": .., "preset": .., "batch": .., "times_ms": [..], "peak_rss_mb": ..}`.
+//!
+//! ```text
+//! flava-bench config --preset small                      # the preset as HF config.json
+//! flava-bench image  --preset full  --batch 8 --iters 5  # image tower, no autograd
+//! flava-bench text   --preset small --batch 32 --iters 10
+//! flava-bench step   --preset small --batch 32 --task pairs --iters 5   # fwd + bwd + AdamW
+//! flava-bench forward --preset full --batch 8 --iters 3  # paired pretraining forward, no autograd
+//! ```
+//! The first iteration warms up and is not reported. Inputs are random with fixed seeds; shapes
+//! and masking follow `flava_benches::inputs` (the Python side builds the same ones).
+
+use std::time::Instant;
+
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::prelude::*;
+use clap::{Parser, ValueEnum};
+use flava_benches::inputs::{pretraining_batch, BenchTask, SEQ};
+use flava_fusion::{FlavaConfig, FlavaModel};
+use flava_objectives::{FlavaForPretraining, StepOptions};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum What {
+    /// Print the preset's HF `config.json`.
+    Config,
+    /// Image tower forward (inference).
+    Image,
+    /// Text tower forward (inference).
+    Text,
+    /// Pretraining step: forward, backward, AdamW.
+    Step,
+    /// Paired pretraining forward without autograd.
+    Forward,
+}
+
+#[derive(Debug, Parser)]
+#[command(about = "Times one flava-rs configuration (see benches/compare_pytorch.py)")]
+struct Args {
+    /// What to time.
+    #[arg(value_enum)]
+    what: What,
+    /// tiny, small or full.
+    #[arg(long, default_value = "small")]
+    preset: String,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Timed iterations (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Batch kind of `step`.
+    #[arg(long, value_enum, default_value = "pairs")]
+    task: BenchTask,
+}
+
+/// Peak resident set of this process, from `/proc/self/status` (MiB; 0 where unavailable).
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn time(iters: usize, mut f: impl FnMut()) -> Vec<f64> {
+    f();
+    (0..iters)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect()
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let cfg = FlavaConfig::preset(&args.preset)?;
+    if args.what == What::Config {
+        println!("{}", cfg.to_json_pretty("FlavaForPreTraining"));
+        return Ok(());
+    }
+    let device = Device::flex();
+    device.seed(0);
+    let b = args.batch;
+    let times = match args.what {
+        What::Config => unreachable!("handled above"),
+        What::Image | What::Text => {
+            let model = FlavaModel::new(&cfg, &device);
+            let batch = pretraining_batch(&cfg, b, BenchTask::Pairs, &device);
+            if args.what == What::Image {
+                let px = batch.pixel_values.expect("pairs have pixels");
+                time(args.iters, || {
+                    let out = model.image_model.forward(px.clone(), None, false, false);
+                    out.last_hidden_state.into_data();
+                })
+            } else {
+                let ids = batch.input_ids.expect("pairs have text");
+                let mask = batch.attention_mask;
+                time(args.iters, || {
+                    let out = model.text_model.forward(ids.clone(), mask.as_ref(), None, false);
+                    out.last_hidden_state.into_data();
+                })
+            }
+        }
+        What::Forward => {
+            let model = FlavaForPretraining::new(&cfg, &device);
+            let batch = pretraining_batch(&cfg, b, BenchTask::Pairs, &device);
+            time(args.iters, || {
+                let out = model.forward(&batch, &StepOptions::default()).expect("paired batch");
+                out.total.expect("losses").into_data();
+            })
+        }
+        What::Step => {
+            let ad = device.clone().autodiff();
+            let mut model = Some(FlavaForPretraining::new(&cfg, &ad));
+            let mut optim = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.01).init();
+            let batch = pretraining_batch(&cfg, b, args.task, &ad);
+            time(args.iters, || {
+                let m = model.take().expect("model");
+                let out = m.forward(&batch, &StepOptions::default()).expect("batch");
+                let grads = GradientsParams::from_grads(out.total.expect("losses").backward(), &m);
+                model = Some(optim.step(1e-4, m, grads));
+            })
+        }
+    };
+    let line = serde_json::json!({
+        "what": format!("{:?}", args.what).to_lowercase(),
+        "task": format!("{:?}", args.task).to_lowercase(),
+        "preset": args.preset,
+        "batch": b,
+        "seq": SEQ,
+        "times_ms": times,
+        "peak_rss_mb": peak_rss_mb(),
+    });
+    println!("{line}");
+    Ok(())
+}
