@@ -88,6 +88,8 @@ fn main() -> anyhow::Result<()> {
     let device = Device::flex();
     device.seed(0);
     let b = args.batch;
+    // Step only: [forward, backward, optimizer] ms per iteration.
+    let mut phases: Vec<[f64; 3]> = Vec::new();
     let times = match args.what {
         What::Config => unreachable!("handled above"),
         What::Image | What::Text => {
@@ -121,13 +123,32 @@ fn main() -> anyhow::Result<()> {
             let mut model = Some(FlavaForPretraining::new(&cfg, &ad));
             let mut optim = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.01).init();
             let batch = pretraining_batch(&cfg, b, args.task, &ad);
-            time(args.iters, || {
+            let times = time(args.iters, || {
                 let m = model.take().expect("model");
+                // Each phase ends with its results computed (flex runs eagerly; reading the loss
+                // waits for the forward pass).
+                let t = Instant::now();
                 let out = m.forward(&batch, &StepOptions::default()).expect("batch");
-                let grads = GradientsParams::from_grads(out.total.expect("losses").backward(), &m);
+                let total = out.total.expect("losses");
+                let _ = total.clone().into_scalar::<f32>();
+                let t_fwd = t.elapsed().as_secs_f64() * 1e3;
+                let t = Instant::now();
+                let grads = GradientsParams::from_grads(total.backward(), &m);
+                let t_bwd = t.elapsed().as_secs_f64() * 1e3;
+                let t = Instant::now();
                 model = Some(optim.step(1e-4, m, grads));
-            })
+                let t_opt = t.elapsed().as_secs_f64() * 1e3;
+                phases.push([t_fwd, t_bwd, t_opt]);
+            });
+            // Drop the warm-up's phases.
+            phases.remove(0);
+            times
         }
+    };
+    let median = |i: usize| {
+        let mut v: Vec<f64> = phases.iter().map(|p| p[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
     };
     let line = serde_json::json!({
         "what": format!("{:?}", args.what).to_lowercase(),
@@ -136,6 +157,9 @@ fn main() -> anyhow::Result<()> {
         "batch": b,
         "seq": SEQ,
         "times_ms": times,
+        "forward_ms": median(0),
+        "backward_ms": median(1),
+        "optimizer_ms": median(2),
         "peak_rss_mb": peak_rss_mb(),
     });
     println!("{line}");
