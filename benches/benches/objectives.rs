@@ -1,8 +1,11 @@
 //! The pretraining heads and losses at the `small` preset, forward and backward, each on
 //! hidden states of a batch of 32 (40% masked patches, 15% masked tokens); and a whole paired-batch
-//! pretraining step (both towers twice, fusion, five heads, backward) at `tiny` and `small`.
+//! pretraining step (both towers twice, fusion, five heads, backward) at `tiny` and `small`; the
+//! whole training step (forward, backward, AdamW) on paired, image-only and text-only batches at
+//! `tiny` and `small`; the paired pretraining forward at `full` (batch 8, no autograd).
 //! Run: `cargo bench -p flava-benches --bench objectives`.
 
+use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -86,8 +89,44 @@ fn bench_step(c: &mut Criterion) {
                 out.total.unwrap().backward()
             })
         });
+        // The whole step as the trainer runs it: forward, backward, AdamW.
+        for (task, label) in [
+            (BenchTask::Pairs, "pairs_step"),
+            (BenchTask::Images, "images_step"),
+            (BenchTask::Text, "text_step"),
+        ] {
+            let batch = pretraining_batch(&cfg, BATCH, task, &device);
+            let mut optim = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.01).init();
+            let mut m = Some(FlavaForPretraining::new(&cfg, &device));
+            g.bench_function(BenchmarkId::new(label, BATCH), |b| {
+                b.iter(|| {
+                    let model = m.take().unwrap();
+                    let out = model.forward(&batch, &StepOptions::default()).unwrap();
+                    let grads = GradientsParams::from_grads(out.total.unwrap().backward(), &model);
+                    m = Some(optim.step(1e-4, model, grads));
+                })
+            });
+        }
         g.finish();
     }
+    // `full`: the paired pretraining forward only (no autograd), few samples.
+    let cfg = FlavaConfig::full();
+    let inference = Device::flex();
+    let model = FlavaForPretraining::new(&cfg, &inference);
+    let batch = pretraining_batch(&cfg, 8, BenchTask::Pairs, &inference);
+    let mut g = c.benchmark_group("pretraining_step/full");
+    g.sample_size(10);
+    g.bench_function(BenchmarkId::new("pairs_forward", 8), |b| {
+        b.iter(|| {
+            model
+                .forward(&batch, &StepOptions::default())
+                .unwrap()
+                .total
+                .unwrap()
+                .into_data()
+        })
+    });
+    g.finish();
 }
 
 criterion_group!(benches, bench_losses, bench_step);
