@@ -151,8 +151,7 @@ pub fn accumulate_gradients(
         };
         let out = model.forward(m, &opts)?;
         offset += counts[i].size;
-        for (name, l) in out.losses.named() {
-            let v = l.into_scalar::<f64>();
+        for (name, v) in out.losses.values() {
             // The contrastive value is the big batch's in every micro-batch: count it once.
             let add = if name == "global_contrastive" && i > 0 { 0.0 } else { v };
             match sums.iter_mut().find(|(n, _)| *n == name) {

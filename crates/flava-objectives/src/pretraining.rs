@@ -267,6 +267,14 @@ impl Losses {
         .filter_map(|(n, l)| l.clone().map(|l| (n, l)))
         .collect()
     }
+
+    /// (name, value) of the present losses, read to the host, in HF's order.
+    pub fn values(&self) -> Vec<(&'static str, f64)> {
+        self.named()
+            .into_iter()
+            .map(|(n, l)| (n, l.into_scalar::<f64>()))
+            .collect()
+    }
 }
 
 /// The logits each loss used.

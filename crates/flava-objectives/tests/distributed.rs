@@ -144,12 +144,7 @@ fn accumulated_micro_batches_equal_one_big_batch() {
     };
     let out = model.forward(&full, &opts).unwrap();
     let want_total = out.total.clone().unwrap().into_scalar::<f64>();
-    let want_losses: Vec<(&str, f64)> = out
-        .losses
-        .named()
-        .into_iter()
-        .map(|(n, l)| (n, l.into_scalar::<f64>()))
-        .collect();
+    let want_losses = out.losses.values();
     let want = GradientsParams::from_grads(out.total.unwrap().backward(), &model);
 
     for k in [2, 4] {

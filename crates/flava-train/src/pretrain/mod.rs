@@ -610,12 +610,7 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
             } else {
                 let batch = to_pretraining(host, &ad);
                 let o = model.forward(&batch, &step_opts)?;
-                let losses: Vec<(&str, f64)> = o
-                    .losses
-                    .named()
-                    .into_iter()
-                    .map(|(n, l)| (n, l.into_scalar::<f64>()))
-                    .collect();
+                let losses = o.losses.values();
                 match o.total {
                     Some(t) => {
                         let v = t.clone().into_scalar::<f64>();
