@@ -62,6 +62,14 @@ pub struct DvaeTrainConfig {
     pub kl_weight: f64,
     /// Steps of linear KL-weight warmup.
     pub kl_warmup: usize,
+    /// Weight of the code-usage term: the KL from the batch's average code distribution to the
+    /// uniform one (`ln V − H(mean q)`). It keeps all codes in use without pulling each
+    /// position's distribution towards uniform, as the per-position KL does.
+    pub usage_weight: f64,
+    /// Share of training over which the Gumbel noise grows from 0 to full scale. Early steps
+    /// then train a deterministic softmax bottleneck, whose gradients are far less noisy; by
+    /// the end the relaxation is the plain Gumbel-softmax. 0 = full noise from the start.
+    pub noise_warmup: f64,
     /// Reconstruction loss.
     pub reconstruction: Reconstruction,
     /// Random crops (scale 0.9–1) instead of plain resizing.
@@ -78,11 +86,12 @@ impl Default for DvaeTrainConfig {
         Self {
             codebook: FlavaImageCodebookConfig {
                 hidden_size: 32,
-                vocab_size: 64,
+                vocab_size: 128,
+                num_blocks_per_group: 1,
                 ..Default::default()
             },
             decoder: DecoderConfig {
-                vocab_size: 64,
+                vocab_size: 128,
                 n_init: 32,
                 hidden_size: 32,
                 num_blocks_per_group: 1,
@@ -90,15 +99,17 @@ impl Default for DvaeTrainConfig {
             },
             image_size: 64,
             batch_size: 8,
-            steps: 640,
+            steps: 1200,
             time_limit_s: None,
-            lr: 4e-3,
+            lr: 3e-3,
             warmup: 20,
             weight_decay: 0.0,
             tau_start: 1.0,
             tau_end: 0.25,
-            kl_weight: 0.02,
+            kl_weight: 0.0,
             kl_warmup: 100,
+            usage_weight: 0.005,
+            noise_warmup: 0.5,
             reconstruction: Reconstruction::L2,
             random_crop: false,
             checkpoint_every: 200,
@@ -165,6 +176,9 @@ pub struct DvaeMetrics {
     pub reconstruction: f64,
     /// KL to the uniform prior (nats per position).
     pub kl: f64,
+    /// KL from the batch's average code distribution to uniform (nats; the usage term).
+    #[serde(default)]
+    pub usage_kl: f64,
     /// PSNR of the relaxed reconstruction on the batch (dB).
     pub psnr: f64,
     /// Perplexity of the batch's hard code usage.
@@ -243,6 +257,26 @@ fn lr_at(cfg: &DvaeTrainConfig, step: usize, progress: f64) -> f64 {
         return cfg.lr * (step + 1) as f64 / cfg.warmup as f64;
     }
     cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+}
+
+/// The usage term: KL from the average code distribution over the batch and grid to the
+/// uniform one, `ln V − H(mean q)`, for encoder logits [B, V, h, w]; returns [1]. It is 0 when
+/// codes are used equally often, `ln V` when every position picks the same code.
+pub fn usage_kl(logits: Tensor<4>) -> Tensor<1> {
+    let v = logits.dims()[1];
+    let q = softmax(logits, 1);
+    let q_mean = q.permute([1, 0, 2, 3]).reshape([v as i64, -1]).mean_dim(1).reshape([v]);
+    (q_mean.clone() * (q_mean.clamp_min(1e-12).log() + (v as f64).ln())).sum()
+}
+
+/// Scale of the Gumbel noise: rises linearly from 0 to 1 over the first `noise_warmup` of
+/// training.
+fn noise_scale(cfg: &DvaeTrainConfig, progress: f64) -> f64 {
+    if cfg.noise_warmup <= 0.0 {
+        1.0
+    } else {
+        (progress / cfg.noise_warmup).min(1.0)
+    }
 }
 
 fn tau_at(cfg: &DvaeTrainConfig, progress: f64) -> f64 {
@@ -422,7 +456,7 @@ pub fn train(
         let p = progress(cfg, state.step, seconds);
         let tau = tau_at(cfg, p);
         let u = Tensor::<4>::random(logits.dims(), Distribution::Uniform(1e-10, 1.0 - 1e-10), &ad);
-        let gumbel = u.log().neg().log().neg();
+        let gumbel = u.log().neg().log().neg() * noise_scale(cfg, p);
         let soft = softmax((logits.clone() + gumbel) / tau, 1);
         let out_px = model.decoder.forward(soft);
         let target = (x.clone() - 0.1) / 0.8;
@@ -446,8 +480,9 @@ pub fn train(
         };
         let logq = log_softmax(logits.clone(), 1);
         let kl = (logq.clone().exp() * (logq + (v as f64).ln())).sum_dim(1).mean();
+        let usage_kl = usage_kl(logits.clone());
         let beta = cfg.kl_weight * ((state.step + 1) as f64 / cfg.kl_warmup.max(1) as f64).min(1.0);
-        let loss = rec_loss.clone() + kl.clone() * beta;
+        let loss = rec_loss.clone() + kl.clone() * beta + usage_kl.clone() * cfg.usage_weight;
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let lr = lr_at(cfg, state.step, p);
         model = optim.step(lr, model, grads);
@@ -469,6 +504,7 @@ pub fn train(
             loss: loss.into_scalar::<f64>(),
             reconstruction: rec_loss.into_scalar::<f64>(),
             kl: kl.into_scalar::<f64>(),
+            usage_kl: usage_kl.into_scalar::<f64>(),
             psnr: psnr(mse),
             perplexity: perplexity(&counts),
             tau,
@@ -520,6 +556,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn usage_term_is_zero_for_even_use_and_ln_v_for_one_code() {
+        let device = Device::flex();
+        // Two positions, confident on different codes of 2: the average is uniform.
+        let even = Tensor::<4>::from_data(TensorData::new(vec![30f32, -30., -30., 30.], [1, 2, 1, 2]), &device);
+        assert!(usage_kl(even).into_scalar::<f64>().abs() < 1e-6);
+        // Both positions on code 0 of 4: ln 4.
+        let one = Tensor::<4>::from_data(
+            TensorData::new(vec![30f32, 30., -30., -30., -30., -30., -30., -30.], [1, 4, 1, 2]),
+            &device,
+        );
+        assert!((usage_kl(one).into_scalar::<f64>() - 4f64.ln()).abs() < 1e-5);
+        // Per-position uncertainty does not count: every position uniform gives 0 too.
+        let flat = Tensor::<4>::zeros([2, 4, 3, 3], &device);
+        assert!(usage_kl(flat).into_scalar::<f64>().abs() < 1e-6);
+    }
+
+    #[test]
     fn schedules_follow_steps_or_time_whichever_is_further() {
         let mut cfg = DvaeTrainConfig {
             steps: 2000,
@@ -540,6 +593,10 @@ mod tests {
         assert!((tau_at(&cfg, 0.5) - 0.5).abs() < 1e-12);
         assert!((lr_at(&cfg, 200, 1.0) - 1e-4).abs() < 1e-12);
         assert!((lr_at(&cfg, 200, 0.0) - 1e-3).abs() < 1e-12);
+        assert_eq!(noise_scale(&cfg, 0.25), 0.5);
+        assert_eq!(noise_scale(&cfg, 0.75), 1.0);
+        cfg.noise_warmup = 0.0;
+        assert_eq!(noise_scale(&cfg, 0.0), 1.0);
         // Warmup is counted in steps.
         assert!((lr_at(&cfg, 9, 0.9) - 5e-4).abs() < 1e-12);
     }

@@ -3,6 +3,12 @@
 //! autograd, its own features live and the others' from the cache. Each re-run differentiates
 //! the contrastive loss of the whole accumulated batch through its own rows only, so the summed
 //! gradients equal those of one batch k times larger; mean losses use the big batch's counts.
+//!
+//! Data parallelism is the same computation spread over devices: [`data_parallel_gradients`]
+//! runs the micro-batches on model replicas, one thread per device, exchanges the contrastive
+//! features between them (the global contrastive loss sees every device's negatives), and sums
+//! the gradients on the first device. On CUDA the threads overlap their devices' work; on a
+//! single CPU the same path runs with replicas that share the device (which is how it is tested).
 
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
@@ -32,6 +38,17 @@ struct Counts {
     seq: usize,
 }
 
+/// One model replica for data parallelism: the model on one device (same parameter ids as the
+/// others, e.g. `model.clone().fork(&device)`) and the frozen codebook on that device's inner
+/// (non-autodiff) device.
+#[derive(Clone, Copy)]
+pub struct Replica<'a> {
+    /// The model on this device.
+    pub model: &'a FlavaForPretraining,
+    /// The frozen codebook for MIM targets, on this device without autodiff.
+    pub codebook: Option<&'a ImageCodebook>,
+}
+
 /// Runs `micro` (micro-batches of one task) and returns the gradients of their union as one batch.
 /// `codebook`: frozen, on a device without autodiff, for MIM targets.
 pub fn accumulate_gradients(
@@ -39,9 +56,26 @@ pub fn accumulate_gradients(
     micro: &[PretrainingBatch],
     codebook: Option<&ImageCodebook>,
 ) -> Result<AccumulatedStep, ObjectiveError> {
-    if micro.is_empty() {
+    data_parallel_gradients(&[Replica { model, codebook }], micro)
+}
+
+/// The losses and summed gradients of one replica's micro-batches.
+type ReplicaResult = Result<(Vec<(usize, Vec<(&'static str, f64)>)>, Option<GradientsParams>), ObjectiveError>;
+
+/// Data-parallel [`accumulate_gradients`]: micro-batch `i` runs on `replicas[i % n]` and must
+/// live on its device. Returns the gradients of the union of all micro-batches, as one batch,
+/// on the first replica's device (for its optimizer step; then fork the updated model to the
+/// other devices again).
+pub fn data_parallel_gradients(
+    replicas: &[Replica<'_>],
+    micro: &[PretrainingBatch],
+) -> Result<AccumulatedStep, ObjectiveError> {
+    if micro.is_empty() || replicas.is_empty() {
         return Err(ObjectiveError::EmptyBatch);
     }
+    let n_rep = replicas.len();
+    let model = replicas[0].model;
+    let assigned = |r: usize| (r..micro.len()).step_by(n_rep);
     let paired = micro[0].is_paired();
     let counts: Vec<Counts> = micro
         .iter()
@@ -103,23 +137,34 @@ pub fn accumulate_gradients(
         den.mlm = Some(mlm_total);
     }
 
-    // Contrastive features of every micro-batch, without autograd.
+    // Contrastive features of every micro-batch, without autograd, each on its replica.
     let cache = if paired && model.weights.global_contrastive > 0.0 {
-        let valid = model.valid();
-        let (mut us, mut vs) = (Vec::new(), Vec::new());
-        for m in micro {
-            let inner = PretrainingBatch {
-                pixel_values: m.pixel_values.clone().map(|t| t.without_autodiff()),
-                input_ids: m.input_ids.clone().map(|t| t.without_autodiff()),
-                input_ids_masked: m.input_ids_masked.clone().map(|t| t.without_autodiff()),
-                attention_mask: m.attention_mask.clone().map(|t| t.without_autodiff()),
-                token_type_ids: m.token_type_ids.clone().map(|t| t.without_autodiff()),
-                ..Default::default()
-            };
-            let (u, v) = valid.contrastive_embeddings(&inner);
-            us.push(u);
-            vs.push(v);
-        }
+        let per_replica = on_replicas(replicas, |r, rep| {
+            let valid = rep.model.valid();
+            assigned(r)
+                .map(|i| {
+                    let m = &micro[i];
+                    let inner = PretrainingBatch {
+                        pixel_values: m.pixel_values.clone().map(|t| t.without_autodiff()),
+                        input_ids: m.input_ids.clone().map(|t| t.without_autodiff()),
+                        input_ids_masked: m.input_ids_masked.clone().map(|t| t.without_autodiff()),
+                        attention_mask: m.attention_mask.clone().map(|t| t.without_autodiff()),
+                        token_type_ids: m.token_type_ids.clone().map(|t| t.without_autodiff()),
+                        ..Default::default()
+                    };
+                    let (u, v) = valid.contrastive_embeddings(&inner);
+                    (i, u, v)
+                })
+                .collect::<Vec<_>>()
+        });
+        let mut feats: Vec<_> = per_replica.into_iter().flatten().collect();
+        feats.sort_by_key(|f| f.0);
+        // All on the first replica's device; each replica's forward moves the cache to its own.
+        let device = feats[0].1.device();
+        let (us, vs): (Vec<_>, Vec<_>) = feats
+            .into_iter()
+            .map(|(_, u, v)| (u.to_device(&device), v.to_device(&device)))
+            .unzip();
         let mut offset = 0;
         let mut global_rows = Vec::new();
         for (i, c) in counts.iter().enumerate() {
@@ -130,38 +175,76 @@ pub fn accumulate_gradients(
     } else {
         None
     };
+    let offsets: Vec<usize> = counts
+        .iter()
+        .scan(0, |o, c| {
+            let here = *o;
+            *o += c.size;
+            Some(here)
+        })
+        .collect();
 
+    // Forward and backward of every micro-batch on its replica; gradients summed per replica.
+    let results: Vec<ReplicaResult> = on_replicas(replicas, |r, rep| {
+        let mut acc = GradientsAccumulator::new();
+        let mut any = false;
+        let mut losses = Vec::new();
+        for i in assigned(r) {
+            let m = &micro[i];
+            let cached = cache.as_ref().map(|(u, v, rw)| CachedFeatures {
+                image: u.clone(),
+                text: v.clone(),
+                offset: offsets[i],
+                rows: rw.clone(),
+                live_scale: i == 0,
+            });
+            let opts = StepOptions {
+                codebook: rep.codebook,
+                contrastive: cached.as_ref().map_or(Contrastive::Local, Contrastive::Cached),
+                denominators: den,
+                positive_rows: Some(rows[i].clone()),
+            };
+            let out = rep.model.forward(m, &opts)?;
+            losses.push((i, out.losses.values()));
+            if let Some(t) = out.total {
+                let grads = GradientsParams::from_grads(t.backward(), rep.model);
+                acc.accumulate(rep.model, grads);
+                any = true;
+            }
+        }
+        Ok((losses, any.then(|| acc.grads())))
+    });
+
+    // Sum on the first replica's device, losses in micro-batch order.
+    let main_device = micro[0]
+        .pixel_values
+        .as_ref()
+        .map(|t| t.device())
+        .or_else(|| micro[0].input_ids.as_ref().map(|t| t.device()));
     let mut acc = GradientsAccumulator::new();
+    let mut per_micro = Vec::new();
+    for (r, res) in results.into_iter().enumerate() {
+        let (losses, grads) = res?;
+        per_micro.extend(losses);
+        if let Some(g) = grads {
+            let g = match (&main_device, r) {
+                (Some(d), r) if r > 0 => g.to_device(d, model),
+                _ => g,
+            };
+            acc.accumulate(model, g);
+        }
+    }
+    per_micro.sort_by_key(|(i, _)| *i);
     let mut sums: Vec<(&'static str, f64)> = Vec::new();
     let mut total = 0.0;
-    let mut offset = 0;
-    for (i, m) in micro.iter().enumerate() {
-        let cached = cache.as_ref().map(|(u, v, r)| CachedFeatures {
-            image: u.clone(),
-            text: v.clone(),
-            offset,
-            rows: r.clone(),
-            live_scale: i == 0,
-        });
-        let opts = StepOptions {
-            codebook,
-            contrastive: cached.as_ref().map_or(Contrastive::Local, Contrastive::Cached),
-            denominators: den,
-            positive_rows: Some(rows[i].clone()),
-        };
-        let out = model.forward(m, &opts)?;
-        offset += counts[i].size;
-        for (name, v) in out.losses.values() {
+    for (i, values) in per_micro {
+        for (name, v) in values {
             // The contrastive value is the big batch's in every micro-batch: count it once.
             let add = if name == "global_contrastive" && i > 0 { 0.0 } else { v };
             match sums.iter_mut().find(|(n, _)| *n == name) {
                 Some(s) => s.1 += add,
                 None => sums.push((name, add)),
             }
-        }
-        if let Some(t) = out.total {
-            let grads = GradientsParams::from_grads(t.backward(), model);
-            acc.accumulate(model, grads);
         }
     }
     for (name, v) in &sums {
@@ -171,5 +254,24 @@ pub fn accumulate_gradients(
         grads: acc.grads(),
         losses: sums,
         total,
+    })
+}
+
+/// Runs `f(r, replica)` for every replica, one thread each when there are several.
+fn on_replicas<'a, T: Send>(replicas: &[Replica<'a>], f: impl Fn(usize, Replica<'a>) -> T + Sync) -> Vec<T> {
+    if replicas.len() == 1 {
+        return vec![f(0, replicas[0])];
+    }
+    std::thread::scope(|scope| {
+        let f = &f;
+        let handles: Vec<_> = replicas
+            .iter()
+            .enumerate()
+            .map(|(r, &rep)| scope.spawn(move || f(r, rep)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
     })
 }

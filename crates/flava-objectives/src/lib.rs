@@ -19,7 +19,7 @@ pub mod heads;
 pub mod losses;
 pub mod pretraining;
 
-pub use accumulate::{accumulate_gradients, AccumulatedStep};
+pub use accumulate::{accumulate_gradients, data_parallel_gradients, AccumulatedStep, Replica};
 pub use checkpoint::{load_pretraining, save_pretraining, LoadedPretraining};
 pub use contrastive::{clamp_logit_scale, contrastive_loss, AllReduceGather, EmbeddingGather, LocalGather};
 pub use heads::{ItmHead, MaskedPredictionHead};

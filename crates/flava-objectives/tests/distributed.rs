@@ -11,7 +11,8 @@ use burn::prelude::*;
 use common::{fixtures, slice_batch, Io};
 use flava_objectives::checkpoint::load_pretraining;
 use flava_objectives::{
-    accumulate_gradients, clamp_logit_scale, contrastive_loss, FlavaForPretraining, PretrainingBatch, StepOptions,
+    accumulate_gradients, clamp_logit_scale, contrastive_loss, data_parallel_gradients, FlavaForPretraining,
+    PretrainingBatch, Replica, StepOptions,
 };
 
 const TOL: f32 = 1e-4;
@@ -165,6 +166,48 @@ fn accumulated_micro_batches_equal_one_big_batch() {
         }
         assert_same_grads(&model, &step.grads, &want);
     }
+}
+
+/// Data parallelism over two replicas (threads; both on the CPU here, as CI has no GPUs): four
+/// micro-batches, two per replica, give the gradients and losses of the one big batch.
+#[test]
+fn data_parallel_replicas_equal_one_big_batch() {
+    let io = Io::load();
+    let (model, codebook) = load(&io);
+    let full = io.batch("pairs");
+    let opts = StepOptions {
+        codebook: Some(&codebook),
+        ..Default::default()
+    };
+    let out = model.forward(&full, &opts).unwrap();
+    let want_total = out.total.clone().unwrap().into_scalar::<f64>();
+    let want_losses = out.losses.values();
+    let want = GradientsParams::from_grads(out.total.unwrap().backward(), &model);
+    let second = model.clone().fork(&io.device);
+    let cb2 = codebook.clone();
+    let replicas = [
+        Replica {
+            model: &model,
+            codebook: Some(&codebook),
+        },
+        Replica {
+            model: &second,
+            codebook: Some(&cb2),
+        },
+    ];
+    let per = full.batch_size() / 4;
+    let micro: Vec<PretrainingBatch> = (0..4).map(|i| slice_batch(&full, i * per, (i + 1) * per)).collect();
+    let step = data_parallel_gradients(&replicas, &micro).unwrap();
+    assert!(
+        (step.total - want_total).abs() < 1e-4,
+        "total {} vs {want_total}",
+        step.total
+    );
+    for (name, v) in &want_losses {
+        let got = step.losses.iter().find(|(n, _)| n == name).map(|x| x.1);
+        assert!(got.is_some_and(|g| (g - v).abs() < 1e-4), "{name}: {got:?} vs {v}");
+    }
+    assert_same_grads(&model, &step.grads, &want);
 }
 
 #[test]

@@ -194,7 +194,7 @@ struct PretrainArgs {
     /// flex, cuda or wgpu.
     #[arg(long)]
     device: Option<String>,
-    /// Several devices for data parallelism: cuda:0,cuda:1.
+    /// Several devices for data parallelism: cuda:0,cuda:1 (one replica and one share of each batch per device; flex,flex runs the same path on the CPU).
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
     /// Checkpoint every N steps.

@@ -221,6 +221,48 @@ fn stopping_and_resuming_gives_the_same_losses_as_one_run() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// Data parallelism over two replicas (`--devices flex,flex`: the multi-GPU code path, run on
+/// the CPU) trains as one device does on the same batches: the same losses at every step, within
+/// float summation order (1e-4), as plain training and as `--accumulate 2`.
+#[test]
+fn data_parallel_training_gives_the_losses_of_one_device() {
+    let dir = scratch("dp");
+    let tokenizer = {
+        let one = dir.join("one");
+        std::fs::create_dir_all(&one).unwrap();
+        ok(&flava(&[], &config(&one, "steps = 4\n[eval]\nskip = true")));
+        one.join("run").join("tokenizer.json")
+    };
+    let want = losses(&dir.join("one").join("run"));
+    for (name, args) in [
+        ("dp", vec!["--devices", "flex,flex"]),
+        ("acc", vec!["--accumulate", "2"]),
+    ] {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let cfg = config(
+            &d,
+            &format!("steps = 4\ntokenizer = {tokenizer:?}\n[eval]\nskip = true"),
+        );
+        let out = ok(&flava(&args, &cfg));
+        if name == "dp" {
+            assert!(out.contains("data parallel over 2 devices"), "{out}");
+        }
+        let got = losses(&d.join("run"));
+        assert_eq!(got.len(), 4);
+        for ((s, a), (_, b)) in got.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-4, "{name} step {s}: {a} vs {b} on one device");
+        }
+    }
+    let bad = flava(
+        &["--devices", "flex,flex", "--batch-size", "6", "--accumulate", "2"],
+        &config(&dir, ""),
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("on each of 2 devices"));
+    std::fs::remove_dir_all(dir).ok();
+}
+
 #[test]
 fn a_crash_while_writing_a_checkpoint_resumes_from_the_last_complete_one() {
     let dir = scratch("crash");

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 /// dVAE training done by the default run when no codebook is given.
@@ -132,7 +133,9 @@ pub struct PretrainConfig {
     pub tokenizer_vocab_size: usize,
     /// Compute device: flex, cuda or wgpu.
     pub device: String,
-    /// Several devices for data parallelism (`cuda:0,cuda:1`).
+    /// Several devices for data parallelism (`cuda:0,cuda:1`): one model replica and one share
+    /// of every batch per device, gradients summed on the first, which replaces `device`.
+    /// (`flex,flex` runs the same path on the CPU, for testing.)
     pub devices: Vec<String>,
     /// Checkpoint every N steps (0 = only at the end).
     pub checkpoint_every: usize,
@@ -296,11 +299,17 @@ impl PretrainConfig {
                 anyhow::bail!("--freeze {f}: expected image, text or multimodal");
             }
         }
-        if self.devices.len() > 1 {
+        let replicas = self.devices.len().max(1);
+        if !self.batch_size.is_multiple_of(self.accumulate * replicas) {
             anyhow::bail!(
-                "data-parallel training over {} devices is not available in this build; train on one device (--device)",
-                self.devices.len()
+                "--batch-size {} must split into --accumulate {} micro-batches on each of {} devices",
+                self.batch_size,
+                self.accumulate,
+                replicas
             );
+        }
+        for d in &self.devices {
+            crate::pick_device(d).with_context(|| format!("--devices {}", self.devices.join(",")))?;
         }
         flava_data::loader::Mix::parse(&self.mix).map_err(anyhow::Error::msg)?;
         let total: usize = self.phases()?.iter().map(|p| p.steps).sum();

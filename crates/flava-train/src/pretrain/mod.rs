@@ -33,7 +33,10 @@ use flava_dvae::ImageCodebook;
 use flava_fusion::checkpoint::read_config;
 use flava_fusion::FlavaConfig;
 use flava_objectives::checkpoint::{load_pretraining, save_pretraining};
-use flava_objectives::{accumulate_gradients, FlavaForPretraining, MlmTargets, PretrainingBatch, StepOptions};
+use flava_objectives::{
+    accumulate_gradients, data_parallel_gradients, FlavaForPretraining, MlmTargets, PretrainingBatch, Replica,
+    StepOptions,
+};
 use flava_text::Tokenizer;
 use serde_json::json;
 
@@ -453,7 +456,16 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
     };
     std::fs::write(out.join("config.toml"), cfg.to_toml())?;
 
-    let device = crate::pick_device(&cfg.device)?;
+    // Data parallelism: the first of `devices` is the main one (optimizer, checkpoints).
+    let dp_devices: Vec<Device> = cfg
+        .devices
+        .iter()
+        .map(|d| crate::pick_device(d))
+        .collect::<anyhow::Result<_>>()?;
+    let device = match dp_devices.first() {
+        Some(d) if dp_devices.len() > 1 => d.clone(),
+        _ => crate::pick_device(&cfg.device)?,
+    };
     device.seed(cfg.seed);
     let ad = device.clone().autodiff();
 
@@ -467,6 +479,22 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
     let codebook_side = 8 * grid as u32;
     let (codebook, cb_cfg, codebook_dir) = prepare_codebook(cfg, codebook_side, &device)?;
     let mc = model_config(cfg, &tokenizer, &cb_cfg)?;
+    // The frozen codebook on every other data-parallel device.
+    let dp_codebooks: Vec<ImageCodebook> = dp_devices
+        .iter()
+        .skip(1)
+        .filter(|_| dp_devices.len() > 1)
+        .map(|d| codebook.clone().fork(d))
+        .collect();
+    if dp_devices.len() > 1 {
+        println!(
+            "data parallel over {} devices: {} (batch {} = {} per device per micro-batch)",
+            dp_devices.len(),
+            cfg.devices.join(", "),
+            cfg.batch_size,
+            cfg.batch_size / (cfg.accumulate * dp_devices.len())
+        );
+    }
 
     let mut model = match &cfg.init {
         Some(dir) => {
@@ -599,7 +627,30 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
             let host = &lb.batch;
             let lr = learning_rate(state.step, total, cfg.warmup, cfg.lr, cfg.min_lr_ratio);
             let inject = cfg.inject_nonfinite_at.contains(&(lb.state_after.step as usize));
-            let (losses, value, grads) = if cfg.accumulate > 1 {
+            let (losses, value, grads) = if dp_devices.len() > 1 {
+                let n = dp_devices.len();
+                let micro: Vec<PretrainingBatch> = host
+                    .split(cfg.accumulate * n)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, h)| to_pretraining(h, &dp_devices[i % n].clone().autodiff()))
+                    .collect();
+                // Replicas of this step's parameters on the other devices (same parameter ids).
+                let forks: Vec<FlavaForPretraining> = dp_devices[1..]
+                    .iter()
+                    .map(|d| model.clone().fork(&d.clone().autodiff()))
+                    .collect();
+                let mut replicas = vec![Replica {
+                    model: &model,
+                    codebook: Some(&codebook),
+                }];
+                replicas.extend(forks.iter().zip(&dp_codebooks).map(|(m, c)| Replica {
+                    model: m,
+                    codebook: Some(c),
+                }));
+                let s = data_parallel_gradients(&replicas, &micro)?;
+                (s.losses, s.total, Some(s.grads))
+            } else if cfg.accumulate > 1 {
                 let micro: Vec<PretrainingBatch> = host
                     .split(cfg.accumulate)
                     .iter()
