@@ -132,6 +132,27 @@ fn global_contrastive_over_simulated_ranks_equals_the_full_batch() {
     }
 }
 
+/// The reference: total, losses and gradients of `full` as one batch.
+#[allow(clippy::type_complexity)]
+fn one_batch(
+    model: &FlavaForPretraining,
+    codebook: &flava_dvae::ImageCodebook,
+    full: &PretrainingBatch,
+) -> (f64, Vec<(&'static str, f64)>, GradientsParams) {
+    let opts = StepOptions {
+        codebook: Some(codebook),
+        ..Default::default()
+    };
+    let out = model.forward(full, &opts).unwrap();
+    let total = out.total.clone().unwrap().into_scalar::<f64>();
+    let losses = out.losses.values();
+    (
+        total,
+        losses,
+        GradientsParams::from_grads(out.total.unwrap().backward(), model),
+    )
+}
+
 #[test]
 fn accumulated_micro_batches_equal_one_big_batch() {
     let io = Io::load();
@@ -139,14 +160,7 @@ fn accumulated_micro_batches_equal_one_big_batch() {
     // The paired batch: ITM negative in row 2, padded caption in row 1, masks and MLM targets
     // of different counts per row, so the denominators matter.
     let full = io.batch("pairs");
-    let opts = StepOptions {
-        codebook: Some(&codebook),
-        ..Default::default()
-    };
-    let out = model.forward(&full, &opts).unwrap();
-    let want_total = out.total.clone().unwrap().into_scalar::<f64>();
-    let want_losses = out.losses.values();
-    let want = GradientsParams::from_grads(out.total.unwrap().backward(), &model);
+    let (want_total, want_losses, want) = one_batch(&model, &codebook, &full);
 
     for k in [2, 4] {
         let per = full.batch_size() / k;
@@ -175,14 +189,7 @@ fn data_parallel_replicas_equal_one_big_batch() {
     let io = Io::load();
     let (model, codebook) = load(&io);
     let full = io.batch("pairs");
-    let opts = StepOptions {
-        codebook: Some(&codebook),
-        ..Default::default()
-    };
-    let out = model.forward(&full, &opts).unwrap();
-    let want_total = out.total.clone().unwrap().into_scalar::<f64>();
-    let want_losses = out.losses.values();
-    let want = GradientsParams::from_grads(out.total.unwrap().backward(), &model);
+    let (want_total, want_losses, want) = one_batch(&model, &codebook, &full);
     let second = model.clone().fork(&io.device);
     let cb2 = codebook.clone();
     let replicas = [
@@ -215,13 +222,7 @@ fn accumulation_of_image_only_micro_batches_equals_one_big_batch() {
     let io = Io::load();
     let (model, codebook) = load(&io);
     let full = io.batch("images");
-    let opts = StepOptions {
-        codebook: Some(&codebook),
-        ..Default::default()
-    };
-    let out = model.forward(&full, &opts).unwrap();
-    let want_total = out.total.clone().unwrap().into_scalar::<f64>();
-    let want = GradientsParams::from_grads(out.total.unwrap().backward(), &model);
+    let (want_total, _, want) = one_batch(&model, &codebook, &full);
     let micro: Vec<PretrainingBatch> = (0..3).map(|i| slice_batch(&full, i, i + 1)).collect();
     let step = accumulate_gradients(&model, &micro, Some(&codebook)).unwrap();
     assert!((step.total - want_total).abs() < 1e-4, "{} vs {want_total}", step.total);
