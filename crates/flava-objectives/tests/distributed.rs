@@ -153,6 +153,30 @@ fn one_batch(
     )
 }
 
+/// Total and losses within 1e-4, gradients within `TOL` relative, of the one-batch reference.
+fn assert_equals_one_batch(
+    model: &FlavaForPretraining,
+    step: &flava_objectives::AccumulatedStep,
+    total: f64,
+    losses: &[(&'static str, f64)],
+    grads: &GradientsParams,
+    what: &str,
+) {
+    assert!(
+        (step.total - total).abs() < 1e-4,
+        "{what}: total {} vs {total}",
+        step.total
+    );
+    for (name, v) in losses {
+        let got = step.losses.iter().find(|(n, _)| n == name).map(|x| x.1);
+        assert!(
+            got.is_some_and(|g| (g - v).abs() < 1e-4),
+            "{what} {name}: {got:?} vs {v}"
+        );
+    }
+    assert_same_grads(model, &step.grads, grads);
+}
+
 #[test]
 fn accumulated_micro_batches_equal_one_big_batch() {
     let io = Io::load();
@@ -166,19 +190,7 @@ fn accumulated_micro_batches_equal_one_big_batch() {
         let per = full.batch_size() / k;
         let micro: Vec<PretrainingBatch> = (0..k).map(|i| slice_batch(&full, i * per, (i + 1) * per)).collect();
         let step = accumulate_gradients(&model, &micro, Some(&codebook)).unwrap();
-        assert!(
-            (step.total - want_total).abs() < 1e-4,
-            "k={k}: total {} vs {want_total}",
-            step.total
-        );
-        for (name, v) in &want_losses {
-            let got = step.losses.iter().find(|(n, _)| n == name).map(|x| x.1);
-            assert!(
-                got.is_some_and(|g| (g - v).abs() < 1e-4),
-                "k={k} {name}: {got:?} vs {v}"
-            );
-        }
-        assert_same_grads(&model, &step.grads, &want);
+        assert_equals_one_batch(&model, &step, want_total, &want_losses, &want, &format!("k={k}"));
     }
 }
 
@@ -205,16 +217,7 @@ fn data_parallel_replicas_equal_one_big_batch() {
     let per = full.batch_size() / 4;
     let micro: Vec<PretrainingBatch> = (0..4).map(|i| slice_batch(&full, i * per, (i + 1) * per)).collect();
     let step = data_parallel_gradients(&replicas, &micro).unwrap();
-    assert!(
-        (step.total - want_total).abs() < 1e-4,
-        "total {} vs {want_total}",
-        step.total
-    );
-    for (name, v) in &want_losses {
-        let got = step.losses.iter().find(|(n, _)| n == name).map(|x| x.1);
-        assert!(got.is_some_and(|g| (g - v).abs() < 1e-4), "{name}: {got:?} vs {v}");
-    }
-    assert_same_grads(&model, &step.grads, &want);
+    assert_equals_one_batch(&model, &step, want_total, &want_losses, &want, "2 replicas");
 }
 
 #[test]

@@ -480,12 +480,7 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
     let (codebook, cb_cfg, codebook_dir) = prepare_codebook(cfg, codebook_side, &device)?;
     let mc = model_config(cfg, &tokenizer, &cb_cfg)?;
     // The frozen codebook on every other data-parallel device.
-    let dp_codebooks: Vec<ImageCodebook> = dp_devices
-        .iter()
-        .skip(1)
-        .filter(|_| dp_devices.len() > 1)
-        .map(|d| codebook.clone().fork(d))
-        .collect();
+    let dp_codebooks: Vec<ImageCodebook> = dp_devices.iter().skip(1).map(|d| codebook.clone().fork(d)).collect();
     if dp_devices.len() > 1 {
         println!(
             "data parallel over {} devices: {} (batch {} = {} per device per micro-batch)",
