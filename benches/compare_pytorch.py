@@ -86,6 +86,7 @@ def worker(args):
         cfg = FlavaConfig(**json.load(f))
     model = FlavaForPreTraining(cfg)
     x = inputs(cfg, args.batch, args.task)
+    phases = []  # [forward, backward, optimizer] ms of each step
 
     def timed(fn):
         fn()
@@ -110,13 +111,21 @@ def worker(args):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-8, weight_decay=0.01)
 
         def step():
+            t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             out = model(**x, skip_unmasked_multimodal_encoder=True, return_loss=True)
+            t1 = time.perf_counter()
             out.loss.backward()
+            t2 = time.perf_counter()
             opt.step()
+            t3 = time.perf_counter()
+            phases.append([(t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3])
 
         times = timed(step)
-    print(json.dumps({"times_ms": times, "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}))
+        phases.pop(0)  # the warm-up
+    med = lambda i: statistics.median(p[i] for p in phases) if phases else None
+    print(json.dumps({"times_ms": times, "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
+                      "forward_ms": med(0), "backward_ms": med(1), "optimizer_ms": med(2)}))
 
 
 def run_json(cmd):
@@ -167,9 +176,13 @@ def main():
             ours = run_json([OURS, what, "--preset", preset] + common)
             theirs = run_json([sys.executable, __file__, "--worker", "--what", what, "--config", cfg_files[preset]] + common)
             key = (what, preset, b, task)
-            acc = results.setdefault(key, {"ours": [], "torch": [], "ours_rss": 0.0, "torch_rss": 0.0})
+            acc = results.setdefault(key, {"ours": [], "torch": [], "ours_rss": 0.0, "torch_rss": 0.0,
+                                           "ours_phases": [], "torch_phases": []})
             acc["ours"] += ours["times_ms"]
             acc["torch"] += theirs["times_ms"]
+            if theirs.get("forward_ms") is not None:
+                for who, r in (("ours", ours), ("torch", theirs)):
+                    acc[f"{who}_phases"].append([r["forward_ms"], r["backward_ms"], r["optimizer_ms"]])
             acc["ours_rss"] = max(acc["ours_rss"], ours["peak_rss_mb"])
             acc["torch_rss"] = max(acc["torch_rss"], theirs["peak_rss_mb"])
             print(f"round {r + 1}/{rounds} {what}/{preset}/{task}/b{b}: ours {statistics.median(ours['times_ms']):.1f} ms, "
@@ -187,6 +200,18 @@ def main():
               f"{acc['ours_rss']:.0f} MB | {acc['torch_rss']:.0f} MB |")
         table.append({"what": what, "preset": preset, "batch": b, "task": task, "ours_ms": o, "torch_ms": t,
                       "ratio": o / t, "ours_peak_rss_mb": acc["ours_rss"], "torch_peak_rss_mb": acc["torch_rss"]})
+    steps = [(k, acc) for k, acc in results.items() if acc["ours_phases"]]
+    if steps:
+        print("\nWhere a training step's time goes (medians over rounds of each run's median, ms):\n")
+        print("| config | batch | task | forward flava-rs / PyTorch | backward | optimizer |")
+        print("|---|---|---|---|---|---|")
+        for (what, preset, b, task), acc in steps:
+            cells = []
+            for i in range(3):
+                o = statistics.median(p[i] for p in acc["ours_phases"])
+                t = statistics.median(p[i] for p in acc["torch_phases"])
+                cells.append(f"{o:.0f} / {t:.0f} ({o / t:.2f})")
+            print(f"| {preset} | {b} | {task} | " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(table, f, indent=1)

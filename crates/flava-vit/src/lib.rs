@@ -6,6 +6,7 @@
 //!   multimodal towers (HF `FlavaLayer`/`FlavaEncoder`), and the tanh [`encoder::Pooler`];
 //! - [`vit`]: the ViT image encoder (HF `FlavaImageModel`) with mask-token blending and
 //!   bicubic position-embedding interpolation;
+//! - [`kernels`]: exact GELU for the flex backend, vectorised, with its own backward pass;
 //! - [`config`]: `FlavaImageConfig`, read from an HF `config.json` as it is;
 //! - [`weights`]: reading PyTorch/safetensors checkpoints, applying them by HF key, and writing
 //!   HF-compatible safetensors.
@@ -23,6 +24,7 @@
 
 pub mod config;
 pub mod encoder;
+pub mod kernels;
 pub mod vit;
 pub mod weights;
 
