@@ -181,8 +181,8 @@ def main():
             acc["ours"] += ours["times_ms"]
             acc["torch"] += theirs["times_ms"]
             if theirs.get("forward_ms") is not None:
-                for who, r in (("ours", ours), ("torch", theirs)):
-                    acc[f"{who}_phases"].append([r["forward_ms"], r["backward_ms"], r["optimizer_ms"]])
+                for who, res in (("ours", ours), ("torch", theirs)):
+                    acc[f"{who}_phases"].append([res["forward_ms"], res["backward_ms"], res["optimizer_ms"]])
             acc["ours_rss"] = max(acc["ours_rss"], ours["peak_rss_mb"])
             acc["torch_rss"] = max(acc["torch_rss"], theirs["peak_rss_mb"])
             print(f"round {r + 1}/{rounds} {what}/{preset}/{task}/b{b}: ours {statistics.median(ours['times_ms']):.1f} ms, "

@@ -10,6 +10,8 @@ use flava_dvae::train::{Dvae, DvaeTrainConfig};
 use flava_dvae::{FlavaImageCodebookConfig, ImageCodebook};
 
 fn bench_dvae(c: &mut Criterion) {
+    // As the `flava` binary does (flava_vit::kernels::tune_allocator).
+    flava_vit::kernels::tune_allocator();
     let device = Device::flex();
     let mut g = c.benchmark_group("dvae");
     let full = ImageCodebook::new(&FlavaImageCodebookConfig::default(), &device);

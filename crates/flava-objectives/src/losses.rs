@@ -2,7 +2,7 @@
 //! select the masked positions first, so the heads never see unmasked tokens.
 
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
+use flava_vit::kernels::cross_entropy_rows;
 
 /// Integer index tensor from host positions: [n].
 pub fn index_tensor(positions: &[usize], device: &Device) -> Tensor<1, Int> {
@@ -21,10 +21,8 @@ pub fn gather_positions(states: Tensor<3>, positions: &[usize]) -> Tensor<2> {
 /// Sum of token cross-entropies: `Σ_i −log softmax(logits_i)[target_i]`. `logits`: [n, classes],
 /// `targets`: n class indices (each < classes). Returns a [1] tensor.
 pub fn cross_entropy_sum(logits: Tensor<2>, targets: &[usize]) -> Tensor<1> {
-    let [n, _] = logits.dims();
-    let device = logits.device();
-    let idx = index_tensor(targets, &device).reshape([n, 1]);
-    -log_softmax(logits, 1).gather(1, idx).sum()
+    // One fused pass on flex (flava_vit::kernels), Burn's log_softmax + gather elsewhere.
+    cross_entropy_rows(logits, targets).sum()
 }
 
 /// Mean token cross-entropy (PyTorch `F.cross_entropy` with `reduction="mean"`), [1].

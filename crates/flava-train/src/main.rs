@@ -605,6 +605,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Reuse freed memory across training steps instead of mmap/munmap per large tensor.
+    flava_vit::kernels::tune_allocator();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
