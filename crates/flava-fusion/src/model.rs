@@ -5,7 +5,7 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::prelude::*;
 use flava_text::TextModel;
-use flava_vit::encoder::{linear, EncoderOutput};
+use flava_vit::encoder::{linear, linear_rows, EncoderOutput};
 use flava_vit::ImageModel;
 
 use crate::config::FlavaConfig;
@@ -115,8 +115,8 @@ impl FlavaModel {
         text_attention_mask: Option<&Tensor<2, Int>>,
         all_hidden: bool,
     ) -> EncoderOutput {
-        let img = self.image_to_mm_projection.forward(image.pre_layernorm.clone());
-        let txt = self.text_to_mm_projection.forward(text.pre_layernorm.clone());
+        let img = linear_rows(&self.image_to_mm_projection, image.pre_layernorm.clone());
+        let txt = linear_rows(&self.text_to_mm_projection, text.pre_layernorm.clone());
         let [b, si, _] = img.dims();
         let mask = text_attention_mask.map(|m| {
             let n_img = si + usize::from(self.multimodal_model.cls_token.is_some());
