@@ -129,7 +129,8 @@ impl FlavaKernels for Flex {
             .into_par_iter()
             .map(|i| {
                 let row = &x[i * classes..(i + 1) * classes];
-                log_sum_exp(row) - row[targets[i]]
+                let (max, log_sum) = softmax_stats(row);
+                (max - row[targets[i]]) + log_sum
             })
             .collect();
         FlexTensor::from_data(TensorData::new(loss, [n]))
@@ -143,10 +144,11 @@ impl FlavaKernels for Flex {
         let n = targets.len();
         let classes = x.len() / n.max(1);
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(classes.max(1)).enumerate().for_each(|(i, o)| {
+        let rows = out.par_chunks_mut(classes.max(1)).enumerate();
+        rows.for_each(|(i, o)| {
             let row = &x[i * classes..(i + 1) * classes];
-            let lse = log_sum_exp(row);
-            scaled_softmax_slice(row, lse, g[i], o);
+            let (max, log_sum) = softmax_stats(row);
+            scaled_softmax_slice(row, max, log_sum, g[i], o);
             o[targets[i]] -= g[i];
         });
         let shape = burn::backend::TensorMetadata::shape(&logits);
@@ -357,14 +359,17 @@ multiversion!(gelu_grad_slice(x: &[f32], g: &[f32], out: &mut [f32]) {
     }
 });
 
-/// `log Σ_j exp(row_j)`, stable (shifted by the row's maximum); 16 lanes so that it vectorises.
-fn log_sum_exp(row: &[f32]) -> f32 {
+/// `(max_j row_j, log Σ_j exp(row_j − max))`: the log-sum-exp in two parts, so that callers
+/// subtract the maximum first (exactly, for nearby values) and the small log-sum second. Folded
+/// into one f32 first, it would carry an error of ulp(max): 8e-6 for contrastive logits at scale
+/// 100, which showed in the projections' gradients.
+fn softmax_stats(row: &[f32]) -> (f32, f32) {
     let max = row_max(row);
     if !max.is_finite() {
         // A NaN or infinite logit: the loss is not defined (the training loop's guard skips it).
-        return f32::NAN;
+        return (f32::NAN, f32::NAN);
     }
-    max + row_sum_exp(row, max).ln()
+    (max, row_sum_exp(row, max).ln())
 }
 
 multiversion!(row_max(row: &[f32]) -> f32 {
@@ -395,9 +400,9 @@ multiversion!(row_sum_exp(row: &[f32], max: f32) -> f32 {
     lanes.iter().sum::<f32>() + rest
 });
 
-multiversion!(scaled_softmax_slice(row: &[f32], lse: f32, g: f32, out: &mut [f32]) {
+multiversion!(scaled_softmax_slice(row: &[f32], max: f32, log_sum: f32, g: f32, out: &mut [f32]) {
     for (o, &v) in out.iter_mut().zip(row) {
-        *o = g * exp_nonpositive(v - lse);
+        *o = g * exp_nonpositive((v - max) - log_sum);
     }
 });
 
