@@ -8,6 +8,11 @@ below 1 means flava-rs is faster) and each process's peak resident memory.
 
     .venv/bin/python benches/compare_pytorch.py            # the whole table (~10 min on 2 cores)
     .venv/bin/python benches/compare_pytorch.py --quick    # one round, fewer iterations
+    .venv/bin/python benches/compare_pytorch.py --device cuda   # flava-rs --features cuda vs PyTorch CUDA
+
+On `--device cuda` the same configurations run on the GPU, plus the `full` training step (batch
+8), and the table adds each side's GPU memory (PyTorch: `max_memory_reserved`; flava-rs: what its
+allocator's pools hold at the end).
 
 Configurations (random weights, same shapes and masks on both sides, see benches/src/inputs.rs):
 `small` (64 px, patch 8, hidden 256, 4/4/2 layers): image and text embedding and the pretraining
@@ -39,6 +44,8 @@ CONFIGS = [
     ("text", "full", 8, "pairs", 5),
     ("forward", "full", 8, "pairs", 2),
 ]
+# Only on a GPU: a full-size training step.
+GPU_CONFIGS = [("step", "full", 8, "pairs", 3)]
 
 
 def peak_rss_mb():
@@ -84,16 +91,20 @@ def worker(args):
     torch.manual_seed(0)
     with open(args.config) as f:
         cfg = FlavaConfig(**json.load(f))
-    model = FlavaForPreTraining(cfg)
-    x = inputs(cfg, args.batch, args.task)
+    dev = torch.device("cuda" if args.device == "cuda" else "cpu")
+    model = FlavaForPreTraining(cfg).to(dev)
+    x = {k: v.to(dev) for k, v in inputs(cfg, args.batch, args.task).items()}
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     phases = []  # [forward, backward, optimizer] ms of each step
 
     def timed(fn):
         fn()
+        sync()
         ts = []
         for _ in range(args.iters):
             t = time.perf_counter()
             fn()
+            sync()
             ts.append((time.perf_counter() - t) * 1e3)
         return ts
 
@@ -114,17 +125,22 @@ def worker(args):
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             out = model(**x, skip_unmasked_multimodal_encoder=True, return_loss=True)
+            out.loss.item()  # waits for the forward pass, as flava-bench reads its loss
             t1 = time.perf_counter()
             out.loss.backward()
+            sync()
             t2 = time.perf_counter()
             opt.step()
+            sync()
             t3 = time.perf_counter()
             phases.append([(t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3])
 
         times = timed(step)
         phases.pop(0)  # the warm-up
     med = lambda i: statistics.median(p[i] for p in phases) if phases else None
+    gpu_mb = torch.cuda.max_memory_reserved() / 2**20 if dev.type == "cuda" else None
     print(json.dumps({"times_ms": times, "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
+                      "device_reserved_mb": gpu_mb,
                       "forward_ms": med(0), "backward_ms": med(1), "optimizer_ms": med(2)}))
 
 
@@ -148,18 +164,22 @@ def main():
     ap.add_argument("--batch", type=int)
     ap.add_argument("--task", default="pairs")
     ap.add_argument("--iters", type=int)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: flava-rs built with --features cuda against PyTorch on the GPU")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
 
+    gpu = args.device == "cuda"
     if not args.no_build:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "flava-benches", "--bin", "flava-bench"],
+        features = ["--features", "cuda"] if gpu else []
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "flava-benches", "--bin", "flava-bench"] + features,
                        cwd=ROOT, check=True)
     import torch
     import transformers
 
     rounds = 1 if args.quick else args.rounds
-    configs = [c for c in CONFIGS if not args.only or any(
+    configs = [c for c in CONFIGS + (GPU_CONFIGS if gpu else []) if not args.only or any(
         all(part in (c[0], c[1], c[3]) for part in f.split("/")) for f in args.only.split(","))]
     cfg_files = {}
     for preset in sorted({c[1] for c in configs}):
@@ -173,8 +193,11 @@ def main():
         for what, preset, b, task, iters in configs:
             iters = max(1, iters // 3) if args.quick else iters
             common = ["--batch", str(b), "--iters", str(iters), "--task", task]
-            ours = run_json([OURS, what, "--preset", preset] + common)
-            theirs = run_json([sys.executable, __file__, "--worker", "--what", what, "--config", cfg_files[preset]] + common)
+            ours_dev = ["--device", "cuda" if gpu else "flex"]
+            theirs_dev = ["--device", args.device]
+            ours = run_json([OURS, what, "--preset", preset] + common + ours_dev)
+            theirs = run_json([sys.executable, __file__, "--worker", "--what", what, "--config", cfg_files[preset]]
+                              + common + theirs_dev)
             key = (what, preset, b, task)
             acc = results.setdefault(key, {"ours": [], "torch": [], "ours_rss": 0.0, "torch_rss": 0.0,
                                            "ours_phases": [], "torch_phases": []})
@@ -183,21 +206,27 @@ def main():
             if theirs.get("forward_ms") is not None:
                 for who, res in (("ours", ours), ("torch", theirs)):
                     acc[f"{who}_phases"].append([res["forward_ms"], res["backward_ms"], res["optimizer_ms"]])
+            for who, res in (("ours", ours), ("torch", theirs)):
+                if res.get("device_reserved_mb") is not None:
+                    acc[f"{who}_gpu"] = max(acc.get(f"{who}_gpu", 0.0), res["device_reserved_mb"])
             acc["ours_rss"] = max(acc["ours_rss"], ours["peak_rss_mb"])
             acc["torch_rss"] = max(acc["torch_rss"], theirs["peak_rss_mb"])
             print(f"round {r + 1}/{rounds} {what}/{preset}/{task}/b{b}: ours {statistics.median(ours['times_ms']):.1f} ms, "
                   f"PyTorch {statistics.median(theirs['times_ms']):.1f} ms", file=sys.stderr, flush=True)
+    where = f"GPU {torch.cuda.get_device_name(0)}, " if gpu else ""
     print(f"\ntorch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
-          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}, {rounds} round(s), alternating\n")
-    print("| config | batch | work | flava-rs | PyTorch | ratio (time) | peak RSS flava-rs | peak RSS PyTorch |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{where}{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}, {rounds} round(s), alternating\n")
+    print("| config | batch | work | flava-rs | PyTorch | ratio (time) | peak RSS flava-rs | peak RSS PyTorch |"
+          + (" GPU memory flava-rs / PyTorch |" if gpu else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     table = []
     for (what, preset, b, task), acc in results.items():
         o, t = statistics.median(acc["ours"]), statistics.median(acc["torch"])
         work = {"image": "image embedding", "text": "text embedding",
                 "step": f"pretraining step ({task})", "forward": "pretraining forward (pairs)"}[what]
+        gpu_mem = (f" GPU {acc.get('ours_gpu', 0):.0f} / {acc.get('torch_gpu', 0):.0f} MB |" if gpu else "")
         print(f"| {preset} | {b} | {work} | {o:.1f} ms | {t:.1f} ms | {o / t:.2f} | "
-              f"{acc['ours_rss']:.0f} MB | {acc['torch_rss']:.0f} MB |")
+              f"{acc['ours_rss']:.0f} MB | {acc['torch_rss']:.0f} MB |{gpu_mem}")
         table.append({"what": what, "preset": preset, "batch": b, "task": task, "ours_ms": o, "torch_ms": t,
                       "ratio": o / t, "ours_peak_rss_mb": acc["ours_rss"], "torch_peak_rss_mb": acc["torch_rss"]})
     steps = [(k, acc) for k, acc in results.items() if acc["ours_phases"]]

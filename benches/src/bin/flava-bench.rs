@@ -53,6 +53,37 @@ struct Args {
     /// Batch kind of `step`.
     #[arg(long, value_enum, default_value = "pairs")]
     task: BenchTask,
+    /// `flex` (CPU), or `cuda` / `wgpu` when built with that feature.
+    #[arg(long, default_value = "flex")]
+    device: String,
+}
+
+/// The device named on the command line; GPU backends only with their cargo feature.
+fn pick_device(name: &str) -> anyhow::Result<Device> {
+    match name {
+        "flex" | "cpu" => Ok(Device::flex()),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(Device::cuda(0)),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => Ok(Device::wgpu(Default::default())),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => not_compiled(name),
+        #[cfg(not(feature = "wgpu"))]
+        "wgpu" => not_compiled(name),
+        other => anyhow::bail!("unknown device `{other}` (expected flex, cuda or wgpu)"),
+    }
+}
+
+#[allow(dead_code)] // unused when every GPU feature is enabled
+fn not_compiled(name: &str) -> anyhow::Result<Device> {
+    anyhow::bail!(
+        "device `{name}` is not compiled in: build with `cargo build --release -p flava-benches --features {name}`"
+    )
+}
+
+/// Waits for the device's queued work (GPU backends run asynchronously; flex is eager).
+fn sync(device: &Device) {
+    device.sync().expect("device execution failed");
 }
 
 /// Peak resident set of this process, from `/proc/self/status` (MiB; 0 where unavailable).
@@ -87,7 +118,7 @@ fn main() -> anyhow::Result<()> {
         println!("{}", cfg.to_json_pretty("FlavaForPreTraining"));
         return Ok(());
     }
-    let device = Device::flex();
+    let device = pick_device(&args.device)?;
     device.seed(0);
     let b = args.batch;
     // Step only: [forward, backward, optimizer] ms per iteration.
@@ -136,9 +167,11 @@ fn main() -> anyhow::Result<()> {
                 let t_fwd = t.elapsed().as_secs_f64() * 1e3;
                 let t = Instant::now();
                 let grads = GradientsParams::from_grads(total.backward(), &m);
+                sync(&ad);
                 let t_bwd = t.elapsed().as_secs_f64() * 1e3;
                 let t = Instant::now();
                 model = Some(optim.step(1e-4, m, grads));
+                sync(&ad);
                 let t_opt = t.elapsed().as_secs_f64() * 1e3;
                 phases.push([t_fwd, t_bwd, t_opt]);
             });
@@ -163,6 +196,9 @@ fn main() -> anyhow::Result<()> {
         "backward_ms": median(1),
         "optimizer_ms": median(2),
         "peak_rss_mb": peak_rss_mb(),
+        "device": args.device,
+        // What the GPU allocator holds at the end (its pools keep pages): the peak, near enough.
+        "device_reserved_mb": device.memory_pool_usage().map(|u| u.bytes_reserved as f64 / 1048576.0),
     });
     println!("{line}");
     Ok(())
