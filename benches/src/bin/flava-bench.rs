@@ -58,29 +58,6 @@ struct Args {
     device: String,
 }
 
-/// The device named on the command line; GPU backends only with their cargo feature.
-fn pick_device(name: &str) -> anyhow::Result<Device> {
-    match name {
-        "flex" | "cpu" => Ok(Device::flex()),
-        #[cfg(feature = "cuda")]
-        "cuda" => Ok(Device::cuda(0)),
-        #[cfg(feature = "wgpu")]
-        "wgpu" => Ok(Device::wgpu(Default::default())),
-        #[cfg(not(feature = "cuda"))]
-        "cuda" => not_compiled(name),
-        #[cfg(not(feature = "wgpu"))]
-        "wgpu" => not_compiled(name),
-        other => anyhow::bail!("unknown device `{other}` (expected flex, cuda or wgpu)"),
-    }
-}
-
-#[allow(dead_code)] // unused when every GPU feature is enabled
-fn not_compiled(name: &str) -> anyhow::Result<Device> {
-    anyhow::bail!(
-        "device `{name}` is not compiled in: build with `cargo build --release -p flava-benches --features {name}`"
-    )
-}
-
 /// Waits for the device's queued work (GPU backends run asynchronously; flex is eager).
 fn sync(device: &Device) {
     device.sync().expect("device execution failed");
@@ -118,7 +95,7 @@ fn main() -> anyhow::Result<()> {
         println!("{}", cfg.to_json_pretty("FlavaForPreTraining"));
         return Ok(());
     }
-    let device = pick_device(&args.device)?;
+    let device = flava_train::pick_device(&args.device)?;
     device.seed(0);
     let b = args.batch;
     // Step only: [forward, backward, optimizer] ms per iteration.
