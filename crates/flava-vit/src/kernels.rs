@@ -103,9 +103,15 @@ pub fn cross_entropy_rows(logits: Tensor<2>, targets: &[usize]) -> Tensor<1> {
         let out = burn::backend::Dispatch::softmax_cross_entropy(logits.into_dispatch(), targets.to_vec());
         return Tensor::from_dispatch(out);
     }
-    let device = logits.device();
+    cross_entropy_rows_composed(logits, targets)
+}
+
+/// [`cross_entropy_rows`] from Burn's own ops (`log_softmax`, `gather`): the path on devices other
+/// than flex, and the reference the kernel is tested against.
+fn cross_entropy_rows_composed(logits: Tensor<2>, targets: &[usize]) -> Tensor<1> {
+    let [n, _] = logits.dims();
     let idx: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
-    let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [n, 1]), &device);
+    let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [n, 1]), &logits.device());
     -burn::tensor::activation::log_softmax(logits, 1)
         .gather(1, idx)
         .reshape([n])
@@ -113,11 +119,11 @@ pub fn cross_entropy_rows(logits: Tensor<2>, targets: &[usize]) -> Tensor<1> {
 
 impl FlavaKernels for Flex {
     fn exact_gelu(x: FlexTensor) -> FlexTensor {
-        map_f32(&[x], |[x], out| gelu_slice(x, out))
+        map_f32([x], |[x], out| gelu_slice(x, out))
     }
 
     fn exact_gelu_backward(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
-        map_f32(&[x, grad], |[x, g], out| gelu_grad_slice(x, g, out))
+        map_f32([x, grad], |[x, g], out| gelu_grad_slice(x, g, out))
     }
 
     fn softmax_cross_entropy(logits: FlexTensor, targets: Vec<usize>) -> FlexTensor {
@@ -232,10 +238,10 @@ fn contiguous(t: FlexTensor) -> FlexTensor {
 }
 
 /// Applies `f` to the contiguous f32 data of `inputs` (all of one shape), writing a new tensor.
-fn map_f32<const N: usize>(inputs: &[FlexTensor; N], f: impl Fn([&[f32]; N], &mut [f32]) + Sync) -> FlexTensor {
-    let contiguous: [FlexTensor; N] = std::array::from_fn(|i| contiguous(inputs[i].clone()));
-    let slices: [&[f32]; N] = std::array::from_fn(|i| contiguous[i].as_slice::<f32>().expect("contiguous f32 tensor"));
+fn map_f32<const N: usize>(inputs: [FlexTensor; N], f: impl Fn([&[f32]; N], &mut [f32]) + Sync) -> FlexTensor {
     let shape = burn::backend::TensorMetadata::shape(&inputs[0]);
+    let contiguous: [FlexTensor; N] = inputs.map(contiguous);
+    let slices: [&[f32]; N] = std::array::from_fn(|i| contiguous[i].as_slice::<f32>().expect("contiguous f32 tensor"));
     let mut out = vec![0f32; slices[0].len()];
     // Chunks of 16 Ki elements: enough work per task for rayon, whole cache lines per chunk.
     const CHUNK: usize = 1 << 14;
@@ -505,11 +511,7 @@ mod tests {
             let rows = if fused {
                 cross_entropy_rows(logits, &targets)
             } else {
-                let idx: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
-                let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [n, 1]), &device);
-                -burn::tensor::activation::log_softmax(logits, 1)
-                    .gather(1, idx)
-                    .reshape([n])
+                cross_entropy_rows_composed(logits, &targets)
             };
             let w = Tensor::<1>::from_data(TensorData::new(weights.clone(), [n]), &device);
             let grads = (rows.clone() * w).sum().backward();
