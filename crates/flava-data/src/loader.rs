@@ -74,6 +74,8 @@ pub struct LoadedBatch {
     pub state_after: MixerState,
     /// Samples and skips per task since the loader started.
     pub stats: BTreeMap<Task, StreamStats>,
+    /// Samples and skips per source (`task: description`) since the loader started.
+    pub per_source: BTreeMap<String, StreamStats>,
 }
 
 /// Loader settings.
@@ -153,7 +155,7 @@ impl Producer {
                 *turn += 1;
                 match streams[k].next_record()? {
                     Record::Sample(r) => raws.push((k, r)),
-                    Record::Skipped { reason, key, detail } => streams[k].count_skip(reason, &key, &detail),
+                    Record::Skipped { reason, key, detail } => streams[k].count_skip(reason, &key, &detail)?,
                 }
             }
             let decoded: Vec<_> = self.pool.install(|| {
@@ -164,10 +166,10 @@ impl Producer {
             for (k, key, d) in decoded {
                 match d {
                     Ok(s) => {
-                        streams[k].stats.samples += 1;
+                        streams[k].count_sample();
                         samples.push(s);
                     }
-                    Err((reason, detail)) => streams[k].count_skip(reason, &key, &detail),
+                    Err((reason, detail)) => streams[k].count_skip(reason, &key, &detail)?,
                 }
             }
         }
@@ -187,10 +189,19 @@ impl Producer {
                 (*t, st)
             })
             .collect();
+        let per_source = self
+            .tasks
+            .iter()
+            .flat_map(|(t, (s, _))| {
+                s.iter()
+                    .map(move |x| (format!("{}: {}", t.name(), x.describe()), x.stats.clone()))
+            })
+            .collect();
         Ok(LoadedBatch {
             batch,
             state_after: self.state(),
             stats,
+            per_source,
         })
     }
 }

@@ -64,11 +64,27 @@ impl BlockMaskGenerator {
                 cfg.num_masking_patches, cfg.height, cfg.width
             ));
         }
-        if cfg.min_aspect.is_nan() || cfg.min_aspect <= 0.0 {
+        if !(cfg.min_aspect.is_finite() && cfg.min_aspect > 0.0) {
             return Err("min_aspect must be positive".into());
         }
         let max_aspect = cfg.max_aspect.unwrap_or(1.0 / cfg.min_aspect);
+        if !(max_aspect.is_finite() && max_aspect >= cfg.min_aspect) {
+            return Err(format!(
+                "max_aspect {max_aspect} must be at least min_aspect {}",
+                cfg.min_aspect
+            ));
+        }
         let max_patches = cfg.max_num_patches.unwrap_or(cfg.num_masking_patches);
+        // A block smaller than `min_num_patches` is never drawn: with a minimum above the budget
+        // (or the grid) every mask would come out empty.
+        if cfg.num_masking_patches > 0
+            && (cfg.min_num_patches == 0 || cfg.min_num_patches > cfg.num_masking_patches.min(max_patches))
+        {
+            return Err(format!(
+                "min_num_patches {} must be between 1 and the number of masking patches {} (and max_num_patches {max_patches}); otherwise every mask is empty",
+                cfg.min_num_patches, cfg.num_masking_patches
+            ));
+        }
         Ok(Self {
             log_aspect: (cfg.min_aspect.ln(), max_aspect.ln()),
             max_patches,

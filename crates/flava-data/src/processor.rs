@@ -187,6 +187,24 @@ impl ImageProcessorConfig {
     }
 }
 
+impl ImageProcessorConfig {
+    /// Checks the sizes against [`flava_vit::limits`] (a resize target of 2^20 squared would
+    /// allocate terabytes) and that none is zero.
+    pub fn validate(&self) -> Result<(), String> {
+        let max = flava_vit::limits::current().max_image_pixels;
+        for (name, size) in [
+            ("size", self.size),
+            ("crop_size", self.crop_size),
+            ("codebook_size", self.codebook_size),
+            ("codebook_crop_size", self.codebook_crop_size),
+        ] {
+            let (w, h) = size.crop_size();
+            check_pixels(w, h, max).map_err(|e| format!("field `{name}`: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
 /// One branch's steps.
 struct Branch {
     resize: Option<(SizeSpec, Filter)>,
@@ -216,9 +234,17 @@ pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage, ProcessorError
     decode_image(&bytes).map_err(err)
 }
 
-/// Decodes image bytes; see [`load_image`].
+/// Decodes image bytes; see [`load_image`]. The declared size is checked against
+/// [`flava_vit::limits::Limits::max_image_pixels`] before any pixel is decoded, so a small file
+/// that declares a huge image (a decompression bomb) is refused without allocating.
 pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, String> {
     let format = image::guess_format(bytes).map_err(|e| e.to_string())?;
+    let max_pixels = flava_vit::limits::current().max_image_pixels;
+    let reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    let (w, h) = reader
+        .into_dimensions()
+        .map_err(|e| format!("cannot read the image header: {e}"))?;
+    check_pixels(w, h, max_pixels)?;
     if format == image::ImageFormat::Jpeg {
         // libjpeg pads a cut stream with grey and only warns; Pillow reports "image file is
         // truncated". A JPEG must end with its EOI marker (trailing padding aside).
@@ -227,18 +253,41 @@ pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, String> {
         if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
             return Err("JPEG data is truncated (no end-of-image marker)".into());
         }
-        if let Some(img) = decode_jpeg_like_pillow(bytes) {
+        if let Some(img) = decode_jpeg_like_pillow(bytes, max_pixels) {
             return Ok(img);
         }
     }
-    image::load_from_memory_with_format(bytes, format).map_err(|e| e.to_string())
+    let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w.max(1));
+    limits.max_image_height = Some(h.max(1));
+    // RGBA16 of the declared size, plus the decoder's own buffers.
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    reader.limits(limits);
+    reader.decode().map_err(|e| e.to_string())
+}
+
+/// `Err` when `w × h` exceeds `max_pixels`.
+fn check_pixels(w: u32, h: u32, max_pixels: u64) -> Result<(), String> {
+    let pixels = w as u64 * h as u64;
+    if pixels > max_pixels {
+        return Err(format!(
+            "the image declares {w}x{h} = {pixels} pixels, over the limit of {max_pixels} (limits.max_image_pixels; a decompression bomb?)"
+        ));
+    }
+    if w == 0 || h == 0 {
+        return Err(format!("the image declares an empty size {w}x{h}"));
+    }
+    Ok(())
 }
 
 /// libjpeg-turbo decoding to RGB; `None` for what it cannot do (e.g. CMYK), so that the
 /// `image` crate gets a chance and reports its own error.
-fn decode_jpeg_like_pillow(bytes: &[u8]) -> Option<DynamicImage> {
+fn decode_jpeg_like_pillow(bytes: &[u8], max_pixels: u64) -> Option<DynamicImage> {
     std::panic::catch_unwind(|| {
         let d = mozjpeg::Decompress::new_mem(bytes).ok()?;
+        // The header libjpeg read is the one that counts (the `image` crate's check came first).
+        check_pixels(d.width() as u32, d.height() as u32, max_pixels).ok()?;
         if !matches!(
             d.color_space(),
             mozjpeg::ColorSpace::JCS_YCbCr | mozjpeg::ColorSpace::JCS_GRAYSCALE | mozjpeg::ColorSpace::JCS_RGB
@@ -340,6 +389,7 @@ impl ImageProcessor {
         let de = &mut serde_json::Deserializer::from_str(&json);
         let config: ImageProcessorConfig =
             serde_path_to_error::deserialize(de).map_err(|e| err(format!("field `{}`: {}", e.path(), e.inner())))?;
+        config.validate().map_err(err)?;
         for (name, code) in [
             ("resample", config.resample),
             ("codebook_resample", config.codebook_resample),

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 use crate::sources::{expand_braces, ImageData, Record, ShardSource, Source};
@@ -54,10 +54,11 @@ pub fn write_shards(
         };
         if builder.is_none() || in_shard == shard_size.max(1) {
             if let Some(b) = builder.take() {
-                b.into_inner()?.flush()?;
+                finish_shard(b, report.shards.last().expect("a shard is open"))?;
             }
+            // Written as `N.tar.tmp` and renamed when complete: a crash leaves no cut shard.
             let path = out.join(format!("{:06}.tar", report.shards.len()));
-            builder = Some(tar::Builder::new(BufWriter::new(File::create(&path)?)));
+            builder = Some(tar::Builder::new(BufWriter::new(File::create(tmp_of(&path))?)));
             report.shards.push(path);
             in_shard = 0;
         }
@@ -91,9 +92,20 @@ pub fn write_shards(
         progress(report.samples);
     }
     if let Some(b) = builder.take() {
-        b.into_inner()?.flush()?;
+        finish_shard(b, report.shards.last().expect("a shard is open"))?;
     }
     Ok(report)
+}
+
+fn tmp_of(path: &Path) -> PathBuf {
+    flava_vit::atomic::tmp_path(path)
+}
+
+/// Ends a shard's tar, fsyncs it and moves it to its final name.
+fn finish_shard(b: tar::Builder<BufWriter<File>>, path: &Path) -> std::io::Result<()> {
+    let f = b.into_inner()?.into_inner().map_err(|e| e.into_error())?;
+    f.sync_all()?;
+    std::fs::rename(tmp_of(path), path)
 }
 
 /// Per-shard summary.
@@ -115,7 +127,11 @@ pub struct ShardSummary {
 
 /// Reads shards (a brace pattern or one file) and summarises them; also returns the first sample.
 pub fn inspect(pattern: &str) -> Result<(Vec<ShardSummary>, Option<String>), String> {
-    let paths: Vec<PathBuf> = expand_braces(pattern).into_iter().map(PathBuf::from).collect();
+    let paths: Vec<PathBuf> = expand_braces(pattern)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(PathBuf::from)
+        .collect();
     if paths.iter().all(|p| !p.is_file()) {
         return Err(format!("`{pattern}` matches no file"));
     }
@@ -138,8 +154,12 @@ pub fn inspect(pattern: &str) -> Result<(Vec<ShardSummary>, Option<String>), Str
                     s.with_label += x.label.is_some() as u64;
                     if first.is_none() {
                         let size = match &x.image {
-                            Some(ImageData::Encoded(b)) => image::load_from_memory(b)
-                                .map(|i| format!("{}x{}", i.width(), i.height()))
+                            // The header only: inspecting must not decode a bomb.
+                            Some(ImageData::Encoded(b)) => image::ImageReader::new(std::io::Cursor::new(b))
+                                .with_guessed_format()
+                                .map_err(image::ImageError::IoError)
+                                .and_then(|r| r.into_dimensions())
+                                .map(|(w, h)| format!("{w}x{h}"))
                                 .unwrap_or_else(|e| format!("undecodable ({e})")),
                             Some(ImageData::Decoded(i)) => format!("{}x{}", i.width(), i.height()),
                             None => "none".into(),

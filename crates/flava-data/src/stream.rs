@@ -70,11 +70,30 @@ impl StreamStats {
     }
 }
 
+impl StreamStats {
+    /// `CorruptImage: 3, MissingCaption: 1` (or `none`).
+    pub fn reasons(&self) -> String {
+        if self.skipped.is_empty() {
+            return "none".into();
+        }
+        self.skipped
+            .iter()
+            .map(|(r, n)| format!("{r}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Skips logged per reason before the rest are only counted (the end-of-run summary has all).
+pub const LOGGED_SKIPS_PER_REASON: u64 = 10;
+
 /// A source read epoch after epoch.
 pub struct SampleStream {
     source: Box<dyn Source>,
     pos: StreamPosition,
     started: bool,
+    /// Records since the last usable sample (skips in a row).
+    unusable_run: u64,
     /// Counts since the stream was opened.
     pub stats: StreamStats,
 }
@@ -86,6 +105,7 @@ impl SampleStream {
             source,
             pos: StreamPosition::default(),
             started: false,
+            unusable_run: 0,
             stats: StreamStats::default(),
         }
     }
@@ -139,10 +159,38 @@ impl SampleStream {
         }
     }
 
-    /// Counts a skip.
-    pub fn count_skip(&mut self, reason: SkipReason, key: &str, detail: &str) {
-        *self.stats.skipped.entry(reason).or_default() += 1;
-        eprintln!("skipped {key} ({reason:?}): {detail}");
+    /// Counts a skip and logs the first [`LOGGED_SKIPS_PER_REASON`] of each reason. After
+    /// `limits.max_unusable_records` records in a row without a usable sample the source is
+    /// declared unusable: an error naming it and the skip reasons, so that a source of only
+    /// broken records ends the run instead of looping over it for ever.
+    pub fn count_skip(&mut self, reason: SkipReason, key: &str, detail: &str) -> Result<(), SourceError> {
+        let n = self.stats.skipped.entry(reason).or_default();
+        *n += 1;
+        if *n <= LOGGED_SKIPS_PER_REASON {
+            eprintln!("skipped {key} ({reason}): {detail}");
+            if *n == LOGGED_SKIPS_PER_REASON {
+                eprintln!(
+                    "(further {reason} skips of {} are counted, not logged)",
+                    self.source.describe()
+                );
+            }
+        }
+        self.unusable_run += 1;
+        let limit = flava_vit::limits::current().max_unusable_records;
+        if self.unusable_run >= limit {
+            return Err(SourceError::Unusable {
+                source_name: self.source.describe(),
+                records: self.unusable_run,
+                reasons: self.stats.reasons(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Counts a usable sample.
+    pub fn count_sample(&mut self) {
+        self.stats.samples += 1;
+        self.unusable_run = 0;
     }
 }
 

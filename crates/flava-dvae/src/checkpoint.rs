@@ -137,7 +137,10 @@ fn read_json_config(path: &Path, sub: Option<&str>) -> Result<FlavaImageCodebook
         Some(p) => p.clone(),
         None => v,
     };
-    serde_path_to_error::deserialize(part).map_err(|e| err(format!("field `{}`: {}", e.path(), e.inner())))
+    let cfg: FlavaImageCodebookConfig =
+        serde_path_to_error::deserialize(part).map_err(|e| err(format!("field `{}`: {}", e.path(), e.inner())))?;
+    cfg.validate().map_err(err)?;
+    Ok(cfg)
 }
 
 /// Loads a codebook from a directory: an HF codebook (`config.json` of model_type

@@ -37,3 +37,43 @@ impl Default for FlavaImageCodebookConfig {
         }
     }
 }
+
+impl FlavaImageCodebookConfig {
+    /// Checks sizes against [`flava_vit::limits`] before anything is allocated.
+    pub fn validate(&self) -> Result<(), String> {
+        let limits = flava_vit::limits::current();
+        for (name, v) in [
+            ("num_groups", self.num_groups),
+            ("input_channels", self.input_channels),
+            ("num_blocks_per_group", self.num_blocks_per_group),
+            ("hidden_size", self.hidden_size),
+            ("vocab_size", self.vocab_size),
+        ] {
+            limits.check_dim(name, v as u64)?;
+        }
+        if self.vocab_size == 0 || self.hidden_size == 0 || self.num_blocks_per_group == 0 {
+            return Err("vocab_size, hidden_size and num_blocks_per_group must be at least 1".into());
+        }
+        let params = self.parameter_estimate();
+        if params > limits.max_parameters as u128 {
+            return Err(format!(
+                "the codebook configuration describes about {params} parameters, over the limit of {} (limits.max_parameters)",
+                limits.max_parameters
+            ));
+        }
+        Ok(())
+    }
+
+    /// Parameters of the encoder (an upper estimate: four groups of residual blocks with 3x3
+    /// convolutions at widths h, 2h, 4h, 8h; input and output convolutions).
+    pub fn parameter_estimate(&self) -> u128 {
+        let h = self.hidden_size as u128;
+        let blocks = self.num_blocks_per_group as u128;
+        let per_group: u128 = [1u128, 2, 4, 8]
+            .iter()
+            .map(|m| blocks * 4 * 9 * (m * h) * (m * h))
+            .sum();
+        let io = 49 * self.input_channels as u128 * h + 8 * h * self.vocab_size as u128;
+        per_group + io
+    }
+}

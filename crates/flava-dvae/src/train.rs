@@ -10,7 +10,6 @@ use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, sigmoid, softmax};
-use burn::tensor::Distribution;
 use flava_data::sources::{Record, Source};
 use flava_data::stream::{decode, SampleStream, StreamPosition, Task};
 use flava_data::transforms::{eval_transform, train_transform, TrainTransformConfig};
@@ -119,6 +118,71 @@ impl Default for DvaeTrainConfig {
 }
 
 impl DvaeTrainConfig {
+    /// Checks values that would fail later, or train nonsense, with a clear message.
+    pub fn validate(&self) -> Result<(), String> {
+        self.codebook.validate()?;
+        let positive = [
+            ("lr", self.lr),
+            ("tau_start", self.tau_start),
+            ("tau_end", self.tau_end),
+        ];
+        if let Some((name, v)) = positive.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {
+            return Err(format!("dVAE {name} must be a positive number, got {v}"));
+        }
+        let non_negative = [
+            ("weight_decay", self.weight_decay),
+            ("kl_weight", self.kl_weight),
+            ("usage_weight", self.usage_weight),
+            ("noise_warmup", self.noise_warmup),
+        ];
+        if let Some((name, v)) = non_negative.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
+            return Err(format!("dVAE {name} must be ≥ 0, got {v}"));
+        }
+        if self.batch_size == 0 || self.steps == 0 || self.checkpoint_every == 0 {
+            return Err("dVAE batch_size, steps and checkpoint_every must be at least 1".into());
+        }
+        if self.image_size < 8 || !self.image_size.is_multiple_of(8) {
+            return Err(format!(
+                "dVAE image_size must be a multiple of 8, got {}",
+                self.image_size
+            ));
+        }
+        flava_vit::limits::current().check_dim("dVAE image_size", self.image_size as u64)?;
+        if self.time_limit_s.is_some_and(|t| !(t.is_finite() && t > 0.0)) {
+            return Err("dVAE time_limit_s must be a positive number of seconds".into());
+        }
+        Ok(())
+    }
+
+    /// `Err` naming the fields that a resumed run may not change (the model, the data
+    /// transform, the losses); steps, the time limit and checkpointing may change.
+    pub fn check_resumable(&self, saved: &DvaeTrainConfig) -> Result<(), String> {
+        let norm = |c: &DvaeTrainConfig| DvaeTrainConfig {
+            steps: 0,
+            time_limit_s: None,
+            checkpoint_every: 0,
+            ..c.clone()
+        };
+        if norm(self) == norm(saved) {
+            return Ok(());
+        }
+        let (a, b) = (
+            serde_json::to_value(norm(saved)).expect("json"),
+            serde_json::to_value(norm(self)).expect("json"),
+        );
+        let changed: Vec<String> = a
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        Err(format!(
+            "--resume: the run was started with other settings ({}); resume with the same settings, or start a new run",
+            changed.join(", ")
+        ))
+    }
+
     /// The decoder configuration with the codebook's vocabulary and the loss's channels.
     pub fn decoder_config(&self) -> DecoderConfig {
         DecoderConfig {
@@ -302,7 +366,8 @@ pub fn read_images(
                 let key = raw.key.clone();
                 match decode(raw, Task::Images) {
                     Ok(d) => {
-                        let img = d.image.expect("image task");
+                        stream.count_sample();
+                        let Some(img) = d.image else { continue };
                         let two = if cfg.random_crop {
                             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
                                 cfg.seed ^ step.wrapping_mul(1_000_003) ^ out.len() as u64,
@@ -313,10 +378,12 @@ pub fn read_images(
                         };
                         out.push(two.codebook);
                     }
-                    Err((reason, detail)) => stream.count_skip(reason, &key, &detail),
+                    Err((reason, detail)) => stream.count_skip(reason, &key, &detail).map_err(|e| e.to_string())?,
                 }
             }
-            Record::Skipped { reason, key, detail } => stream.count_skip(reason, &key, &detail),
+            Record::Skipped { reason, key, detail } => {
+                stream.count_skip(reason, &key, &detail).map_err(|e| e.to_string())?
+            }
         }
     }
     Ok(out)
@@ -373,6 +440,8 @@ pub struct TrainedDvae {
     pub state: DvaeState,
     /// The last step's metrics.
     pub last: DvaeMetrics,
+    /// Samples read and skipped (by reason) in this invocation.
+    pub data: flava_data::stream::StreamStats,
 }
 
 /// Trains on `source` (any image source) and writes into `out`: `checkpoint/` (model, optimizer,
@@ -384,15 +453,84 @@ pub fn train(
     out: &Path,
     resume: bool,
     device: &Device,
+    on_step: impl FnMut(&DvaeMetrics),
+) -> Result<TrainedDvae, String> {
+    train_with_hooks(cfg, source, out, resume, device, on_step, &NoHooks)
+}
+
+/// Test hooks of [`train_with_hooks`] (fault injection without production switches).
+pub trait TrainHooks {
+    /// Called with a checkpoint's temporary directory after its files are written and before
+    /// it is moved into place (a test can stop the process here, as a crash would).
+    fn before_commit(&self, _step: usize, _tmp_dir: &Path) {}
+}
+
+/// No hooks.
+pub struct NoHooks;
+
+impl TrainHooks for NoHooks {}
+
+/// Files of a previous run in `out`, if any (a fresh run must not overwrite them).
+pub fn previous_run(out: &Path) -> Option<String> {
+    [
+        "checkpoint",
+        "codebook",
+        "metrics.jsonl",
+        "decoder.safetensors",
+        "eval.json",
+    ]
+    .iter()
+    .find(|f| out.join(f).exists())
+    .map(|f| f.to_string())
+}
+
+/// Uniform noise in (0, 1) of `dims` from `(seed, step)`: the same for a resumed run.
+fn uniform_noise(dims: [usize; 4], seed: u64, step: u64, device: &Device) -> Tensor<4> {
+    use rand::Rng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xD1CE_5EED);
+    rng.set_stream(step);
+    let n = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(1e-10f32..1.0 - 1e-7)).collect();
+    Tensor::from_data(TensorData::new(v, dims), device)
+}
+
+/// [`train`] with test hooks.
+#[allow(clippy::too_many_arguments)]
+pub fn train_with_hooks(
+    cfg: &DvaeTrainConfig,
+    source: Box<dyn Source>,
+    out: &Path,
+    resume: bool,
+    device: &Device,
     mut on_step: impl FnMut(&DvaeMetrics),
+    hooks: &dyn TrainHooks,
 ) -> Result<TrainedDvae, String> {
     let io = |e: std::io::Error| e.to_string();
-    std::fs::create_dir_all(out.join("checkpoint")).map_err(io)?;
-    std::fs::write(
-        out.join("dvae_config.json"),
-        serde_json::to_string_pretty(cfg).expect("json"),
+    cfg.validate()?;
+    let ckpt = out.join("checkpoint");
+    flava_vit::atomic::recover_dir(&ckpt);
+    let config_path = out.join("dvae_config.json");
+    if resume {
+        if let Ok(text) = std::fs::read_to_string(&config_path) {
+            let saved: DvaeTrainConfig =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", config_path.display()))?;
+            cfg.check_resumable(&saved)?;
+        }
+    } else if let Some(found) = previous_run(out) {
+        return Err(format!(
+            "{} already holds a dVAE run ({found}); pass --resume to continue it, --force to start over, or choose another --out",
+            out.display()
+        ));
+    }
+    std::fs::create_dir_all(out).map_err(io)?;
+    flava_vit::atomic::write_file(
+        &config_path,
+        serde_json::to_string_pretty(cfg).expect("json").as_bytes(),
     )
     .map_err(io)?;
+    // Same seed, same run: the initial weights come from the seeded device RNG, and the Gumbel
+    // noise of each step from (seed, step) on the host (so a resumed run draws the same noise).
+    device.seed(cfg.seed);
     let ad = device.clone().autodiff();
     let mut model = Dvae::new(cfg, &ad);
     let mut optim = AdamWConfig::new()
@@ -401,7 +539,6 @@ pub fn train(
         .init();
     let s = cfg.image_size as usize;
     let mut stream = SampleStream::new(source);
-    let ckpt = out.join("checkpoint");
     let mut state = DvaeState {
         step: 0,
         data: StreamPosition::default(),
@@ -411,30 +548,54 @@ pub fn train(
     };
     if resume && ckpt.join("state.json").is_file() {
         let st: DvaeState = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json")).map_err(io)?)
-            .map_err(|e| e.to_string())?;
-        model = model.try_load_file(ckpt.join("model")).map_err(|e| e.to_string())?;
-        optim = optim.load(ckpt.join("optim")).map_err(|e| e.to_string())?;
+            .map_err(|e| format!("{}: {e}", ckpt.join("state.json").display()))?;
+        if st.mean_image.len() != 3 * s * s {
+            return Err(format!(
+                "{}: the mean image does not match image_size {s}",
+                ckpt.display()
+            ));
+        }
+        model = model
+            .try_load_file(ckpt.join("model"))
+            .map_err(|e| format!("loading {}: {e}", ckpt.join("model").display()))?;
+        optim = optim
+            .load(ckpt.join("optim"))
+            .map_err(|e| format!("loading {}: {e}", ckpt.join("optim").display()))?;
         stream.seek(st.data).map_err(|e| e.to_string())?;
         eprintln!("resumed dVAE training at step {}", st.step);
         state = st;
     }
+    let metrics_path = out.join("metrics.jsonl");
+    flava_vit::atomic::truncate_metrics(&metrics_path, state.step as u64).map_err(io)?;
+    if !resume {
+        std::fs::remove_file(&metrics_path).ok();
+    }
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(out.join("metrics.jsonl"))
+        .open(&metrics_path)
         .map_err(io)?;
     let started = Instant::now();
     let base_seconds = state.train_seconds;
     let v = cfg.codebook.vocab_size;
     let mut last = DvaeMetrics::default();
+    // The checkpoint directory is written whole (model, optimizer and state of one step) and
+    // swapped in, so a crash or a full disk mid-save leaves the previous checkpoint intact.
     let save = |model: &Dvae, optim: &burn::optim::ModuleOptimizer, state: &DvaeState| -> Result<(), String> {
-        model.clone().save_file(ckpt.join("model")).map_err(|e| e.to_string())?;
-        optim.save(ckpt.join("optim")).map_err(|e| e.to_string())?;
-        flava_vit::weights::write_atomic(
-            &ckpt.join("state.json"),
-            serde_json::to_string(state).expect("json").as_bytes(),
+        let dir = flava_vit::atomic::AtomicDir::new(&ckpt).map_err(io)?;
+        model
+            .clone()
+            .save_file(dir.path().join("model"))
+            .map_err(|e| e.to_string())?;
+        optim.save(dir.path().join("optim")).map_err(|e| e.to_string())?;
+        std::fs::write(
+            dir.path().join("state.json"),
+            serde_json::to_string(state).expect("json"),
         )
-        .map_err(|e| e.to_string())
+        .map_err(io)?;
+        hooks.before_commit(state.step, dir.path());
+        dir.commit().map_err(io)?;
+        Ok(())
     };
     while state.step < cfg.steps {
         let seconds = base_seconds + started.elapsed().as_secs_f64();
@@ -455,7 +616,7 @@ pub fn train(
         let logits = model.encoder.forward(x.clone());
         let p = progress(cfg, state.step, seconds);
         let tau = tau_at(cfg, p);
-        let u = Tensor::<4>::random(logits.dims(), Distribution::Uniform(1e-10, 1.0 - 1e-10), &ad);
+        let u = uniform_noise(logits.dims(), cfg.seed, state.step as u64, &ad);
         let gumbel = u.log().neg().log().neg() * noise_scale(cfg, p);
         let soft = softmax((logits.clone() + gumbel) / tau, 1);
         let out_px = model.decoder.forward(soft);
@@ -527,7 +688,9 @@ pub fn train(
     }
     save(&model, &optim, &state)?;
     let valid = model.valid();
-    save_codebook(&valid.encoder, &cfg.codebook, out.join("codebook")).map_err(|e| e.to_string())?;
+    let codebook_dir = flava_vit::atomic::AtomicDir::new(out.join("codebook")).map_err(io)?;
+    save_codebook(&valid.encoder, &cfg.codebook, codebook_dir.path()).map_err(|e| e.to_string())?;
+    codebook_dir.commit().map_err(io)?;
     let dec = flava_vit::weights::module_state_dict(&valid.decoder, "", &[]);
     dec.save_safetensors(out.join("decoder.safetensors"))
         .map_err(|e| e.to_string())?;
@@ -535,6 +698,7 @@ pub fn train(
         model: valid,
         state,
         last,
+        data: stream.stats.clone(),
     })
 }
 

@@ -4,7 +4,7 @@
 use burn::prelude::*;
 use flava_data::stream::{open_source, SourceOptions, Task};
 use flava_dvae::decoder::DecoderConfig;
-use flava_dvae::train::{load_trained, train, DvaeTrainConfig};
+use flava_dvae::train::{load_trained, train, train_with_hooks, DvaeTrainConfig, TrainHooks};
 use flava_dvae::{load_codebook, FlavaImageCodebookConfig};
 
 fn tiny(steps: usize) -> DvaeTrainConfig {
@@ -44,8 +44,99 @@ fn source() -> Box<dyn flava_data::sources::Source> {
     .unwrap()
 }
 
+/// The flex device's RNG is process-wide and `train` seeds it: runs in this binary take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("flava-dvae-{name}-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    d
+}
+
+fn metric_lines(out: &std::path::Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// Dies (panics) while the checkpoint of `step` is half written, as a kill would stop it.
+struct DieAt(usize);
+
+impl TrainHooks for DieAt {
+    fn before_commit(&self, step: usize, tmp_dir: &std::path::Path) {
+        if step == self.0 {
+            assert!(tmp_dir.join("state.json").is_file());
+            panic!("killed while writing the checkpoint of step {step}");
+        }
+    }
+}
+
+/// Same seed, same run; a run killed while writing a checkpoint resumes from the previous
+/// one and ends with the losses of the uninterrupted run, each step once in metrics.jsonl.
+#[test]
+fn same_seed_same_run_and_a_crash_mid_checkpoint_resumes_exactly() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::flex();
+    let (a, b, c) = (scratch("seed-a"), scratch("seed-b"), scratch("crash"));
+    train(&tiny(12), source(), &a, false, &device, |_| {}).unwrap();
+    train(&tiny(12), source(), &b, false, &device, |_| {}).unwrap();
+    let (la, lb) = (metric_lines(&a), metric_lines(&b));
+    assert_eq!(la.len(), 12);
+    for ((s, x), (_, y)) in la.iter().zip(&lb) {
+        assert!((x - y).abs() <= 1e-6, "step {s}: {x} vs {y} with the same seed");
+    }
+
+    let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        train_with_hooks(&tiny(12), source(), &c, false, &device, |_| {}, &DieAt(10))
+    }));
+    assert!(died.is_err(), "the hook was meant to stop the run");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(c.join("checkpoint/state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], 5, "the checkpoint of step 5 is intact");
+    let resumed = train(&tiny(12), source(), &c, true, &device, |_| {}).unwrap();
+    assert_eq!(resumed.state.step, 12);
+    let lc = metric_lines(&c);
+    assert_eq!(lc.iter().map(|x| x.0).collect::<Vec<_>>(), (1..=12).collect::<Vec<_>>());
+    for ((s, x), (_, y)) in lc.iter().zip(&la) {
+        assert!((x - y).abs() <= 1e-5, "step {s}: {x} resumed vs {y} uninterrupted");
+    }
+    for d in [a, b, c] {
+        std::fs::remove_dir_all(d).ok();
+    }
+}
+
+#[test]
+fn a_previous_run_is_not_overwritten_and_resume_refuses_other_settings() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::flex();
+    let out = scratch("guard");
+    train(&tiny(2), source(), &out, false, &device, |_| {}).unwrap();
+    let codebook = std::fs::read(out.join("codebook/model.safetensors")).unwrap();
+    let e = train(&tiny(2), source(), &out, false, &device, |_| {}).err().unwrap();
+    assert!(e.contains("already holds a dVAE run"), "{e}");
+    assert_eq!(std::fs::read(out.join("codebook/model.safetensors")).unwrap(), codebook);
+    let mut other = tiny(4);
+    other.codebook.vocab_size = 16;
+    other.decoder.vocab_size = 16;
+    let e = train(&other, source(), &out, true, &device, |_| {}).err().unwrap();
+    assert!(e.contains("codebook") && e.contains("--resume"), "{e}");
+    let mut bad = tiny(4);
+    bad.lr = -1.0;
+    let e = train(&bad, source(), &scratch("bad-lr"), false, &device, |_| {})
+        .err()
+        .unwrap();
+    assert!(e.contains("lr"), "{e}");
+    std::fs::remove_dir_all(out).ok();
+}
+
 #[test]
 fn trains_saves_and_resumes() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let out = std::env::temp_dir().join(format!("flava-dvae-train-{}", std::process::id()));
     std::fs::remove_dir_all(&out).ok();
     let device = Device::flex();

@@ -223,6 +223,21 @@ pub fn save_flava_model(
 /// non-float buffers that were dropped.
 pub fn convert_to_safetensors(input: &Path, output: &Path) -> Result<(usize, Vec<String>), CheckpointError> {
     let sd = StateDict::from_file(input)?;
+    if sd.tensors.is_empty() {
+        // Writing it would replace a good `model.safetensors` with an empty one.
+        return Err(CheckpointError::Weights(WeightsError::Corrupt {
+            path: input.into(),
+            format: "PyTorch",
+            message: format!(
+                "holds no float tensors{}; nothing written",
+                if sd.ignored.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (only {})", sd.ignored.join(", "))
+                }
+            ),
+        }));
+    }
     sd.save_safetensors(output)?;
     Ok((sd.tensors.len(), sd.ignored.clone()))
 }

@@ -303,11 +303,56 @@ impl FlavaConfig {
         serde_json::to_string_pretty(&v).expect("json")
     }
 
+    /// Parameters of the model with its pretraining heads and codebook (an upper estimate,
+    /// computed before anything is allocated; u128 so a hostile configuration cannot overflow).
+    pub fn parameter_estimate(&self) -> u128 {
+        let mm = &self.multimodal_config;
+        let (d, ff, l) = (
+            mm.hidden_size as u128,
+            mm.intermediate_size as u128,
+            mm.num_hidden_layers as u128,
+        );
+        let fusion = l * (4 * d * d + 2 * d * ff + 9 * d + ff) + d * d;
+        let (di, dt, p) = (
+            self.image_config.hidden_size as u128,
+            self.text_config.hidden_size as u128,
+            self.projection_dim as u128,
+        );
+        let heads = (self.text_config.vocab_size as u128 + self.image_config.vocab_size as u128) * (d + 1)
+            + (di + dt) * (d + p);
+        self.image_config.parameter_estimate()
+            + self.text_config.parameter_estimate()
+            + fusion
+            + heads
+            + self.image_codebook_config.parameter_estimate()
+    }
+
     /// Checks that the towers fit together; the error names the offending fields.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.image_config.validate().map_err(ConfigError::Invalid)?;
         self.text_config.validate().map_err(ConfigError::Invalid)?;
         let mm = &self.multimodal_config;
+        let limits = flava_vit::limits::current();
+        for (name, v) in [
+            ("multimodal_config.hidden_size", mm.hidden_size),
+            ("multimodal_config.num_hidden_layers", mm.num_hidden_layers),
+            ("multimodal_config.num_attention_heads", mm.num_attention_heads),
+            ("multimodal_config.intermediate_size", mm.intermediate_size),
+            ("hidden_size", self.hidden_size),
+            ("projection_dim", self.projection_dim),
+        ] {
+            limits.check_dim(name, v as u64).map_err(ConfigError::Invalid)?;
+        }
+        self.image_codebook_config
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("image_codebook_config: {e}")))?;
+        let params = self.parameter_estimate();
+        if params > limits.max_parameters as u128 {
+            return Err(ConfigError::Invalid(format!(
+                "the configuration describes about {params} parameters, over the limit of {} (limits.max_parameters)",
+                limits.max_parameters
+            )));
+        }
         if mm.num_attention_heads == 0 || !mm.hidden_size.is_multiple_of(mm.num_attention_heads) {
             return Err(ConfigError::Invalid(format!(
                 "multimodal_config.hidden_size ({}) must be divisible by multimodal_config.num_attention_heads ({})",

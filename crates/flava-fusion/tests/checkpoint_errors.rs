@@ -194,3 +194,107 @@ fn convert_bin_to_safetensors_keeps_every_float_tensor() {
     }
     std::fs::remove_file(out).ok();
 }
+
+/// Sizes that would allocate terabytes (or abort) are refused while the config is read.
+#[test]
+fn absurd_config_sizes_are_errors_before_anything_is_allocated() {
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny/config.json")).unwrap()).unwrap();
+    for (tower, key, value, want) in [
+        (
+            "image_config",
+            "num_hidden_layers",
+            1_000_000_000u64,
+            "num_hidden_layers",
+        ),
+        ("text_config", "hidden_size", 1 << 40, "hidden_size"),
+        ("image_config", "image_size", 1 << 20, "parameters"),
+    ] {
+        let mut v = base.clone();
+        v[tower][key] = serde_json::json!(value);
+        if key == "hidden_size" {
+            v[tower]["num_attention_heads"] = serde_json::json!(1);
+        }
+        let t0 = std::time::Instant::now();
+        let e = FlavaConfig::from_json_str(&v.to_string(), Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want) && e.contains("limit"), "{tower}.{key}: {e}");
+        assert!(t0.elapsed().as_millis() < 100);
+    }
+}
+
+/// With NaN in one query weight, every output is NaN, as in transformers (its additive mask
+/// and softmax propagate NaN); the non-finite guard of training can then see it.
+#[test]
+fn nan_in_an_attention_weight_propagates_as_in_pytorch() {
+    let dir = scratch("nan-attn", "tiny");
+    let path = dir.join("model.safetensors");
+    let mut sd = StateDict::from_file(&path).unwrap();
+    for key in [
+        "image_model.encoder.layer.0.attention.attention.query.weight",
+        "text_model.encoder.layer.0.attention.attention.key.weight",
+    ] {
+        sd.tensors.get_mut(key).unwrap().data[0] = f32::NAN;
+    }
+    sd.save_safetensors(&path).unwrap();
+    let device = Device::flex();
+    let m = load_flava_model(&dir, &device).unwrap();
+    let size = m.config.image_config.image_size;
+    let px = Tensor::<4>::random([2, 3, size, size], burn::tensor::Distribution::Default, &device);
+    let img: Vec<f32> = m
+        .model
+        .image_features(px)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap();
+    assert!(img.iter().all(|v| v.is_nan()), "image features: {:?}", &img[..4]);
+    // The key weight of the text tower, with padding in the batch (masked keys included).
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![2i64, 5, 6, 3, 2, 7, 3, 0], [2, 4]), &device);
+    let mask = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 1, 1, 1, 1, 1, 1, 0], [2, 4]), &device);
+    let txt: Vec<f32> = m
+        .model
+        .text_features(ids, Some(&mask))
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap();
+    assert!(txt.iter().all(|v| v.is_nan()), "text features: {:?}", &txt[..4]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A weight stored with an integer dtype is named as such, not reported as missing.
+#[test]
+fn integer_dtype_weights_are_named_as_such() {
+    let dir = scratch("int-dtype", "tiny");
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let key = "image_model.embeddings.cls_token";
+    let owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            if k == key {
+                let n: usize = v.shape().iter().product();
+                (k, safetensors::Dtype::I64, v.shape().to_vec(), vec![0u8; 8 * n])
+            } else {
+                (k, v.dtype(), v.shape().to_vec(), v.data().to_vec())
+            }
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(k, d, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    let e = load_flava_model(&dir, &Device::flex()).unwrap_err().to_string();
+    assert!(e.contains("non-float dtype") && e.contains(key), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -46,7 +46,7 @@ pub fn render_masks(masks: &[Vec<bool>], h: usize, w: usize) -> String {
 }
 
 /// Draws masks as a PNG, 12 px a cell, masks side by side.
-pub fn masks_png(masks: &[Vec<bool>], h: usize, w: usize, out: &Path) -> anyhow::Result<()> {
+pub fn masks_png(masks: &[Vec<bool>], h: usize, w: usize, out: &Path, force: bool) -> anyhow::Result<()> {
     let cell = 12u32;
     let gap = 2 * cell;
     let width = masks.len() as u32 * (w as u32 * cell + gap);
@@ -64,7 +64,7 @@ pub fn masks_png(masks: &[Vec<bool>], h: usize, w: usize, out: &Path) -> anyhow:
             (false, _) => Rgb([240, 240, 240]),
         }
     });
-    img.save(out).with_context(|| format!("writing {}", out.display()))
+    crate::save_image_file(&img, out, force)
 }
 
 /// `flava data shards`.
@@ -74,8 +74,31 @@ pub fn shards(
     out: &Path,
     shard_size: usize,
     limit: Option<u64>,
+    force: bool,
     opts: &SourceOptions,
 ) -> anyhow::Result<()> {
+    if shard_size == 0 {
+        anyhow::bail!("--shard-size must be at least 1");
+    }
+    let existing: Vec<std::path::PathBuf> = std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "tar") || p.to_string_lossy().ends_with(".tar.tmp"))
+        .collect();
+    if !existing.is_empty() {
+        if !force {
+            anyhow::bail!(
+                "{} already holds {} shard(s); pass --force to replace them, or choose another --out",
+                out.display(),
+                existing.len()
+            );
+        }
+        for p in &existing {
+            std::fs::remove_file(p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
     let opts = SourceOptions {
         shuffle: false,
         shuffle_buffer: 0,

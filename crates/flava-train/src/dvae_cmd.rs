@@ -9,6 +9,28 @@ use flava_data::stream::{open_source, SampleStream, SourceOptions, Task};
 use flava_data::transforms::eval_transform;
 use flava_dvae::train::{evaluate, load_trained, read_images, train, DvaeEval, DvaeTrainConfig};
 
+/// Removes the files of a previous dVAE run in `out` (for `--force`).
+pub fn remove_previous(out: &Path) -> anyhow::Result<()> {
+    for f in [
+        "checkpoint",
+        "checkpoint.tmp",
+        "codebook",
+        "codebook.tmp",
+        "metrics.jsonl",
+        "decoder.safetensors",
+        "eval.json",
+        "dvae_config.json",
+    ] {
+        let p = out.join(f);
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
+        } else if p.exists() {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Trains a dVAE and evaluates it on `eval` (held-out images); writes `eval.json`.
 pub fn train_cmd(
     images: &str,
@@ -24,6 +46,7 @@ pub fn train_cmd(
         synthetic_image_size: cfg.image_size,
         ..Default::default()
     };
+    cfg.validate().map_err(anyhow::Error::msg)?;
     let source = open_source(images, Task::Images, &opts)?;
     let bar = indicatif::ProgressBar::new(cfg.steps as u64);
     bar.set_style(
@@ -39,6 +62,12 @@ pub fn train_cmd(
     })
     .map_err(anyhow::Error::msg)?;
     bar.finish();
+    println!(
+        "data {images}: {} samples, {} skipped ({})",
+        trained.data.samples,
+        trained.data.total_skipped(),
+        trained.data.reasons()
+    );
     let mut eval_stream = SampleStream::new(open_source(
         eval_spec,
         Task::Images,
@@ -47,7 +76,7 @@ pub fn train_cmd(
     let held = read_images(&mut eval_stream, 256, &cfg, 0).map_err(anyhow::Error::msg)?;
     let s = cfg.image_size as usize;
     let ev = evaluate(&trained.model, &held, &trained.state.mean_image, s, &device.clone());
-    std::fs::write(out.join("eval.json"), serde_json::to_string_pretty(&ev)?)?;
+    flava_vit::atomic::write_file(&out.join("eval.json"), serde_json::to_string_pretty(&ev)?.as_bytes())?;
     println!(
         "held-out ({} images of {eval_spec}): PSNR {:.2} dB vs {:.2} dB for the mean image (+{:.2} dB); codes used {:.1}%, perplexity {:.0}",
         ev.images,
@@ -62,7 +91,7 @@ pub fn train_cmd(
 }
 
 /// Writes the original and its reconstruction side by side.
-pub fn reconstruct_cmd(model_dir: &Path, image: &Path, out: &Path, device: &Device) -> anyhow::Result<()> {
+pub fn reconstruct_cmd(model_dir: &Path, image: &Path, out: &Path, force: bool, device: &Device) -> anyhow::Result<()> {
     let (model, cfg) = load_trained(model_dir, device)
         .map_err(anyhow::Error::msg)
         .context("loading the dVAE")?;
@@ -94,7 +123,7 @@ pub fn reconstruct_cmd(model_dir: &Path, image: &Path, out: &Path, device: &Devi
         let i = (y * s + xx) as usize;
         image::Rgb([px(src, unmap, i, 0), px(src, unmap, i, 1), px(src, unmap, i, 2)])
     });
-    side.save(out).with_context(|| format!("writing {}", out.display()))?;
+    crate::save_image_file(&side, out, force)?;
     println!("wrote {} (original | reconstruction)", out.display());
     Ok(())
 }

@@ -180,6 +180,9 @@ pub fn run(
     if images.is_empty() && texts.is_empty() {
         anyhow::bail!("nothing to embed: give at least one --image or --text");
     }
+    if max_length < 2 {
+        anyhow::bail!("--max-length must be at least 2 ([CLS] and [SEP]), got {max_length}");
+    }
     if itm && (images.is_empty() || texts.is_empty()) {
         anyhow::bail!("--itm scores image-text pairs: give at least one --image and one --text");
     }

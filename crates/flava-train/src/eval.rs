@@ -7,7 +7,7 @@ use std::hash::{Hash, Hasher};
 
 use burn::prelude::*;
 use flava_data::processor::ImageProcessor;
-use flava_data::sources::{Record, Source};
+use flava_data::sources::{Record, SkipReason, Source};
 use flava_data::stream::{decode, DecodedSample, Task};
 use flava_fusion::{l2_normalize, FlavaModel};
 use flava_text::Tokenizer;
@@ -72,21 +72,30 @@ pub struct EvalReport {
 /// Reads up to `n` decoded samples of one pass over `source` (skips counted and logged).
 pub fn read_samples(source: &mut dyn Source, task: Task, n: usize) -> (Vec<DecodedSample>, usize) {
     source.start_epoch(0);
-    let (mut out, mut skipped) = (Vec::new(), 0);
+    let (mut out, mut skipped) = (Vec::new(), 0usize);
+    let log = |key: &str, reason: SkipReason, detail: &str, skipped: usize| {
+        // The first few are logged; the count is reported by the caller.
+        if skipped <= flava_data::stream::LOGGED_SKIPS_PER_REASON as usize {
+            eprintln!("skipped {key} ({reason}): {detail}");
+        }
+    };
     while out.len() < n {
         match source.next_record() {
             None => break,
             Some(Record::Skipped { reason, key, detail }) => {
-                eprintln!("skipped {key} ({reason:?}): {detail}");
                 skipped += 1;
+                log(&key, reason, &detail, skipped);
             }
-            Some(Record::Sample(raw)) => match decode(raw, task) {
-                Ok(s) => out.push(s),
-                Err((reason, detail)) => {
-                    eprintln!("skipped ({reason:?}): {detail}");
-                    skipped += 1;
+            Some(Record::Sample(raw)) => {
+                let key = raw.key.clone();
+                match decode(raw, task) {
+                    Ok(s) => out.push(s),
+                    Err((reason, detail)) => {
+                        skipped += 1;
+                        log(&key, reason, &detail, skipped);
+                    }
                 }
-            },
+            }
         }
     }
     (out, skipped)

@@ -39,11 +39,17 @@ pub fn zero_shot(
     max_images: usize,
     device: &Device,
 ) -> anyhow::Result<ZeroShot> {
+    if let Some(t) = templates.iter().find(|t| !t.contains("{}")) {
+        anyhow::bail!("--template `{t}` has no `{{}}` where the class name goes");
+    }
     let (model, tok, proc, max_len) = load(dir, device)?;
     let mut src = open_source(data, Task::Images, &no_shuffle()).with_context(|| format!("opening {data}"))?;
     let (samples, skipped) = eval::read_samples(src.as_mut(), Task::Images, max_images);
     if skipped > 0 {
         eprintln!("{skipped} image(s) skipped");
+    }
+    if samples.is_empty() {
+        anyhow::bail!("{data}: no usable image ({skipped} skipped)");
     }
     // The synthetic classes name a colour and a pattern, not an object: prompt them as captions.
     let synthetic_templates;
@@ -63,6 +69,9 @@ pub fn retrieval(dir: &Path, pairs: &str, max_pairs: usize, device: &Device) -> 
     let (samples, skipped) = eval::read_samples(src.as_mut(), Task::Pairs, max_pairs);
     if skipped > 0 {
         eprintln!("{skipped} pair(s) skipped");
+    }
+    if samples.is_empty() {
+        anyhow::bail!("{pairs}: no usable pair ({skipped} skipped)");
     }
     eval::retrieval(&model, &tok, &proc, &samples, max_len, device)
 }

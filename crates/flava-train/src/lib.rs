@@ -13,3 +13,18 @@ pub mod eval_cmd;
 pub mod pretrain;
 
 pub use device::pick_device;
+
+/// Writes an image file atomically, refusing to replace an existing one unless `force`
+/// (the format follows the extension).
+pub fn save_image_file(img: &image::RgbImage, out: &std::path::Path, force: bool) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if out.exists() && !force {
+        anyhow::bail!("{} exists; pass --force to replace it", out.display());
+    }
+    let format =
+        image::ImageFormat::from_path(out).with_context(|| format!("{}: unknown image format", out.display()))?;
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut bytes, format)
+        .with_context(|| format!("encoding {}", out.display()))?;
+    flava_vit::atomic::write_file(out, bytes.get_ref()).with_context(|| format!("writing {}", out.display()))
+}

@@ -19,6 +19,41 @@ use flava_train::{data_cmd, embed, eval_cmd, pick_device, pretrain};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Override a reader's resource limit, e.g. `--reader-limit max_image_pixels=200000000`
+    /// (repeatable; names as in the `[limits]` section of `flava pretrain --print-config`).
+    #[arg(long = "reader-limit", global = true, value_name = "NAME=VALUE")]
+    limits: Vec<String>,
+}
+
+/// The default limits with `NAME=VALUE` overrides applied.
+fn parse_limits(base: flava_vit::limits::Limits, overrides: &[String]) -> anyhow::Result<flava_vit::limits::Limits> {
+    if overrides.is_empty() {
+        return Ok(base);
+    }
+    let mut table = toml::Table::try_from(base)?;
+    for o in overrides {
+        let (k, v) = o
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--reader-limit {o}: expected NAME=VALUE"))?;
+        let v: u64 = v
+            .trim()
+            .replace('_', "")
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--reader-limit {o}: the value must be a whole number"))?;
+        if !table.contains_key(k.trim()) {
+            anyhow::bail!(
+                "--reader-limit {o}: unknown limit `{k}` (one of {})",
+                table.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        table.insert(
+            k.trim().to_string(),
+            toml::Value::Integer(v.min(i64::MAX as u64) as i64),
+        );
+    }
+    let limits: flava_vit::limits::Limits = table.try_into()?;
+    limits.validate().map_err(anyhow::Error::msg)?;
+    Ok(limits)
 }
 
 #[derive(Subcommand)]
@@ -103,6 +138,9 @@ enum Command {
         /// Also draw the masks into this PNG.
         #[arg(long)]
         png: Option<PathBuf>,
+        /// Replace an existing --png file.
+        #[arg(long)]
+        force: bool,
         /// Print `{"masks": [[0|1; rows*cols]; samples]}` (row-major).
         #[arg(long)]
         json: bool,
@@ -119,6 +157,9 @@ enum Command {
         input: PathBuf,
         /// Output file (default: `model.safetensors` beside the input).
         output: Option<PathBuf>,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -173,9 +214,13 @@ struct PretrainArgs {
     /// Run directory.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue from the last complete checkpoint in --out.
-    #[arg(long)]
+    /// Continue from the last complete checkpoint in --out, with the run's own config.toml
+    /// (only --steps, --stop-after, checkpointing, evaluation, --device and workers may change).
+    #[arg(long, conflicts_with = "force")]
     resume: bool,
+    /// Start over in an --out that holds a previous run (its files are deleted first).
+    #[arg(long)]
+    force: bool,
     /// Start from a pretrained FLAVA directory (e.g. flava-full).
     #[arg(long)]
     init: Option<PathBuf>,
@@ -217,6 +262,18 @@ impl PretrainArgs {
             Some(p) => PretrainConfig::from_toml_file(p)?,
             None => PretrainConfig::default(),
         };
+        if self.resume {
+            // A resumed run continues with its own settings; options given now override them
+            // (and `pretrain::run` refuses those that may not change).
+            let out = self.out.clone().unwrap_or_else(|| c.out.clone());
+            let saved = out.join("config.toml");
+            if saved.is_file() {
+                c = PretrainConfig::from_toml_file(&saved)?;
+                c.out = out;
+                // Per invocation, not part of the run.
+                c.stop_after = None;
+            }
+        }
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
         }
@@ -250,6 +307,7 @@ impl PretrainArgs {
         if self.resume {
             c.resume = true;
         }
+        c.force = self.force;
         for (dst, src) in [
             (&mut c.init, self.init),
             (&mut c.codebook, self.codebook),
@@ -346,8 +404,11 @@ enum DvaeCommand {
         #[arg(long)]
         time_limit: Option<f64>,
         /// Continue from `OUT/checkpoint`.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "force")]
         resume: bool,
+        /// Start over in an --out that holds a previous dVAE run (its files are deleted first).
+        #[arg(long)]
+        force: bool,
         /// Compute device.
         #[arg(long, default_value = "flex")]
         device: String,
@@ -363,6 +424,9 @@ enum DvaeCommand {
         /// Output PNG.
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -385,6 +449,9 @@ enum DataCommand {
         /// Stop after this many samples (the synthetic source has 20,000 per epoch).
         #[arg(long)]
         limit: Option<u64>,
+        /// Write into an --out that already holds shards (they are deleted first).
+        #[arg(long)]
+        force: bool,
     },
     /// Count samples and members of shards (`data/{000..009}.tar`) and show the first sample.
     Inspect {
@@ -403,9 +470,11 @@ fn parse_task(s: &str) -> anyhow::Result<Task> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    flava_vit::limits::set(parse_limits(Default::default(), &cli.limits)?);
     match cli.command {
         Command::Pretrain(args) => {
-            let (cfg, print) = args.into_config()?;
+            let (mut cfg, print) = args.into_config()?;
+            cfg.limits = parse_limits(cfg.limits, &cli.limits)?;
             if print {
                 print!("{}", cfg.to_toml());
                 return Ok(());
@@ -509,6 +578,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     steps,
                     time_limit,
                     resume,
+                    force,
                     device,
                 },
         } => {
@@ -524,12 +594,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if time_limit.is_some() {
                 cfg.time_limit_s = time_limit;
             }
+            if force {
+                flava_train::dvae_cmd::remove_previous(&out)?;
+            }
             flava_train::dvae_cmd::train_cmd(&images, &eval, &out, cfg, resume, &device)?;
         }
         Command::Dvae {
-            command: DvaeCommand::Reconstruct { model, image, out },
+            command:
+                DvaeCommand::Reconstruct {
+                    model,
+                    image,
+                    out,
+                    force,
+                },
         } => {
-            flava_train::dvae_cmd::reconstruct_cmd(&model, &image, &out, &burn::prelude::Device::flex())?;
+            flava_train::dvae_cmd::reconstruct_cmd(&model, &image, &out, force, &burn::prelude::Device::flex())?;
         }
         Command::Masks {
             grid,
@@ -540,6 +619,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             samples,
             seed,
             png,
+            force,
             json,
         } => {
             let (height, width) = data_cmd::parse_grid(&grid)?;
@@ -554,7 +634,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let masks = data_cmd::masks(cfg, samples, seed)?;
             if let Some(p) = &png {
-                data_cmd::masks_png(&masks, height, width, p)?;
+                data_cmd::masks_png(&masks, height, width, p, force)?;
             }
             if json {
                 let m: Vec<Vec<u8>> = masks.iter().map(|m| m.iter().map(|&b| b as u8).collect()).collect();
@@ -571,6 +651,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     shard_size,
                     task,
                     limit,
+                    force,
                 },
         } => {
             data_cmd::shards(
@@ -579,13 +660,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &out,
                 shard_size,
                 limit,
+                force,
                 &SourceOptions::default(),
             )?;
         }
         Command::Data {
             command: DataCommand::Inspect { shards },
         } => data_cmd::inspect_cmd(&shards)?,
-        Command::Convert { input, output } => {
+        Command::Convert { input, output, force } => {
             let input = if input.is_dir() {
                 input.join("pytorch_model.bin")
             } else {
@@ -593,6 +675,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let input = find_weights(&input)?;
             let output = output.unwrap_or_else(|| input.with_file_name("model.safetensors"));
+            let same = output
+                .canonicalize()
+                .ok()
+                .is_some_and(|o| input.canonicalize().ok() == Some(o));
+            if same || output == input {
+                anyhow::bail!(
+                    "the output {} is the input: choose another output file",
+                    output.display()
+                );
+            }
+            if output.exists() && !force {
+                anyhow::bail!("{} exists; pass --force to replace it", output.display());
+            }
             eprintln!("reading {}", input.display());
             let (n, ignored) = convert_to_safetensors(&input, &output)?;
             println!("wrote {} tensors to {}", n, output.display());

@@ -270,3 +270,103 @@ fn codebook_json_prints_one_token_grid_per_image() {
         .unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("config.json"));
 }
+
+#[test]
+fn convert_never_destroys_data() {
+    let dir = std::env::temp_dir().join(format!("flava-convert-guard-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("m.pt");
+    std::fs::copy(fixtures().join("codebook_dalle_keys.pt"), &bin).unwrap();
+    let before = std::fs::read(&bin).unwrap();
+    let out = flava().args(["convert"]).arg(&bin).arg(&bin).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is the input"));
+    assert_eq!(std::fs::read(&bin).unwrap(), before, "the input is untouched");
+    // An existing output is kept unless --force.
+    let st = dir.join("model.safetensors");
+    std::fs::write(&st, b"precious").unwrap();
+    let out = flava().args(["convert"]).arg(&bin).arg(&st).output().unwrap();
+    assert!(!out.status.success());
+    assert_eq!(std::fs::read(&st).unwrap(), b"precious");
+    // A checkpoint with no float tensors writes nothing, even with --force.
+    let empty = dir.join("empty.bin");
+    std::fs::copy(fixtures().join("hostile/empty_state_dict.bin"), &empty).unwrap();
+    let out = flava()
+        .args(["convert", "--force"])
+        .arg(&empty)
+        .arg(&st)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no float tensors"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&st).unwrap(), b"precious");
+    let out = flava()
+        .args(["convert", "--force"])
+        .arg(&bin)
+        .arg(&st)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn data_shards_refuse_to_overwrite_and_force_leaves_no_stale_shard() {
+    let dir = std::env::temp_dir().join(format!("flava-shards-guard-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("000007.tar"), b"old").unwrap();
+    let args = [
+        "data",
+        "shards",
+        "--from",
+        "synthetic",
+        "--shard-size",
+        "5",
+        "--limit",
+        "10",
+        "--out",
+    ];
+    let out = flava().args(args).arg(&dir).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds 1 shard"));
+    let out = flava().args(args).arg(&dir).arg("--force").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["000000.tar", "000001.tar"]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn embed_eval_and_masks_refuse_nonsense_arguments() {
+    let model = fixtures().join("embed_model");
+    let out = flava()
+        .args(["embed", "--model"])
+        .arg(&model)
+        .args(["--text", "a", "--max-length", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--max-length"));
+    let out = flava()
+        .args(["eval", "zero-shot", "--model"])
+        .arg(&model)
+        .args(["--data", "synthetic:classes", "--template", "a photo"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no `{}`"));
+    let out = flava().args(["masks", "--min-patches", "1000"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("min_num_patches 1000"));
+}

@@ -104,10 +104,21 @@ fn pretrain_runs_end_to_end_and_its_model_loads_everywhere() {
         "round-robin"
     );
     for r in &m {
-        for k in ["step", "loss", "lr", "step_time_s", "samples_per_s"] {
+        for k in ["step", "loss", "lr", "step_time_s", "samples_per_s", "skipped"] {
             assert!(r[k].is_number(), "{k} in {r}");
         }
     }
+    // The end-of-run summary and eval.json carry samples and skips per source.
+    assert!(out.contains("data pairs: synthetic"), "{out}");
+    let ev: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
+    let pairs = ev["data"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(k, _)| k.starts_with("pairs"))
+        .unwrap()
+        .1;
+    assert!(pairs["samples"].as_u64().unwrap() >= 16, "{pairs}");
     for k in ["global_contrastive", "itm", "mmm_image", "mmm_text"] {
         assert!(m[0][k].is_number(), "{k} in the paired step");
     }
@@ -340,5 +351,168 @@ fn print_config_shows_the_effective_options_and_bad_keys_are_named() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("learning_rate"));
     let out = flava(&["--accumulate", "3"], &cfg);
     assert!(String::from_utf8_lossy(&out.stderr).contains("must divide"));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+fn flava_raw(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flava")).args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// `--resume` continues with the run's own config.toml (here a batch size given on the first
+/// command line and the fixture codebook), retrains nothing, and refuses options that would
+/// change the run.
+#[test]
+fn resume_keeps_the_runs_own_settings_and_refuses_changes() {
+    let dir = scratch("resume-cfg");
+    let cfg = config(&dir, "[eval]\nskip = true");
+    ok(&flava(&["--stop-after", "3", "--batch-size", "4"], &cfg));
+    let run = dir.join("run");
+    let run_s = run.display().to_string();
+    // No --config: everything comes from the run directory.
+    let out = ok(&flava_raw(&["pretrain", "--out", &run_s, "--resume"]));
+    assert!(out.contains("(step 3)"), "{out}");
+    assert!(
+        !out.contains("tokenizer: WordPiece") && !out.contains("dVAE: training"),
+        "{out}"
+    );
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    let v: toml::Value = toml::from_str(&saved).unwrap();
+    assert_eq!(v["batch_size"].as_integer(), Some(4));
+    assert!(v.get("codebook").is_some(), "{saved}");
+    let m = metrics(&run);
+    assert_eq!(
+        m.iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
+
+    let out = flava_raw(&[
+        "pretrain",
+        "--out",
+        &run_s,
+        "--resume",
+        "--batch-size",
+        "16",
+        "--steps",
+        "8",
+    ]);
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(e.contains("batch_size: 4 -> 16") && !e.contains("steps:"), "{e}");
+    // A safe change is taken: more steps.
+    let out = ok(&flava_raw(&["pretrain", "--out", &run_s, "--resume", "--steps", "7"]));
+    assert!(out.contains("(step 6)"), "{out}");
+    assert_eq!(metrics(&run).len(), 7);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// A newest checkpoint whose files were damaged after it was written: resume says so and
+/// continues from the one before; every step appears once in metrics.jsonl.
+#[test]
+fn a_damaged_newest_checkpoint_falls_back_to_the_one_before() {
+    let dir = scratch("fallback");
+    let cfg = config(&dir, "steps = 9\n[eval]\nskip = true");
+    ok(&flava(&["--stop-after", "6"], &cfg));
+    let ckpts = dir.join("run/checkpoints");
+    let newest = ckpts.join("step-00000006");
+    let model = std::fs::read_dir(&newest)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("model"))
+        .unwrap();
+    let mut bytes = std::fs::read(&model).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xFF;
+    std::fs::write(&model, bytes).unwrap();
+    let out = flava(&["--resume"], &cfg);
+    let text = ok(&out);
+    assert!(text.contains("(step 3)"), "{text}");
+    assert!(
+        stderr(&out).contains("fell back") && stderr(&out).contains("checksum"),
+        "{}",
+        stderr(&out)
+    );
+    let m = losses(&dir.join("run"));
+    assert_eq!(m.iter().map(|x| x.0).collect::<Vec<_>>(), (1..=9).collect::<Vec<_>>());
+
+    // Every checkpoint unreadable: an error, not a silent restart.
+    for e in std::fs::read_dir(&ckpts).unwrap().flatten() {
+        std::fs::write(e.path().join("state.json"), "{").unwrap();
+    }
+    let out = flava(&["--resume"], &cfg);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no checkpoint"), "{}", stderr(&out));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn a_previous_run_is_never_overwritten_without_resume_or_force() {
+    let dir = scratch("guard");
+    let run = dir.join("run");
+    std::fs::create_dir_all(run.join("model")).unwrap();
+    std::fs::write(run.join("model/config.json"), "{}").unwrap();
+    std::fs::write(run.join("metrics.jsonl"), "{\"step\": 1}\n").unwrap();
+    let cfg = config(&dir, "steps = 2\n[eval]\nskip = true");
+    let out = flava(&[], &cfg);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already holds a run"), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap(),
+        "{\"step\": 1}\n"
+    );
+    ok(&flava(&["--force"], &cfg));
+    assert_eq!(metrics(&run).len(), 2);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn nonsense_values_are_refused_before_anything_runs() {
+    let dir = scratch("nonsense");
+    let cfg = config(&dir, "");
+    for (args, want) in [
+        (vec!["--lr=-1"], "--lr"),
+        (vec!["--grad-clip=-1"], "--grad-clip"),
+        (vec!["--weight-decay=-5"], "--weight-decay"),
+        (vec!["--checkpoint-every", "0"], "--checkpoint-every"),
+        (vec!["--dvae-time", "0"], "--dvae-time"),
+        (vec!["--pairs", "d/{5..}.tar"], "needs both bounds"),
+    ] {
+        let out = flava(&args, &cfg);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
+    }
+    assert!(!dir.join("run/checkpoints").exists());
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// A paired source whose every record is broken: the run ends with an error naming the source
+/// and the reason, within a bounded time, instead of looping over it.
+#[test]
+fn an_all_broken_source_ends_the_run_with_its_reasons() {
+    let dir = scratch("broken");
+    std::fs::write(dir.join("junk.tar"), vec![1u8; 5000]).unwrap();
+    let junk = dir.join("junk.tar").display().to_string();
+    let tok = fixtures().join("tokenizer/tokenizer.json");
+    let cfg = config(
+        &dir,
+        &format!(
+            "pairs = [{junk:?}]\nimages = [{junk:?}]\ntext = [\"synthetic\"]\ntokenizer = {tok:?}\n[eval]\nskip = true"
+        ),
+    );
+    let t0 = std::time::Instant::now();
+    let out = flava(&[], &cfg);
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(e.contains("BadShard") && e.contains("junk.tar"), "{e}");
+    assert!(
+        e.lines().count() < 100,
+        "the log is bounded: {} lines",
+        e.lines().count()
+    );
+    assert!(t0.elapsed().as_secs() < 120, "{:?}", t0.elapsed());
     std::fs::remove_dir_all(dir).ok();
 }

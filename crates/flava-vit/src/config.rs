@@ -82,6 +82,18 @@ impl FlavaImageConfig {
         self.image_size / self.patch_size
     }
 
+    /// Parameters of the image tower (u128: a hostile configuration must not overflow).
+    pub fn parameter_estimate(&self) -> u128 {
+        let (d, ff, l) = (
+            self.hidden_size as u128,
+            self.intermediate_size as u128,
+            self.num_hidden_layers as u128,
+        );
+        let patches = (self.image_size as u128 / self.patch_size.max(1) as u128).pow(2);
+        let patch_embed = self.num_channels as u128 * (self.patch_size as u128).pow(2) * d;
+        patch_embed + (patches + 2) * d + l * (4 * d * d + 2 * d * ff + 9 * d + ff)
+    }
+
     /// Number of patches at the configured resolution.
     pub fn num_patches(&self) -> usize {
         self.grid_size() * self.grid_size()
@@ -89,6 +101,19 @@ impl FlavaImageConfig {
 
     /// Checks the invariants the model relies on; the error names the offending field.
     pub fn validate(&self) -> Result<(), String> {
+        let limits = crate::limits::current();
+        for (name, v) in [
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("image_size", self.image_size),
+            ("patch_size", self.patch_size),
+            ("num_channels", self.num_channels),
+            ("vocab_size", self.vocab_size),
+        ] {
+            limits.check_dim(&format!("image_config.{name}"), v as u64)?;
+        }
         if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "image_config.hidden_size ({}) must be divisible by image_config.num_attention_heads ({})",

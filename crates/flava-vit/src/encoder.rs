@@ -9,9 +9,7 @@
 use burn::module::{Initializer, Module};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu_approximate, relu, tanh};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::activation::{gelu_approximate, relu, softmax, tanh};
 use serde::{Deserialize, Serialize};
 
 /// Activation function of the feed-forward block, as named in HF configs (`hidden_act`).
@@ -134,11 +132,26 @@ impl Attention {
         let q = split(linear_rows(&self.attention.query, x.clone()));
         let k = split(linear_rows(&self.attention.key, x.clone()));
         let v = split(linear_rows(&self.attention.value, x));
-        let mask = key_mask.map(|m| m.clone().reshape([b, 1, 1, s]).expand([b, h, s, s]));
-        let ctx = attention(q, k, v, mask, None, AttentionModuleOptions::default());
+        let ctx = scaled_dot_attention(q, k, v, key_mask);
         let ctx = ctx.swap_dims(1, 2).reshape([b, s, d]);
         linear_rows(&self.output.dense, ctx)
     }
+}
+
+/// `softmax(q·kᵀ/√d + mask)·v` as HF computes it: padded keys get the most negative f32 added
+/// to their scores (HF's extended attention mask), so a NaN or infinity in a query, key or
+/// score propagates to the output as in PyTorch, where the non-finite guard sees it. (Burn's
+/// fused attention takes its row maximum with comparisons that pass over NaN.)
+/// `q`, `k`, `v`: [batch, heads, seq, head_dim]; `key_mask`: [batch, seq], `true` = padding.
+pub fn scaled_dot_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, key_mask: Option<&Tensor<2, Bool>>) -> Tensor<4> {
+    let [b, _, _, dh] = q.dims();
+    let s = k.dims()[2];
+    let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (dh as f64).sqrt());
+    let scores = match key_mask {
+        Some(m) => scores + m.clone().float().reshape([b, 1, 1, s]) * f32::MIN as f64,
+        None => scores,
+    };
+    softmax(scores, 3).matmul(v)
 }
 
 /// One pre-LN transformer layer (HF `FlavaLayer`).

@@ -7,6 +7,8 @@
 //! - [`vit`]: the ViT image encoder (HF `FlavaImageModel`) with mask-token blending and
 //!   bicubic position-embedding interpolation;
 //! - [`kernels`]: exact GELU for the flex backend, vectorised, with its own backward pass;
+//! - [`limits`]: the resource limits every reader checks before it allocates; [`atomic`]:
+//!   files and directories written whole or not at all;
 //! - [`config`]: `FlavaImageConfig`, read from an HF `config.json` as it is;
 //! - [`weights`]: reading PyTorch/safetensors checkpoints, applying them by HF key, and writing
 //!   HF-compatible safetensors.
@@ -22,9 +24,11 @@
 //! assert_eq!(out.last_hidden_state.dims(), [1, 17, 64]);
 //! ```
 
+pub mod atomic;
 pub mod config;
 pub mod encoder;
 pub mod kernels;
+pub mod limits;
 pub mod vit;
 pub mod weights;
 

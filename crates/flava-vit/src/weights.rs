@@ -50,6 +50,24 @@ pub enum WeightsError {
         /// HF names of the missing tensors.
         keys: Vec<String>,
     },
+    /// Tensors the model needs are in the file, but not as floats.
+    #[error("{} weights have a non-float dtype in the checkpoint (the model needs floats), e.g. {}", .keys.len(), .keys.iter().take(5).cloned().collect::<Vec<_>>().join(", "))]
+    NotFloat {
+        /// HF names of those tensors.
+        keys: Vec<String>,
+    },
+    /// A tensor is larger than [`crate::limits::Limits::max_tensor_elements`].
+    #[error("tensor `{key}` has shape {shape:?} ({elements} elements), over the limit of {limit} (limits.max_tensor_elements)")]
+    TooLarge {
+        /// Checkpoint key.
+        key: String,
+        /// Its declared shape.
+        shape: Vec<usize>,
+        /// Elements it declares.
+        elements: u128,
+        /// The limit.
+        limit: u64,
+    },
     /// Any other problem while applying a tensor.
     #[error("cannot load `{key}`: {message}")]
     Apply {
@@ -97,6 +115,21 @@ fn to_f32(data: burn::tensor::TensorData) -> Option<RawTensor> {
     }
 }
 
+/// `Err` when a declared shape exceeds the tensor-size limit (checked before any allocation).
+pub fn check_tensor_size(key: &str, shape: &[usize]) -> Result<(), WeightsError> {
+    let limit = crate::limits::current().max_tensor_elements;
+    let elements = shape.iter().fold(1u128, |a, &d| a.saturating_mul(d as u128));
+    if elements > limit as u128 {
+        return Err(WeightsError::TooLarge {
+            key: key.into(),
+            shape: shape.to_vec(),
+            elements,
+            limit,
+        });
+    }
+    Ok(())
+}
+
 /// Runs a parser that might panic on hostile input and turns a panic into an error.
 fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
@@ -133,6 +166,7 @@ impl StateDict {
             let mut out = StateDict::default();
             for (name, view) in st.tensors() {
                 let shape = view.shape().to_vec();
+                check_tensor_size(&name, &shape).map_err(|e| e.to_string())?;
                 let dtype = match view.dtype() {
                     safetensors::Dtype::F32 => DType::F32,
                     safetensors::Dtype::F64 => DType::F64,
@@ -176,6 +210,14 @@ impl StateDict {
         .map_err(corrupt)?;
         let mut out = StateDict::default();
         for (name, t) in tensors {
+            if let Err(WeightsError::TooLarge {
+                shape, elements, limit, ..
+            }) = check_tensor_size(&name, t.shape())
+            {
+                return Err(corrupt(format!(
+                    "tensor `{name}` declares shape {shape:?} ({elements} elements), over the limit of {limit} (limits.max_tensor_elements)"
+                )));
+            }
             let data = guarded(|| bridge::into_data(bridge::from_pytorch(t)).map_err(|e| e.to_string()))
                 .map_err(|m| corrupt(format!("tensor `{name}`: {m}")))?;
             match to_f32(data) {
@@ -247,19 +289,13 @@ impl StateDict {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename, so a crash never leaves a
-/// half-written file under the final name.
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename; [`crate::atomic`]), so
+/// a crash never leaves a half-written file under the final name.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WeightsError> {
-    let io = |source| WeightsError::Io {
+    crate::atomic::write_file(path, bytes).map_err(|source| WeightsError::Io {
         path: path.into(),
         source,
-    };
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("part")
-    ));
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    })
 }
 
 /// Which checkpoint keys were used, missing or left over when loading a module.
@@ -358,6 +394,15 @@ pub fn load_module<M: Module + ModuleSnapshot>(
         unexpected: result.unused.iter().map(|p| burn_to_hf_path(p)).collect(),
     };
     if !allow_missing && !report.missing.is_empty() {
+        let not_float: Vec<String> = report
+            .missing
+            .iter()
+            .filter(|k| sd.ignored.contains(k))
+            .cloned()
+            .collect();
+        if !not_float.is_empty() {
+            return Err(WeightsError::NotFloat { keys: not_float });
+        }
         return Err(WeightsError::Missing { keys: report.missing });
     }
     Ok(report)

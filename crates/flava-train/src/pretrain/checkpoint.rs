@@ -2,12 +2,18 @@
 //! records, full precision) and `state.json` (step, data-mixer position, guard counters).
 //! Each is written to `step-NNNNNNNN.tmp/` and renamed when complete, so a run killed mid-write
 //! leaves the previous checkpoint as the latest complete one; `.tmp` leftovers are removed.
+//! `manifest.json` holds the SHA-256 of every file, so a checkpoint damaged later (a bad disk,
+//! a tampered `state.json`) is recognised and resume falls back to the one before.
 
+use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use flava_data::loader::MixerState;
+use flava_data::stream::StreamStats;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 /// Everything besides model and optimizer needed to continue exactly.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -26,6 +32,71 @@ pub struct TrainState {
     pub samples: u64,
     /// Training seconds so far.
     pub train_seconds: f64,
+    /// Samples and skips per source (`task: source`) over the whole run, resumes included.
+    #[serde(default)]
+    pub data: BTreeMap<String, StreamStats>,
+    /// SHA-256 of the codebook and tokenizer files the run trains with; a resume with other
+    /// files is refused.
+    #[serde(default)]
+    pub fingerprints: BTreeMap<String, String>,
+}
+
+/// The SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+fn manifest_of(dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut m = BTreeMap::new();
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if e.path().is_file() && name != "manifest.json" {
+            m.insert(name, sha256_file(&e.path())?);
+        }
+    }
+    Ok(m)
+}
+
+/// Checks a checkpoint against its manifest and its name: every file present with its hash,
+/// and `state.json`'s step equal to the directory's. Checkpoints written before manifests
+/// existed are checked by name only.
+pub fn verify_checkpoint(dir: &Path, step: usize) -> anyhow::Result<TrainState> {
+    let manifest_path = dir.join("manifest.json");
+    if manifest_path.is_file() {
+        let text = std::fs::read_to_string(&manifest_path)?;
+        let expected: BTreeMap<String, String> =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", manifest_path.display()))?;
+        for (name, hash) in &expected {
+            let p = dir.join(name);
+            if !p.is_file() {
+                anyhow::bail!("{} is missing", p.display());
+            }
+            if &sha256_file(&p)? != hash {
+                anyhow::bail!("{} does not match its checksum (damaged or edited)", p.display());
+            }
+        }
+    }
+    let state = read_state(dir)?;
+    if state.step != step {
+        anyhow::bail!(
+            "{}: state.json says step {} but the checkpoint is step {step}",
+            dir.display(),
+            state.step
+        );
+    }
+    Ok(state)
 }
 
 /// Testing aid: `FLAVA_CRASH_IN_CHECKPOINT=N` aborts the process half-way through writing the
@@ -86,6 +157,11 @@ pub fn save_checkpoint(
     }
     let json = serde_json::to_string_pretty(state)?;
     std::fs::write(tmp.join("state.json"), json)?;
+    let manifest = manifest_of(&tmp)?;
+    std::fs::write(tmp.join("manifest.json"), serde_json::to_string_pretty(&manifest)?)?;
+    for name in manifest.keys().map(String::as_str).chain(["manifest.json"]) {
+        std::fs::File::open(tmp.join(name))?.sync_all()?;
+    }
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
     }
@@ -115,6 +191,28 @@ mod tests {
             step,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_damaged_or_edited_checkpoint_is_recognised() {
+        let out = std::env::temp_dir().join(format!("flava-ckpt-verify-{}", std::process::id()));
+        std::fs::remove_dir_all(&out).ok();
+        let dir = save_checkpoint(&out, &state(10), 2, |d| {
+            Ok(std::fs::write(d.join("model.mpk"), b"weights")?)
+        })
+        .unwrap();
+        assert_eq!(verify_checkpoint(&dir, 10).unwrap(), state(10));
+        // A flipped byte in the model.
+        std::fs::write(dir.join("model.mpk"), b"weightz").unwrap();
+        let e = verify_checkpoint(&dir, 10).unwrap_err().to_string();
+        assert!(e.contains("checksum"), "{e}");
+        // A state.json whose step was edited (manifest removed, so only the name check acts).
+        std::fs::write(dir.join("model.mpk"), b"weights").unwrap();
+        std::fs::remove_file(dir.join("manifest.json")).unwrap();
+        std::fs::write(dir.join("state.json"), serde_json::to_string(&state(99)).unwrap()).unwrap();
+        let e = verify_checkpoint(&dir, 10).unwrap_err().to_string();
+        assert!(e.contains("step 99"), "{e}");
+        std::fs::remove_dir_all(&out).ok();
     }
 
     #[test]

@@ -117,6 +117,9 @@ pub struct PretrainConfig {
     pub out: PathBuf,
     /// Continue from the last complete checkpoint in `out`.
     pub resume: bool,
+    /// Start over in an `out` that holds a previous run (its files are removed first).
+    #[serde(skip)]
+    pub force: bool,
     /// Initialise from a pretrained FLAVA directory (e.g. flava-full).
     pub init: Option<PathBuf>,
     /// Towers to freeze: `image`, `text`, `multimodal`.
@@ -163,6 +166,8 @@ pub struct PretrainConfig {
     pub dvae: DvaeSection,
     /// Final evaluation.
     pub eval: EvalSection,
+    /// Resource limits of every reader (image pixels, member and text bytes, ...).
+    pub limits: flava_vit::limits::Limits,
     /// Testing aid: steps whose loss is replaced by NaN (exercises the non-finite guard).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub inject_nonfinite_at: Vec<usize>,
@@ -189,6 +194,7 @@ impl Default for PretrainConfig {
             grad_clip: 1.0,
             out: PathBuf::from("runs/flava"),
             resume: false,
+            force: false,
             init: None,
             freeze: vec![],
             phases: Some("pairs:50%,joint".into()),
@@ -208,6 +214,7 @@ impl Default for PretrainConfig {
             weights: None,
             dvae: DvaeSection::default(),
             eval: EvalSection::default(),
+            limits: Default::default(),
             inject_nonfinite_at: vec![],
         }
     }
@@ -286,11 +293,114 @@ impl PretrainConfig {
         Ok(out)
     }
 
-    /// Checks values that would fail later with a less clear message.
+    /// Options a resumed run may change: the length of the run, checkpointing, logging and
+    /// evaluation, the device and the worker threads. Everything else defines the run.
+    pub const RESUMABLE: [&'static str; 10] = [
+        "steps",
+        "stop_after",
+        "resume",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_nonfinite",
+        "workers",
+        "device",
+        "eval",
+        "limits",
+    ];
+
+    /// `Err` naming every option that differs from the run's saved configuration and may not
+    /// change on resume (see [`Self::RESUMABLE`]).
+    pub fn check_resumable(&self, saved: &PretrainConfig) -> anyhow::Result<()> {
+        let table = |c: &PretrainConfig| -> toml::Table { toml::Table::try_from(c).unwrap_or_default() };
+        let (now, was) = (table(self), table(saved));
+        let mut changed: Vec<String> = now
+            .keys()
+            .chain(was.keys())
+            .filter(|k| !Self::RESUMABLE.contains(&k.as_str()))
+            .filter(|k| now.get(*k) != was.get(*k))
+            .map(|k| {
+                let show = |v: Option<&toml::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
+                format!("{k}: {} -> {}", show(was.get(k)), show(now.get(k)))
+            })
+            .collect();
+        changed.dedup();
+        if !changed.is_empty() {
+            anyhow::bail!(
+                "--resume: these options differ from the run's config.toml and cannot change in a resumed run: {}. Resume without them (the run's own settings are used), or start a new run",
+                changed.join("; ")
+            );
+        }
+        Ok(())
+    }
+
+    /// Checks values that would fail later with a less clear message, or train nonsense.
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.batch_size == 0 || self.steps == 0 {
             anyhow::bail!("batch size and steps must be at least 1");
         }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            anyhow::bail!("--lr must be a positive number, got {}", self.lr);
+        }
+        if !(self.grad_clip.is_finite() && self.grad_clip >= 0.0) {
+            anyhow::bail!("--grad-clip must be ≥ 0 (0 turns clipping off), got {}", self.grad_clip);
+        }
+        if !(self.weight_decay.is_finite() && (0.0..1.0).contains(&self.weight_decay)) {
+            anyhow::bail!("--weight-decay must be in [0, 1), got {}", self.weight_decay);
+        }
+        if !(self.min_lr_ratio.is_finite() && (0.0..=1.0).contains(&self.min_lr_ratio)) {
+            anyhow::bail!("min_lr_ratio must be in [0, 1], got {}", self.min_lr_ratio);
+        }
+        let (b1, b2) = self.betas;
+        if !((0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2)) {
+            anyhow::bail!("betas must each be in [0, 1), got ({b1}, {b2})");
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            anyhow::bail!("eps must be a positive number, got {}", self.eps);
+        }
+        if !(0.0..=1.0).contains(&self.itm_negative_prob) {
+            anyhow::bail!("itm_negative_prob must be in [0, 1], got {}", self.itm_negative_prob);
+        }
+        if self.checkpoint_every == 0 {
+            anyhow::bail!(
+                "--checkpoint-every must be at least 1 (a run without checkpoints loses all its work when stopped; give a number ≥ --steps to save only at the end)"
+            );
+        }
+        if self.keep_checkpoints == 0 || self.max_nonfinite == 0 || self.workers == 0 {
+            anyhow::bail!("keep_checkpoints, max_nonfinite and workers must be at least 1");
+        }
+        if self.max_length < 2 {
+            anyhow::bail!(
+                "max_length must be at least 2 ([CLS] and [SEP]), got {}",
+                self.max_length
+            );
+        }
+        if self.tokenizer_vocab_size < 10 {
+            anyhow::bail!(
+                "tokenizer_vocab_size must be at least 10, got {}",
+                self.tokenizer_vocab_size
+            );
+        }
+        if self.mask_patches == Some(0) {
+            anyhow::bail!("mask_patches must be at least 1 (or unset for 40% of the grid)");
+        }
+        if !(self.dvae.time_limit_s.is_finite() && self.dvae.time_limit_s > 0.0) {
+            anyhow::bail!(
+                "--dvae-time must be a positive number of seconds, got {}",
+                self.dvae.time_limit_s
+            );
+        }
+        if self.dvae.steps == 0 || self.dvae.vocab_size < 2 || self.dvae.hidden_size == 0 {
+            anyhow::bail!("[dvae] steps and hidden_size must be at least 1 and vocab_size at least 2");
+        }
+        for t in &self.eval.templates {
+            if !t.contains("{}") {
+                anyhow::bail!("[eval] template `{t}` has no `{{}}` for the class name");
+            }
+        }
+        if self.pairs.is_empty() && self.images.is_empty() && self.text.is_empty() {
+            anyhow::bail!("no data source: give --pairs, --images or --text");
+        }
+        self.limits.validate().map_err(anyhow::Error::msg)?;
         if self.accumulate == 0 || !self.batch_size.is_multiple_of(self.accumulate) {
             anyhow::bail!(
                 "--accumulate {} must divide --batch-size {} (the batch is split into micro-batches)",

@@ -41,8 +41,9 @@ use flava_text::Tokenizer;
 use serde_json::json;
 
 use crate::eval::{self, EvalReport};
-use checkpoint::{list_checkpoints, read_state, remove_partial, save_checkpoint, TrainState};
+use checkpoint::{list_checkpoints, remove_partial, save_checkpoint, sha256_file, verify_checkpoint, TrainState};
 use config::PretrainConfig;
+use flava_data::stream::StreamStats;
 use optim::{apply_weight_decay, clip_and_filter, learning_rate, ParamGroups};
 
 /// What a finished run reports.
@@ -131,7 +132,9 @@ fn prepare_tokenizer(cfg: &PretrainConfig) -> anyhow::Result<(Tokenizer, PathBuf
         anyhow::bail!("no text to train the tokenizer on (give --text or --pairs sources, or --tokenizer)");
     }
     let t0 = Instant::now();
-    let n = tokenizer::train_wordpiece(texts.clone().into_iter(), cfg.tokenizer_vocab_size, &path)?;
+    let tmp = flava_vit::atomic::tmp_path(&path);
+    let n = tokenizer::train_wordpiece(texts.clone().into_iter(), cfg.tokenizer_vocab_size, &tmp)?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
     println!(
         "tokenizer: WordPiece with {n} tokens trained on {} texts in {:.1}s -> {}",
         texts.len(),
@@ -170,7 +173,8 @@ fn prepare_codebook(
                     "dVAE: training a {}-code image tokenizer for up to {:.0}s on {images}",
                     dc.codebook.vocab_size, cfg.dvae.time_limit_s
                 );
-                crate::dvae_cmd::train_cmd(images, &cfg.eval.images, &dvae_dir, dc, false, device)?;
+                // The run's own dVAE: continue one that an interrupted run left unfinished.
+                crate::dvae_cmd::train_cmd(images, &cfg.eval.images, &dvae_dir, dc, true, device)?;
             }
             cb
         }
@@ -236,6 +240,10 @@ fn save_model_dir(
     tokenizer_path: &Path,
     processor: &ImageProcessorConfig,
 ) -> anyhow::Result<()> {
+    // Written whole into `model.tmp/` and swapped in: a crash never leaves a mixed directory.
+    let target = dir;
+    let staged = flava_vit::atomic::AtomicDir::new(target)?;
+    let dir = staged.path();
     save_pretraining(model, Some(codebook), mc, dir)?;
     let tok_dst = dir.join("tokenizer.json");
     if tokenizer_path.extension().is_some_and(|e| e == "json") {
@@ -246,6 +254,7 @@ fn save_model_dir(
     let mut v = serde_json::to_value(processor)?;
     v["image_processor_type"] = json!("FlavaImageProcessor");
     std::fs::write(dir.join("preprocessor_config.json"), serde_json::to_string_pretty(&v)?)?;
+    staged.commit()?;
     Ok(())
 }
 
@@ -283,27 +292,46 @@ fn sources(cfg: &PretrainConfig, phase: &str) -> anyhow::Result<(TaskSources, Mi
     Ok((out, mix))
 }
 
-/// Keeps the metrics lines of steps up to `step` (a resumed run rewrites what came after).
-fn truncate_metrics(path: &Path, step: usize) -> anyhow::Result<()> {
-    if !path.is_file() {
-        return Ok(());
+/// Files a finished or interrupted run leaves in its directory; a new run refuses to start
+/// over them without `--resume` or `--force`.
+pub const RUN_FILES: [&str; 9] = [
+    "checkpoints",
+    "model",
+    "metrics.jsonl",
+    "eval.json",
+    "config.toml",
+    "loss_curves.png",
+    "dvae",
+    "tokenizer.json",
+    "model.tmp",
+];
+
+/// The first file of a previous run found in `out`.
+pub fn previous_run(out: &Path) -> Option<&'static str> {
+    RUN_FILES.iter().copied().find(|f| out.join(f).exists())
+}
+
+/// Adds `b` to `a`, source by source.
+fn merge_stats(a: &BTreeMap<String, StreamStats>, b: &BTreeMap<String, StreamStats>) -> BTreeMap<String, StreamStats> {
+    let mut out = a.clone();
+    for (k, v) in b {
+        out.entry(k.clone()).or_default().merge(v);
     }
-    let kept: Vec<String> = std::fs::read_to_string(path)?
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s as usize <= step)
-        })
-        .map(String::from)
-        .collect();
-    let mut text = kept.join("\n");
-    if !text.is_empty() {
-        text.push('\n');
+    out
+}
+
+/// One line per source: samples and skips by reason.
+pub fn render_data_summary(data: &BTreeMap<String, StreamStats>) -> String {
+    let mut out = String::new();
+    for (source, st) in data {
+        out.push_str(&format!(
+            "data {source}: {} samples, {} skipped ({})\n",
+            st.samples,
+            st.total_skipped(),
+            st.reasons()
+        ));
     }
-    std::fs::write(path, text)?;
-    Ok(())
+    out
 }
 
 /// Loss curves from `metrics.jsonl`: the total per task and each loss.
@@ -325,7 +353,10 @@ fn write_curves(metrics: &Path, png: &Path) -> anyhow::Result<()> {
             }
         }
     }
-    plot::plot_losses(&series, png)
+    let tmp = flava_vit::atomic::tmp_path(png).with_extension("tmp.png");
+    plot::plot_losses(&series, &tmp)?;
+    std::fs::rename(&tmp, png)?;
+    Ok(())
 }
 
 /// Masked-prediction accuracy on held-out data: MLM on texts, MIM on images (targets from the
@@ -400,7 +431,13 @@ pub fn evaluate(
 ) -> anyhow::Result<EvalReport> {
     let opts = source_options(cfg, false);
     let mut zs_src = open_source(&cfg.eval.zero_shot, Task::Images, &opts)?;
-    let (zs_samples, _) = eval::read_samples(zs_src.as_mut(), Task::Images, cfg.eval.zero_shot_images);
+    let (zs_samples, skipped) = eval::read_samples(zs_src.as_mut(), Task::Images, cfg.eval.zero_shot_images);
+    if zs_samples.is_empty() {
+        anyhow::bail!(
+            "evaluation: {} has no usable image ({skipped} skipped)",
+            cfg.eval.zero_shot
+        );
+    }
     let zero_shot = eval::zero_shot(
         &model.flava,
         tokenizer,
@@ -411,7 +448,13 @@ pub fn evaluate(
         device,
     )?;
     let mut r_src = open_source(&cfg.eval.retrieval, Task::Pairs, &opts)?;
-    let (pairs, _) = eval::read_samples(r_src.as_mut(), Task::Pairs, cfg.eval.retrieval_pairs);
+    let (pairs, skipped) = eval::read_samples(r_src.as_mut(), Task::Pairs, cfg.eval.retrieval_pairs);
+    if pairs.is_empty() {
+        anyhow::bail!(
+            "evaluation: {} has no usable pair ({skipped} skipped)",
+            cfg.eval.retrieval
+        );
+    }
     let retrieval = eval::retrieval(&model.flava, tokenizer, processor, &pairs, cfg.max_length, device)?;
     let (mlm, mim) = masked_accuracy(model, codebook, builder, cfg, device)?;
     let chance = eval::chance_levels(
@@ -432,29 +475,44 @@ pub fn evaluate(
 /// Runs `flava pretrain` with `cfg`.
 pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
     cfg.validate()?;
+    flava_vit::limits::set(cfg.limits);
     let out = cfg.out.clone();
+    if !cfg.resume {
+        if let Some(found) = previous_run(&out) {
+            if !cfg.force {
+                anyhow::bail!(
+                    "{} already holds a run ({found}); pass --resume to continue it, --force to start over, or choose another --out",
+                    out.display()
+                );
+            }
+            for f in RUN_FILES {
+                let p = out.join(f);
+                if p.is_dir() {
+                    std::fs::remove_dir_all(&p)?;
+                } else if p.exists() {
+                    std::fs::remove_file(&p)?;
+                }
+            }
+            println!("--force: removed the previous run in {}", out.display());
+        }
+    }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    flava_vit::atomic::recover_dir(&out.join("model"));
     let partial = remove_partial(&out);
     if partial > 0 {
         eprintln!("removed {partial} incomplete checkpoint(s) left by an interrupted run");
     }
+    let config_path = out.join("config.toml");
+    if cfg.resume && config_path.is_file() {
+        let saved = PretrainConfig::from_toml_file(&config_path)?;
+        cfg.check_resumable(&saved)?;
+    }
     let existing = list_checkpoints(&out);
-    let resume_from = if cfg.resume {
-        if existing.is_empty() {
-            eprintln!("--resume: no checkpoint in {}; starting from scratch", out.display());
-        }
-        existing.last().cloned()
-    } else {
-        if !existing.is_empty() {
-            anyhow::bail!(
-                "{} already holds checkpoints (latest: step {}); pass --resume to continue it or choose another --out",
-                out.display(),
-                existing.last().map_or(0, |c| c.0)
-            );
-        }
-        None
-    };
-    std::fs::write(out.join("config.toml"), cfg.to_toml())?;
+    if cfg.resume && existing.is_empty() {
+        eprintln!("--resume: no checkpoint in {}; starting from scratch", out.display());
+    }
+    flava_vit::atomic::write_file(&config_path, cfg.to_toml().as_bytes())
+        .with_context(|| format!("writing {}", config_path.display()))?;
 
     // Data parallelism: the first of `devices` is the main one (optimizer, checkpoints).
     let dp_devices: Vec<Device> = cfg
@@ -491,6 +549,9 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
         );
     }
 
+    // Seeded here, after the dVAE (which seeds and draws on its own), so the initial weights
+    // depend on the seed alone.
+    device.seed(cfg.seed);
     let mut model = match &cfg.init {
         Some(dir) => {
             let l = load_pretraining(dir, true, &ad).with_context(|| format!("loading --init {}", dir.display()))?;
@@ -499,24 +560,76 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
         }
         None => FlavaForPretraining::new(&mc, &ad),
     };
-    let mut optim = AdamWConfig::new()
-        .with_beta_1(cfg.betas.0 as f32)
-        .with_beta_2(cfg.betas.1 as f32)
-        .with_epsilon(cfg.eps as f32)
-        // Decoupled decay is applied by `apply_weight_decay`, only where it belongs.
-        .with_weight_decay(0.0)
-        .init();
+    let new_optim = || {
+        AdamWConfig::new()
+            .with_beta_1(cfg.betas.0 as f32)
+            .with_beta_2(cfg.betas.1 as f32)
+            .with_epsilon(cfg.eps as f32)
+            // Decoupled decay is applied by `apply_weight_decay`, only where it belongs.
+            .with_weight_decay(0.0)
+            .init()
+    };
+    let mut optim = new_optim();
     let mut state = TrainState::default();
-    if let Some((_, dir)) = &resume_from {
-        model = model
-            .try_load_file(dir.join("model"))
-            .with_context(|| format!("loading the model of {}", dir.display()))?;
-        optim = optim
-            .load(dir.join("optim"))
-            .map_err(|e| anyhow::anyhow!("loading the optimizer of {}: {e}", dir.display()))?;
-        state = read_state(dir)?;
-        println!("resumed from {} (step {})", dir.display(), state.step);
+    if cfg.resume {
+        // The newest checkpoint that verifies and loads; a damaged one falls back to the one before.
+        let mut failures = Vec::new();
+        let mut resumed = false;
+        for (step, dir) in existing.iter().rev() {
+            let attempt = (|| -> anyhow::Result<(FlavaForPretraining, burn::optim::ModuleOptimizer, TrainState)> {
+                let st = verify_checkpoint(dir, *step)?;
+                let m = model
+                    .clone()
+                    .try_load_file(dir.join("model"))
+                    .with_context(|| format!("loading the model of {}", dir.display()))?;
+                let o = new_optim()
+                    .load(dir.join("optim"))
+                    .map_err(|e| anyhow::anyhow!("loading the optimizer of {}: {e}", dir.display()))?;
+                Ok((m, o, st))
+            })();
+            match attempt {
+                Ok((m, o, st)) => {
+                    if !failures.is_empty() {
+                        eprintln!(
+                            "warning: fell back to {} because a newer checkpoint is unreadable: {}",
+                            dir.display(),
+                            failures.join("; ")
+                        );
+                    }
+                    (model, optim, state) = (m, o, st);
+                    println!("resumed from {} (step {})", dir.display(), state.step);
+                    resumed = true;
+                    break;
+                }
+                Err(e) => failures.push(format!("{e:#}")),
+            }
+        }
+        if !resumed && !existing.is_empty() {
+            anyhow::bail!(
+                "--resume: no checkpoint in {} can be read: {}",
+                out.display(),
+                failures.join("; ")
+            );
+        }
     }
+    // The codebook and tokenizer must be the ones the checkpoint was trained with.
+    let mut fingerprints = BTreeMap::new();
+    fingerprints.insert("tokenizer".to_string(), sha256_file(&tokenizer_path)?);
+    if let Some(w) = ["model.safetensors", "pytorch_model.bin"]
+        .iter()
+        .map(|f| codebook_dir.join(f))
+        .find(|p| p.is_file())
+    {
+        fingerprints.insert("codebook".to_string(), sha256_file(&w)?);
+    }
+    for (what, hash) in &state.fingerprints {
+        if fingerprints.get(what) != Some(hash) {
+            anyhow::bail!(
+                "--resume: the {what} differs from the one this run was trained with (was it retrained or replaced?); start a new run, or restore the original {what}"
+            );
+        }
+    }
+    state.fingerprints = fingerprints;
     if let Some(w) = cfg.weights {
         model.weights = w;
     }
@@ -558,7 +671,7 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
     let builder = BatchBuilder::new(batch_cfg.clone(), Some(tokenizer.clone())).map_err(anyhow::Error::msg)?;
 
     let metrics_path = out.join("metrics.jsonl");
-    truncate_metrics(&metrics_path, state.step)?;
+    flava_vit::atomic::truncate_metrics(&metrics_path, state.step as u64)?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -616,9 +729,22 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
                 println!("phase {} data: {d}", phase.name);
             }
         }
+        // Counts since this loader started, added to those of earlier phases and invocations.
+        let data_base = state.data.clone();
         while state.step < phase_end.min(stop_at) {
             let t0 = Instant::now();
-            let lb = loader.next_batch().map_err(anyhow::Error::msg)?;
+            let lb = match loader.next_batch() {
+                Ok(lb) => lb,
+                Err(e) => {
+                    bar.abandon();
+                    if state.step > 0 {
+                        // Keep the work done so far: the next --resume starts here.
+                        let dir = save(&model, &optim, &state)?;
+                        eprintln!("saved {} before stopping", dir.display());
+                    }
+                    anyhow::bail!("data: {e}");
+                }
+            };
             let host = &lb.batch;
             let lr = learning_rate(state.step, total, cfg.warmup, cfg.lr, cfg.min_lr_ratio);
             let inject = cfg.inject_nonfinite_at.contains(&(lb.state_after.step as usize));
@@ -668,6 +794,7 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
             };
             let value = if inject { f64::NAN } else { value };
             state.mixer = Some(lb.state_after.clone());
+            state.data = merge_stats(&data_base, &lb.per_source);
             let mut grads = match grads {
                 Some(g) if value.is_finite() => g,
                 _ if !value.is_finite() => {
@@ -716,6 +843,7 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
                 "samples_per_s": host.batch_size as f64 / dt.max(1e-9),
                 // The contrastive temperature's log (CLIP-style runs watch it grow).
                 "logit_scale": model.flava.logit_scale.val().into_scalar::<f64>(),
+                "skipped": state.data.values().map(StreamStats::total_skipped).sum::<u64>(),
             });
             for (n, v) in &losses {
                 line[*n] = json!(v);
@@ -757,6 +885,7 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
         "trained {} steps ({} samples) in {:.0}s; {} non-finite loss(es) skipped",
         state.step, state.samples, state.train_seconds, state.nonfinite_total
     );
+    print!("{}", render_data_summary(&state.data));
 
     let valid = model.valid();
     let model_dir = out.join("model");
@@ -785,7 +914,9 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
             cfg,
             &device,
         )?;
-        std::fs::write(out.join("eval.json"), serde_json::to_string_pretty(&report)?)?;
+        let mut v = serde_json::to_value(&report)?;
+        v["data"] = serde_json::to_value(&state.data)?;
+        flava_vit::atomic::write_file(&out.join("eval.json"), serde_json::to_string_pretty(&v)?.as_bytes())?;
         print!("{}", eval::render_report(&report));
         println!("evaluation saved to {}", out.join("eval.json").display());
         Some(report)
