@@ -296,9 +296,9 @@ fn decode_jpeg_like_pillow(bytes: &[u8], max_pixels: u64) -> Option<DynamicImage
         }
         let mut d = d.rgb().ok()?;
         let (w, h) = (d.width() as u32, d.height() as u32);
-        let rows: Vec<[u8; 3]> = d.read_scanlines().ok()?;
+        // Flat RGB bytes, read once (no second copy of a large image).
+        let raw: Vec<u8> = d.read_scanlines::<u8>().ok()?;
         d.finish().ok()?;
-        let raw: Vec<u8> = rows.into_iter().flatten().collect();
         RgbImage::from_raw(w, h, raw).map(DynamicImage::ImageRgb8)
     })
     .ok()

@@ -5,14 +5,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use flava_data::batch::{BatchBuilder, BatchConfig};
+mod common;
+
 use flava_data::loader::{DataLoader, LoaderConfig, Mix};
 use flava_data::masking::{BlockMaskConfig, BlockMaskGenerator};
 use flava_data::processor::{decode_image, ImageProcessor};
 use flava_data::sources::{expand_braces, read_coco, read_texts, Record, ShardSource, SkipReason, Source};
 use flava_data::stream::{open_source, SourceOptions, Task};
-use flava_data::transforms::TrainTransformConfig;
-use flava_text::Tokenizer;
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("flava-hostile-{}-{name}", std::process::id()));
@@ -48,28 +47,6 @@ fn write_tar(path: &Path, members: &[(&str, Vec<u8>)]) {
 }
 
 fn loader(task: Task, source: Box<dyn Source>) -> DataLoader {
-    let tok = Tokenizer::from_file(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tokenizer/tokenizer.json"),
-    )
-    .unwrap();
-    let cfg = BatchConfig {
-        batch_size: 4,
-        transform: TrainTransformConfig {
-            image_size: 32,
-            codebook_size: 32,
-            ..Default::default()
-        },
-        mask: BlockMaskConfig {
-            height: 4,
-            width: 4,
-            num_masking_patches: 6,
-            min_num_patches: 2,
-            ..Default::default()
-        },
-        max_length: 16,
-        ..Default::default()
-    };
-    let builder = BatchBuilder::new(cfg, Some(tok)).unwrap();
     let sources = BTreeMap::from([(task, vec![source])]);
     let cfg = LoaderConfig {
         mix: Mix::RoundRobin,
@@ -77,7 +54,7 @@ fn loader(task: Task, source: Box<dyn Source>) -> DataLoader {
         prefetch: 1,
         seed: 0,
     };
-    DataLoader::new(sources, builder, cfg, None).unwrap()
+    DataLoader::new(sources, common::builder(4), cfg, None).unwrap()
 }
 
 fn opts() -> SourceOptions {

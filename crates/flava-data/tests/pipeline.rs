@@ -4,20 +4,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use flava_data::batch::{BatchBuilder, BatchConfig};
+mod common;
+
+use common::{builder, tokenizer};
+use flava_data::batch::BatchBuilder;
 use flava_data::loader::{DataLoader, LoaderConfig, Mix};
-use flava_data::masking::BlockMaskConfig;
 use flava_data::sources::{expand_braces, split_key, SkipReason, Source};
 use flava_data::stream::{open_source, SourceOptions, Task};
-use flava_data::transforms::TrainTransformConfig;
-use flava_text::Tokenizer;
-
-fn tokenizer() -> Tokenizer {
-    Tokenizer::from_file(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tokenizer/tokenizer.json"),
-    )
-    .unwrap()
-}
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("flava-data-{}-{name}", std::process::id()));
@@ -31,27 +24,6 @@ fn png(w: u32, h: u32, v: u8) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png).unwrap();
     out.into_inner()
-}
-
-fn builder(batch: usize) -> BatchBuilder {
-    let cfg = BatchConfig {
-        batch_size: batch,
-        transform: TrainTransformConfig {
-            image_size: 32,
-            codebook_size: 32,
-            ..Default::default()
-        },
-        mask: BlockMaskConfig {
-            height: 4,
-            width: 4,
-            num_masking_patches: 6,
-            min_num_patches: 2,
-            ..Default::default()
-        },
-        max_length: 16,
-        ..Default::default()
-    };
-    BatchBuilder::new(cfg, Some(tokenizer())).unwrap()
 }
 
 fn synthetic_sources(opts: &SourceOptions) -> BTreeMap<Task, Vec<Box<dyn Source>>> {

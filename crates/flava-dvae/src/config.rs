@@ -42,15 +42,16 @@ impl FlavaImageCodebookConfig {
     /// Checks sizes against [`flava_vit::limits`] before anything is allocated.
     pub fn validate(&self) -> Result<(), String> {
         let limits = flava_vit::limits::current();
-        for (name, v) in [
-            ("num_groups", self.num_groups),
-            ("input_channels", self.input_channels),
-            ("num_blocks_per_group", self.num_blocks_per_group),
-            ("hidden_size", self.hidden_size),
-            ("vocab_size", self.vocab_size),
-        ] {
-            limits.check_dim(name, v as u64)?;
-        }
+        limits.check_dims(
+            "",
+            &[
+                ("num_groups", self.num_groups),
+                ("input_channels", self.input_channels),
+                ("num_blocks_per_group", self.num_blocks_per_group),
+                ("hidden_size", self.hidden_size),
+                ("vocab_size", self.vocab_size),
+            ],
+        )?;
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_blocks_per_group == 0 {
             return Err("vocab_size, hidden_size and num_blocks_per_group must be at least 1".into());
         }

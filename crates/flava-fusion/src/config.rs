@@ -333,16 +333,19 @@ impl FlavaConfig {
         self.text_config.validate().map_err(ConfigError::Invalid)?;
         let mm = &self.multimodal_config;
         let limits = flava_vit::limits::current();
-        for (name, v) in [
-            ("multimodal_config.hidden_size", mm.hidden_size),
-            ("multimodal_config.num_hidden_layers", mm.num_hidden_layers),
-            ("multimodal_config.num_attention_heads", mm.num_attention_heads),
-            ("multimodal_config.intermediate_size", mm.intermediate_size),
-            ("hidden_size", self.hidden_size),
-            ("projection_dim", self.projection_dim),
-        ] {
-            limits.check_dim(name, v as u64).map_err(ConfigError::Invalid)?;
-        }
+        limits
+            .check_dims(
+                "",
+                &[
+                    ("multimodal_config.hidden_size", mm.hidden_size),
+                    ("multimodal_config.num_hidden_layers", mm.num_hidden_layers),
+                    ("multimodal_config.num_attention_heads", mm.num_attention_heads),
+                    ("multimodal_config.intermediate_size", mm.intermediate_size),
+                    ("hidden_size", self.hidden_size),
+                    ("projection_dim", self.projection_dim),
+                ],
+            )
+            .map_err(ConfigError::Invalid)?;
         self.image_codebook_config
             .validate()
             .map_err(|e| ConfigError::Invalid(format!("image_codebook_config: {e}")))?;

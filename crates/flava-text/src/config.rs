@@ -89,18 +89,18 @@ impl FlavaTextConfig {
 
     /// Checks the invariants the model relies on; the error names the offending field.
     pub fn validate(&self) -> Result<(), String> {
-        let limits = flava_vit::limits::current();
-        for (name, v) in [
-            ("vocab_size", self.vocab_size),
-            ("type_vocab_size", self.type_vocab_size),
-            ("max_position_embeddings", self.max_position_embeddings),
-            ("hidden_size", self.hidden_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("intermediate_size", self.intermediate_size),
-        ] {
-            limits.check_dim(&format!("text_config.{name}"), v as u64)?;
-        }
+        flava_vit::limits::current().check_dims(
+            "text_config.",
+            &[
+                ("vocab_size", self.vocab_size),
+                ("type_vocab_size", self.type_vocab_size),
+                ("max_position_embeddings", self.max_position_embeddings),
+                ("hidden_size", self.hidden_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_attention_heads", self.num_attention_heads),
+                ("intermediate_size", self.intermediate_size),
+            ],
+        )?;
         if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "text_config.hidden_size ({}) must be divisible by text_config.num_attention_heads ({})",

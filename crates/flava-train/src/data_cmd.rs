@@ -13,14 +13,24 @@ use rand_chacha::ChaCha8Rng;
 /// Parses `ROWSxCOLS` (e.g. `14x14`).
 pub fn parse_grid(s: &str) -> anyhow::Result<(usize, usize)> {
     let (h, w) = s.split_once(['x', 'X']).context("grid must look like 14x14")?;
-    Ok((
+    let (h, w): (usize, usize) = (
         h.trim().parse().context("grid rows")?,
         w.trim().parse().context("grid columns")?,
-    ))
+    );
+    flava_vit::limits::current()
+        .check_dim("grid cells", (h as u64).saturating_mul(w as u64))
+        .map_err(anyhow::Error::msg)?;
+    Ok((h, w))
 }
+
+/// Most masks `flava masks` draws in one call.
+pub const MAX_MASK_SAMPLES: usize = 100_000;
 
 /// Draws `samples` masks; returns them row-major.
 pub fn masks(cfg: BlockMaskConfig, samples: usize, seed: u64) -> anyhow::Result<Vec<Vec<bool>>> {
+    if samples > MAX_MASK_SAMPLES {
+        anyhow::bail!("--samples {samples}: at most {MAX_MASK_SAMPLES} masks at a time");
+    }
     let g = BlockMaskGenerator::new(cfg).map_err(anyhow::Error::msg)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     Ok((0..samples).map(|_| g.generate(&mut rng)).collect())

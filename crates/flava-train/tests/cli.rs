@@ -369,4 +369,50 @@ fn embed_eval_and_masks_refuse_nonsense_arguments() {
     let out = flava().args(["masks", "--min-patches", "1000"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("min_num_patches 1000"));
+    for (args, want) in [
+        (vec!["masks", "--grid", "100000x100000"], "grid cells"),
+        (vec!["masks", "--samples", "1000000000000"], "--samples"),
+    ] {
+        let out = flava().args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(want),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// `--reader-limit` sets a limit for any command: with 10 pixels allowed, a 256x256 photo is
+/// refused with the limit's name; an unknown name is an error that lists the known ones.
+#[test]
+fn reader_limits_are_configurable_on_the_command_line() {
+    let photo = fixtures().join("processor/photo_256x256.jpg");
+    let out = flava()
+        .args(["--reader-limit", "max_image_pixels=10", "codebook", "--model"])
+        .arg(fixtures().join("codebook"))
+        .arg("--image")
+        .arg(&photo)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("65536 pixels") && e.contains("max_image_pixels"), "{e}");
+    let out = flava()
+        .args(["codebook", "--reader-limit", "max_pixels=10", "--model"])
+        .arg(fixtures().join("codebook"))
+        .arg("--image")
+        .arg(&photo)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown limit `max_pixels`"));
+    let out = flava()
+        .args(["codebook", "--json", "--model"])
+        .arg(fixtures().join("codebook"))
+        .arg("--image")
+        .arg(&photo)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

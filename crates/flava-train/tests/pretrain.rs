@@ -480,6 +480,8 @@ fn nonsense_values_are_refused_before_anything_runs() {
         (vec!["--checkpoint-every", "0"], "--checkpoint-every"),
         (vec!["--dvae-time", "0"], "--dvae-time"),
         (vec!["--pairs", "d/{5..}.tar"], "needs both bounds"),
+        (vec!["--batch-size", "1000000000"], "--batch-size"),
+        (vec!["--workers", "1000000"], "--workers"),
     ] {
         let out = flava(&args, &cfg);
         assert!(!out.status.success(), "{args:?}");

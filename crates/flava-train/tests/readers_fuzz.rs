@@ -145,6 +145,12 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 
 #[test]
 fn readers_survive_arbitrary_and_mutated_bytes() {
+    // Images up to 16 M pixels (48 MB of RGB): a declared size within the limit is decoded, so
+    // the peak of a case is bounded by the limit, and this one keeps it well under PEAK_LIMIT.
+    flava_vit::limits::set(flava_vit::limits::Limits {
+        max_image_pixels: 16 << 20,
+        ..Default::default()
+    });
     let dir = std::env::temp_dir().join(format!("flava-fuzz-{}", std::process::id()));
     std::fs::remove_dir_all(&dir).ok();
     std::fs::create_dir_all(&dir).unwrap();
@@ -174,6 +180,28 @@ fn readers_survive_arbitrary_and_mutated_bytes() {
     check("jpeg", 384, edits(), |e| {
         let _ = flava_data::processor::decode_image(&mutate(&j8, 200, &e));
     });
+
+    // Decompression bombs: small files declaring huge images (any size up to 65500 per side).
+    check(
+        "image bombs",
+        64,
+        (1000u16..=65500, 1000u16..=65500, any::<bool>()),
+        |(w, h, as_png)| {
+            let mut b = if as_png { png(16, 16) } else { jpeg(16, 16) };
+            if as_png {
+                b[16..20].copy_from_slice(&(w as u32).to_be_bytes());
+                b[20..24].copy_from_slice(&(h as u32).to_be_bytes());
+            } else {
+                let sof = b.windows(2).position(|m| m == [0xFF, 0xC0]).unwrap();
+                b[sof + 5..sof + 7].copy_from_slice(&h.to_be_bytes());
+                b[sof + 7..sof + 9].copy_from_slice(&w.to_be_bytes());
+            }
+            let r = flava_data::processor::decode_image(&b);
+            if (w as u64) * (h as u64) > flava_vit::limits::current().max_image_pixels {
+                assert!(r.is_err(), "{w}x{h} was decoded");
+            }
+        },
+    );
 
     // safetensors: the header's offsets and shapes are validated against the file.
     let st = std::fs::read(fixtures().join("tiny_image_model/model.safetensors")).unwrap();

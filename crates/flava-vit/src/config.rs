@@ -101,19 +101,19 @@ impl FlavaImageConfig {
 
     /// Checks the invariants the model relies on; the error names the offending field.
     pub fn validate(&self) -> Result<(), String> {
-        let limits = crate::limits::current();
-        for (name, v) in [
-            ("hidden_size", self.hidden_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("intermediate_size", self.intermediate_size),
-            ("image_size", self.image_size),
-            ("patch_size", self.patch_size),
-            ("num_channels", self.num_channels),
-            ("vocab_size", self.vocab_size),
-        ] {
-            limits.check_dim(&format!("image_config.{name}"), v as u64)?;
-        }
+        crate::limits::current().check_dims(
+            "image_config.",
+            &[
+                ("hidden_size", self.hidden_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_attention_heads", self.num_attention_heads),
+                ("intermediate_size", self.intermediate_size),
+                ("image_size", self.image_size),
+                ("patch_size", self.patch_size),
+                ("num_channels", self.num_channels),
+                ("vocab_size", self.vocab_size),
+            ],
+        )?;
         if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "image_config.hidden_size ({}) must be divisible by image_config.num_attention_heads ({})",

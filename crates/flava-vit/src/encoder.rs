@@ -138,6 +138,13 @@ impl Attention {
     }
 }
 
+/// Parameters of `layers` pre-LN layers of width `hidden` and FFN `intermediate` (u128: the
+/// sizes may come from a hostile configuration).
+pub fn encoder_parameter_estimate(hidden: usize, intermediate: usize, layers: usize) -> u128 {
+    let (d, ff) = (hidden as u128, intermediate as u128);
+    layers as u128 * (4 * d * d + 2 * d * ff + 9 * d + ff)
+}
+
 /// `softmax(q·kᵀ/√d + mask)·v` as HF computes it: padded keys get the most negative f32 added
 /// to their scores (HF's extended attention mask), so a NaN or infinity in a query, key or
 /// score propagates to the output as in PyTorch, where the non-finite guard sees it. (Burn's

@@ -101,6 +101,14 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// [`Limits::check_dim`] for each `(name, value)`, names prefixed with `prefix`.
+    pub fn check_dims(&self, prefix: &str, dims: &[(&str, usize)]) -> Result<(), String> {
+        dims.iter()
+            .try_for_each(|(name, v)| self.check_dim(&format!("{prefix}{name}"), *v as u64))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

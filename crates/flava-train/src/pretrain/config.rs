@@ -368,6 +368,24 @@ impl PretrainConfig {
         if self.keep_checkpoints == 0 || self.max_nonfinite == 0 || self.workers == 0 {
             anyhow::bail!("keep_checkpoints, max_nonfinite and workers must be at least 1");
         }
+        if self.workers > 1024 {
+            anyhow::bail!(
+                "--workers {} is more threads than any machine has (at most 1024)",
+                self.workers
+            );
+        }
+        self.limits
+            .check_dims(
+                "",
+                &[
+                    ("--batch-size", self.batch_size),
+                    ("max_length", self.max_length),
+                    ("tokenizer_vocab_size", self.tokenizer_vocab_size),
+                    ("[dvae] vocab_size", self.dvae.vocab_size),
+                    ("[dvae] hidden_size", self.dvae.hidden_size),
+                ],
+            )
+            .map_err(anyhow::Error::msg)?;
         if self.max_length < 2 {
             anyhow::bail!(
                 "max_length must be at least 2 ([CLS] and [SEP]), got {}",
