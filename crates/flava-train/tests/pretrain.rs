@@ -518,3 +518,30 @@ fn an_all_broken_source_ends_the_run_with_its_reasons() {
     assert!(t0.elapsed().as_secs() < 120, "{:?}", t0.elapsed());
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// A resumed run must train with the codebook it started with: one changed on disk in between
+/// (here a weight nudged, so it still loads) is refused, naming the codebook.
+#[test]
+fn resume_refuses_a_codebook_that_changed_since_the_run_started() {
+    let dir = scratch("fingerprint");
+    let cb = dir.join("codebook");
+    std::fs::create_dir_all(&cb).unwrap();
+    for e in std::fs::read_dir(fixtures().join("codebook")).unwrap().flatten() {
+        std::fs::copy(e.path(), cb.join(e.file_name())).unwrap();
+    }
+    let cfg = config(&dir, "[eval]\nskip = true");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&format!("{:?}", fixtures().join("codebook")), &format!("{cb:?}"));
+    std::fs::write(&cfg, text).unwrap();
+    ok(&flava(&["--stop-after", "3"], &cfg));
+    let w = cb.join("model.safetensors");
+    let mut sd = flava_vit::StateDict::from_file(&w).unwrap();
+    let first = sd.tensors.keys().next().unwrap().clone();
+    sd.tensors.get_mut(&first).unwrap().data[0] += 0.5;
+    sd.save_safetensors(&w).unwrap();
+    let out = flava(&["--resume"], &cfg);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("the codebook differs"), "{}", stderr(&out));
+    std::fs::remove_dir_all(dir).ok();
+}
