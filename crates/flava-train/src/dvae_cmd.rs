@@ -78,7 +78,7 @@ pub fn train_cmd(
     let ev = evaluate(&trained.model, &held, &trained.state.mean_image, s, &device.clone());
     flava_vit::atomic::write_file(&out.join("eval.json"), serde_json::to_string_pretty(&ev)?.as_bytes())?;
     println!(
-        "held-out ({} images of {eval_spec}): PSNR {:.2} dB vs {:.2} dB for the mean image (+{:.2} dB); codes used {:.1}%, perplexity {:.0}",
+        "held-out ({} images of {eval_spec}): PSNR {:.2} dB vs {:.2} dB for the mean image ({:+.2} dB); codes used {:.1}%, perplexity {:.0}",
         ev.images,
         ev.psnr,
         ev.baseline_psnr,
