@@ -1,13 +1,13 @@
 //! dVAE: tokenization throughput of the full-size FLAVA codebook at 112 px (images/s, inference on
 //! a non-autodiff device), and one training step of the default small dVAE (batch 16, 64 px).
 
-use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
-use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::Distribution;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use flava_dvae::train::{Dvae, DvaeTrainConfig};
+use flava_dvae::dvae::{Dvae, DvaeTrainConfig};
 use flava_dvae::{FlavaImageCodebookConfig, ImageCodebook};
+use flava_train::dvae::{optimizer_config, DvaeBatch, DvaeObjective};
+use flava_train::trainer::{Trainer, TrainerConfig};
 
 fn bench_dvae(c: &mut Criterion) {
     // As the `flava` binary does (flava_vit::kernels::tune_allocator).
@@ -27,22 +27,28 @@ fn bench_dvae(c: &mut Criterion) {
         ..Default::default()
     };
     let ad = device.clone().autodiff();
-    let mut model = Dvae::new(&cfg, &ad);
-    let mut optim = AdamWConfig::new().with_epsilon(1e-8).init();
-    let x = Tensor::<4>::random([16, 3, 64, 64], Distribution::Uniform(0.1, 0.9), &ad);
+    // The training step of `flava dvae train`: the dVAE objective on the workspace's Trainer.
+    let mut trainer = Trainer::new(
+        Dvae::new(&cfg, &ad),
+        DvaeObjective::new(&cfg, 0.0),
+        TrainerConfig {
+            optimizer: optimizer_config(&cfg),
+            steps: cfg.steps,
+            max_nonfinite: usize::MAX,
+        },
+    );
+    let batch = DvaeBatch {
+        x: Tensor::<4>::random([16, 3, 64, 64], Distribution::Uniform(0.1, 0.9), &ad),
+    };
     g.throughput(Throughput::Elements(16));
     g.bench_function("train_step_default_dvae_64px_batch16", |b| {
         b.iter(|| {
-            let logits = model.encoder.forward(x.clone());
-            let soft = softmax(logits / 0.5, 1);
-            let pred = sigmoid(model.decoder.forward(soft));
-            let loss = (pred - (x.clone() - 0.1) / 0.8).square().mean();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(1e-4, model.clone(), grads);
+            trainer
+                .step(&batch, &mut flava_train::observer::Quiet)
+                .expect("a dVAE step")
         })
     });
     g.finish();
-    let _ = model.valid();
 }
 
 criterion_group!(benches, bench_dvae);

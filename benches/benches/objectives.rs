@@ -5,7 +5,6 @@
 //! `tiny` and `small`; the paired pretraining forward at `full` (batch 8, no autograd).
 //! Run: `cargo bench -p flava-benches --bench objectives`.
 
-use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -93,22 +92,17 @@ fn bench_step(c: &mut Criterion) {
                 out.total.unwrap().backward()
             })
         });
-        // The whole step as the trainer runs it: forward, backward, AdamW.
+        // The whole step as the trainer runs it: `Trainer::step` (forward, backward, the training
+        // optimizer with its groups, decay and clipping).
         for (task, label) in [
             (BenchTask::Pairs, "pairs_step"),
             (BenchTask::Images, "images_step"),
             (BenchTask::Text, "text_step"),
         ] {
             let batch = pretraining_batch(&cfg, BATCH, task, &device);
-            let mut optim = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.01).init();
-            let mut m = Some(FlavaForPretraining::new(&cfg, &device));
+            let mut trainer = flava_benches::step::training_step(FlavaForPretraining::new(&cfg, &device), &device);
             g.bench_function(BenchmarkId::new(label, BATCH), |b| {
-                b.iter(|| {
-                    let model = m.take().unwrap();
-                    let out = model.forward(&batch, &StepOptions::default()).unwrap();
-                    let grads = GradientsParams::from_grads(out.total.unwrap().backward(), &model);
-                    m = Some(optim.step(1e-4, model, grads));
-                })
+                b.iter(|| trainer.step(&batch, &mut flava_train::observer::Quiet).unwrap())
             });
         }
         g.finish();

@@ -6,7 +6,7 @@
 //! flava-bench config --preset small                      # the preset as HF config.json
 //! flava-bench image  --preset full  --batch 8 --iters 5  # image tower, no autograd
 //! flava-bench text   --preset small --batch 32 --iters 10
-//! flava-bench step   --preset small --batch 32 --task pairs --iters 5   # fwd + bwd + AdamW
+//! flava-bench step   --preset small --batch 32 --task pairs --iters 5   # Trainer::step
 //! flava-bench forward --preset full --batch 8 --iters 3  # paired pretraining forward, no autograd
 //! ```
 //! The first iteration warms up and is not reported. Inputs are random with fixed seeds; shapes
@@ -14,10 +14,10 @@
 
 use std::time::Instant;
 
-use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use clap::{Parser, ValueEnum};
 use flava_benches::inputs::{pretraining_batch, BenchTask, SEQ};
+use flava_benches::step::training_step;
 use flava_fusion::{FlavaConfig, FlavaModel};
 use flava_objectives::{FlavaForPretraining, StepOptions};
 
@@ -130,27 +130,18 @@ fn main() -> anyhow::Result<()> {
         }
         What::Step => {
             let ad = device.clone().autodiff();
-            let mut model = Some(FlavaForPretraining::new(&cfg, &ad));
-            let mut optim = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.01).init();
+            let mut trainer = training_step(FlavaForPretraining::new(&cfg, &ad), &ad);
             let batch = pretraining_batch(&cfg, b, args.task, &ad);
             let times = time(args.iters, || {
-                let m = model.take().expect("model");
-                // Each phase ends with its results computed (flex runs eagerly; reading the loss
-                // waits for the forward pass).
                 let t = Instant::now();
-                let out = m.forward(&batch, &StepOptions::default()).expect("batch");
-                let total = out.total.expect("losses");
-                let _ = total.clone().into_scalar::<f32>();
-                let t_fwd = t.elapsed().as_secs_f64() * 1e3;
-                let t = Instant::now();
-                let grads = GradientsParams::from_grads(total.backward(), &m);
+                let m = trainer
+                    .step(&batch, &mut flava_train::observer::Quiet)
+                    .expect("a training step");
                 sync(&ad);
-                let t_bwd = t.elapsed().as_secs_f64() * 1e3;
-                let t = Instant::now();
-                model = Some(optim.step(1e-4, m, grads));
-                sync(&ad);
-                let t_opt = t.elapsed().as_secs_f64() * 1e3;
-                phases.push([t_fwd, t_bwd, t_opt]);
+                assert!(m.updated, "the bench batch must train");
+                let all = t.elapsed().as_secs_f64() * 1e3;
+                let (f, bw) = (trainer.objective.forward_ms.get(), trainer.objective.backward_ms.get());
+                phases.push([f, bw, all - f - bw]);
             });
             // Drop the warm-up's phases.
             phases.remove(0);

@@ -8,14 +8,15 @@
 //!   pretraining checkpoint, or DALL-E's original key names, and saving in the HF layout;
 //! - [`config`]: the configuration, [`FlavaImageCodebookConfig`].
 //!
-//! - [`decoder`]: DALL-E's decoder; [`train`]: training a dVAE of one's own (Gumbel-softmax,
-//!   KL annealing, L2 or logit-Laplace, checkpoints and resume, PSNR/perplexity/code usage).
+//! - [`decoder`]: DALL-E's decoder; [`dvae`]: a dVAE of one's own (encoder + decoder), its
+//!   losses (Gumbel-softmax, KL, code usage, L2 or logit-Laplace), pixel mapping and quality
+//!   metrics (PSNR, perplexity, code usage). Its training loop is in `flava-train`.
 
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
+pub mod dvae;
 pub mod encoder;
-pub mod train;
 
 pub use checkpoint::{codebook_state_dict, load_codebook, save_codebook, CodebookError};
 pub use config::FlavaImageCodebookConfig;

@@ -7,29 +7,11 @@ use burn::prelude::*;
 use flava_data::processor::{load_image, to_rgb8};
 use flava_data::stream::{open_source, SampleStream, SourceOptions, Task};
 use flava_data::transforms::eval_transform;
-use flava_dvae::train::{evaluate, load_trained, read_images, train, DvaeEval, DvaeTrainConfig};
+use flava_dvae::dvae::{evaluate, unmap_pixel, DvaeEval, DvaeTrainConfig};
 
-/// Removes the files of a previous dVAE run in `out` (for `--force`).
-pub fn remove_previous(out: &Path) -> anyhow::Result<()> {
-    for f in [
-        "checkpoint",
-        "checkpoint.tmp",
-        "codebook",
-        "codebook.tmp",
-        "metrics.jsonl",
-        "decoder.safetensors",
-        "eval.json",
-        "dvae_config.json",
-    ] {
-        let p = out.join(f);
-        if p.is_dir() {
-            std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
-        } else if p.exists() {
-            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-        }
-    }
-    Ok(())
-}
+pub use crate::dvae::remove_previous;
+use crate::dvae::{load_trained, read_images, train};
+use crate::observer::Observer;
 
 /// Trains a dVAE and evaluates it on `eval` (held-out images); writes `eval.json`.
 pub fn train_cmd(
@@ -39,6 +21,7 @@ pub fn train_cmd(
     mut cfg: DvaeTrainConfig,
     resume: bool,
     device: &Device,
+    observer: &mut dyn Observer,
 ) -> anyhow::Result<DvaeEval> {
     cfg.decoder.vocab_size = cfg.codebook.vocab_size;
     let opts = SourceOptions {
@@ -48,36 +31,23 @@ pub fn train_cmd(
     };
     cfg.validate().map_err(anyhow::Error::msg)?;
     let source = open_source(images, Task::Images, &opts)?;
-    let bar = indicatif::ProgressBar::new(cfg.steps as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
-            .expect("template"),
-    );
-    let trained = train(&cfg, source, out, resume, device, |m| {
-        bar.set_position(m.step as u64);
-        bar.set_message(format!(
-            "loss {:.4} psnr {:.1} dB ppl {:.0} tau {:.3} lr {:.1e} {:.2}s/step",
-            m.loss, m.psnr, m.perplexity, m.tau, m.lr, m.step_time_s
-        ));
-    })
-    .map_err(anyhow::Error::msg)?;
-    bar.finish();
-    println!(
+    let trained = train(&cfg, source, out, resume, device, observer)?;
+    observer.on_message(&format!(
         "data {images}: {} samples, {} skipped ({})",
         trained.data.samples,
         trained.data.total_skipped(),
         trained.data.reasons()
-    );
+    ));
     let mut eval_stream = SampleStream::new(open_source(
         eval_spec,
         Task::Images,
         &SourceOptions { shuffle: false, ..opts },
     )?);
-    let held = read_images(&mut eval_stream, 256, &cfg, 0).map_err(anyhow::Error::msg)?;
+    let held = read_images(&mut eval_stream, 256, &cfg, 0)?;
     let s = cfg.image_size as usize;
     let ev = evaluate(&trained.model, &held, &trained.state.mean_image, s, &device.clone());
     flava_vit::atomic::write_file(&out.join("eval.json"), serde_json::to_string_pretty(&ev)?.as_bytes())?;
-    println!(
+    observer.on_message(&format!(
         "held-out ({} images of {eval_spec}): PSNR {:.2} dB vs {:.2} dB for the mean image ({:+.2} dB); codes used {:.1}%, perplexity {:.0}",
         ev.images,
         ev.psnr,
@@ -85,16 +55,14 @@ pub fn train_cmd(
         ev.psnr - ev.baseline_psnr,
         100.0 * ev.codes_used,
         ev.perplexity
-    );
-    println!("codebook (HF layout) in {}", out.join("codebook").display());
+    ));
+    observer.on_message(&format!("codebook (HF layout) in {}", out.join("codebook").display()));
     Ok(ev)
 }
 
 /// Writes the original and its reconstruction side by side.
 pub fn reconstruct_cmd(model_dir: &Path, image: &Path, out: &Path, force: bool, device: &Device) -> anyhow::Result<()> {
-    let (model, cfg) = load_trained(model_dir, device)
-        .map_err(anyhow::Error::msg)
-        .context("loading the dVAE")?;
+    let (model, cfg) = load_trained(model_dir, device).context("loading the dVAE")?;
     let s = cfg.image_size;
     let img = to_rgb8(&load_image(image)?);
     let two = eval_transform(&img, s, s);
@@ -111,7 +79,7 @@ pub fn reconstruct_cmd(model_dir: &Path, image: &Path, out: &Path, force: bool, 
     let plane = (s * s) as usize;
     let px = |v: &[f32], unmap: bool, i: usize, c: usize| {
         let x = v[c * plane + i];
-        let x = if unmap { (x - 0.1) / 0.8 } else { x };
+        let x = if unmap { unmap_pixel(x as f64) as f32 } else { x };
         (x.clamp(0.0, 1.0) * 255.0).round() as u8
     };
     let side = image::RgbImage::from_fn(2 * s, s, |x, y| {

@@ -6,13 +6,22 @@
 
 pub mod data_cmd;
 pub mod device;
+pub mod dvae;
 pub mod dvae_cmd;
 pub mod embed;
 pub mod eval;
 pub mod eval_cmd;
+pub mod observer;
+pub mod optim;
 pub mod pretrain;
+pub mod run_dir;
+pub mod trainer;
 
 pub use device::pick_device;
+pub use observer::{Observer, StepMetrics};
+pub use optim::{Optimizer, OptimizerConfig};
+pub use run_dir::RunDir;
+pub use trainer::{Objective, Strategy, Trainer, TrainerConfig};
 
 /// Writes an image file atomically, refusing to replace an existing one unless `force`
 /// (the format follows the extension).

@@ -479,7 +479,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", cfg.to_toml());
                 return Ok(());
             }
-            pretrain::run(&cfg)?;
+            let summary = pretrain::run_with(&cfg, &mut flava_train::observer::ProgressBars::new())?;
+            if let Some(report) = &summary.eval {
+                print!("{}", flava_train::eval::render_report(report));
+                println!("evaluation saved to {}", cfg.out.join("eval.json").display());
+            }
         }
         Command::Eval { command } => match command {
             EvalCommand::ZeroShot {
@@ -583,7 +587,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => {
             let device = pick_device(&device)?;
-            let mut cfg: flava_dvae::train::DvaeTrainConfig = match &config {
+            let mut cfg: flava_dvae::dvae::DvaeTrainConfig = match &config {
                 Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
                 None => Default::default(),
@@ -597,7 +601,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if force {
                 flava_train::dvae_cmd::remove_previous(&out)?;
             }
-            flava_train::dvae_cmd::train_cmd(&images, &eval, &out, cfg, resume, &device)?;
+            flava_train::dvae_cmd::train_cmd(
+                &images,
+                &eval,
+                &out,
+                cfg,
+                resume,
+                &device,
+                &mut flava_train::observer::ProgressBars::new(),
+            )?;
         }
         Command::Dvae {
             command:

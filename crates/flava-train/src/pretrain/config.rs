@@ -168,9 +168,6 @@ pub struct PretrainConfig {
     pub eval: EvalSection,
     /// Resource limits of every reader (image pixels, member and text bytes, ...).
     pub limits: flava_vit::limits::Limits,
-    /// Testing aid: steps whose loss is replaced by NaN (exercises the non-finite guard).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub inject_nonfinite_at: Vec<usize>,
 }
 
 impl Default for PretrainConfig {
@@ -215,7 +212,22 @@ impl Default for PretrainConfig {
             dvae: DvaeSection::default(),
             eval: EvalSection::default(),
             limits: Default::default(),
-            inject_nonfinite_at: vec![],
+        }
+    }
+}
+
+impl PretrainConfig {
+    /// The optimizer and schedule settings.
+    pub fn optimizer(&self) -> crate::optim::OptimizerConfig {
+        crate::optim::OptimizerConfig {
+            lr: self.lr,
+            warmup: self.warmup,
+            min_lr_ratio: self.min_lr_ratio,
+            weight_decay: self.weight_decay,
+            betas: self.betas,
+            eps: self.eps,
+            grad_clip: self.grad_clip,
+            freeze: self.freeze.clone(),
         }
     }
 }

@@ -9,20 +9,17 @@
 
 pub mod checkpoint;
 pub mod config;
-pub mod optim;
+pub mod objective;
 pub mod plot;
-pub mod tokenizer;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
-use flava_data::batch::{BatchBuilder, BatchConfig, HostBatch};
+use flava_data::batch::{BatchBuilder, BatchConfig};
 use flava_data::loader::{DataLoader, LoaderConfig, Mix};
 use flava_data::masking::BlockMaskConfig;
 use flava_data::processor::{ImageProcessor, ImageProcessorConfig, SizeSpec};
@@ -33,18 +30,18 @@ use flava_dvae::ImageCodebook;
 use flava_fusion::checkpoint::read_config;
 use flava_fusion::FlavaConfig;
 use flava_objectives::checkpoint::{load_pretraining, save_pretraining};
-use flava_objectives::{
-    accumulate_gradients, data_parallel_gradients, FlavaForPretraining, MlmTargets, PretrainingBatch, Replica,
-    StepOptions,
-};
+use flava_objectives::{FlavaForPretraining, StepOptions};
 use flava_text::Tokenizer;
 use serde_json::json;
 
 use crate::eval::{self, EvalReport};
-use checkpoint::{list_checkpoints, remove_partial, save_checkpoint, sha256_file, verify_checkpoint, TrainState};
+use crate::observer::Observer;
+use crate::run_dir::{sha256_file, RunDir};
+use crate::trainer::{Strategy, Trainer, TrainerConfig};
+pub use checkpoint::TrainState;
 use config::PretrainConfig;
 use flava_data::stream::StreamStats;
-use optim::{apply_weight_decay, clip_and_filter, learning_rate, ParamGroups};
+pub use objective::{to_pretraining, Pretraining};
 
 /// What a finished run reports.
 #[derive(Debug)]
@@ -59,27 +56,8 @@ pub struct RunSummary {
     pub eval: Option<EvalReport>,
     /// Seconds of FLAVA training in this invocation.
     pub train_seconds: f64,
-}
-
-/// A host batch as model inputs on `device`.
-pub fn to_pretraining(h: &HostBatch, device: &Device) -> PretrainingBatch {
-    let f = h.to_device(device);
-    let has_text = !h.input_ids.is_empty();
-    PretrainingBatch {
-        pixel_values: f.pixel_values,
-        bool_masked_pos: f.bool_masked_pos,
-        codebook_pixel_values: f.codebook_pixel_values,
-        mim_targets: None,
-        input_ids: f.input_ids,
-        input_ids_masked: f.input_ids_masked,
-        attention_mask: f.attention_mask,
-        token_type_ids: None,
-        mlm: has_text.then(|| MlmTargets {
-            positions: h.mlm_positions.clone(),
-            targets: h.mlm_targets.iter().map(|&t| t as usize).collect(),
-        }),
-        itm_labels: (h.task == Task::Pairs).then(|| h.itm_labels.iter().map(|&t| t as usize).collect()),
-    }
+    /// Samples and skips per source over the whole run.
+    pub data: BTreeMap<String, StreamStats>,
 }
 
 fn source_options(cfg: &PretrainConfig, shuffle: bool) -> SourceOptions {
@@ -93,7 +71,7 @@ fn source_options(cfg: &PretrainConfig, shuffle: bool) -> SourceOptions {
 }
 
 /// The tokenizer: given, already in the run directory, from `--init`, or trained on the run's texts.
-fn prepare_tokenizer(cfg: &PretrainConfig) -> anyhow::Result<(Tokenizer, PathBuf)> {
+fn prepare_tokenizer(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Result<(Tokenizer, PathBuf)> {
     if let Some(p) = &cfg.tokenizer {
         return Ok((
             Tokenizer::from_file(p).with_context(|| format!("loading {}", p.display()))?,
@@ -133,14 +111,14 @@ fn prepare_tokenizer(cfg: &PretrainConfig) -> anyhow::Result<(Tokenizer, PathBuf
     }
     let t0 = Instant::now();
     let tmp = flava_vit::atomic::tmp_path(&path);
-    let n = tokenizer::train_wordpiece(texts.clone().into_iter(), cfg.tokenizer_vocab_size, &tmp)?;
+    let n = flava_text::train::train_wordpiece(texts.clone().into_iter(), cfg.tokenizer_vocab_size, &tmp)?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    println!(
+    observer.on_message(&format!(
         "tokenizer: WordPiece with {n} tokens trained on {} texts in {:.1}s -> {}",
         texts.len(),
         t0.elapsed().as_secs_f64(),
         path.display()
-    );
+    ));
     Ok((Tokenizer::from_file(&path)?, path))
 }
 
@@ -149,6 +127,7 @@ fn prepare_codebook(
     cfg: &PretrainConfig,
     codebook_side: u32,
     device: &Device,
+    observer: &mut dyn Observer,
 ) -> anyhow::Result<(ImageCodebook, flava_dvae::FlavaImageCodebookConfig, PathBuf)> {
     let dir = match (&cfg.codebook, &cfg.init) {
         (Some(d), _) => d.clone(),
@@ -157,7 +136,7 @@ fn prepare_codebook(
             let dvae_dir = cfg.out.join("dvae");
             let cb = dvae_dir.join("codebook");
             if !cb.join("config.json").is_file() {
-                let mut dc = flava_dvae::train::DvaeTrainConfig::default();
+                let mut dc = flava_dvae::dvae::DvaeTrainConfig::default();
                 dc.codebook.vocab_size = cfg.dvae.vocab_size;
                 dc.codebook.hidden_size = cfg.dvae.hidden_size;
                 dc.image_size = codebook_side;
@@ -169,12 +148,12 @@ fn prepare_codebook(
                     .first()
                     .or(cfg.pairs.first())
                     .context("no image source for the dVAE")?;
-                println!(
+                observer.on_message(&format!(
                     "dVAE: training a {}-code image tokenizer for up to {:.0}s on {images}",
                     dc.codebook.vocab_size, cfg.dvae.time_limit_s
-                );
+                ));
                 // The run's own dVAE: continue one that an interrupted run left unfinished.
-                crate::dvae_cmd::train_cmd(images, &cfg.eval.images, &dvae_dir, dc, true, device)?;
+                crate::dvae_cmd::train_cmd(images, &cfg.eval.images, &dvae_dir, dc, true, device, observer)?;
             }
             cb
         }
@@ -472,8 +451,15 @@ pub fn evaluate(
     })
 }
 
-/// Runs `flava pretrain` with `cfg`.
+/// Runs `flava pretrain` with `cfg`, messages printed to stderr.
 pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
+    run_with(cfg, &mut crate::observer::Quiet)
+}
+
+/// Runs `flava pretrain` with `cfg`: tokenizer, codebook (a dVAE trained when not given),
+/// FLAVA in phases with checkpoints, the model directory and the evaluation. Progress,
+/// messages and each step's metrics go to `observer`.
+pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Result<RunSummary> {
     cfg.validate()?;
     flava_vit::limits::set(cfg.limits);
     let out = cfg.out.clone();
@@ -493,23 +479,28 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
                     std::fs::remove_file(&p)?;
                 }
             }
-            println!("--force: removed the previous run in {}", out.display());
+            observer.on_message(&format!("--force: removed the previous run in {}", out.display()));
         }
     }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     flava_vit::atomic::recover_dir(&out.join("model"));
-    let partial = remove_partial(&out);
+    let run_dir = RunDir::new(&out);
+    let partial = run_dir.remove_partial();
     if partial > 0 {
-        eprintln!("removed {partial} incomplete checkpoint(s) left by an interrupted run");
+        observer.on_message(&format!(
+            "removed {partial} incomplete checkpoint(s) left by an interrupted run"
+        ));
     }
     let config_path = out.join("config.toml");
     if cfg.resume && config_path.is_file() {
         let saved = PretrainConfig::from_toml_file(&config_path)?;
         cfg.check_resumable(&saved)?;
     }
-    let existing = list_checkpoints(&out);
-    if cfg.resume && existing.is_empty() {
-        eprintln!("--resume: no checkpoint in {}; starting from scratch", out.display());
+    if cfg.resume && run_dir.checkpoints().is_empty() {
+        observer.on_message(&format!(
+            "--resume: no checkpoint in {}; starting from scratch",
+            out.display()
+        ));
     }
     flava_vit::atomic::write_file(&config_path, cfg.to_toml().as_bytes())
         .with_context(|| format!("writing {}", config_path.display()))?;
@@ -527,7 +518,7 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
     device.seed(cfg.seed);
     let ad = device.clone().autodiff();
 
-    let (tokenizer, tokenizer_path) = prepare_tokenizer(cfg)?;
+    let (tokenizer, tokenizer_path) = prepare_tokenizer(cfg, observer)?;
     let preset_cfg = match &cfg.init {
         Some(dir) => read_config(dir)?,
         None => FlavaConfig::preset(&cfg.preset)?,
@@ -535,81 +526,65 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
     let image_size = preset_cfg.image_config.image_size as u32;
     let grid = image_size as usize / preset_cfg.image_config.patch_size;
     let codebook_side = 8 * grid as u32;
-    let (codebook, cb_cfg, codebook_dir) = prepare_codebook(cfg, codebook_side, &device)?;
+    let (codebook, cb_cfg, codebook_dir) = prepare_codebook(cfg, codebook_side, &device, observer)?;
     let mc = model_config(cfg, &tokenizer, &cb_cfg)?;
-    // The frozen codebook on every other data-parallel device.
-    let dp_codebooks: Vec<ImageCodebook> = dp_devices.iter().skip(1).map(|d| codebook.clone().fork(d)).collect();
     if dp_devices.len() > 1 {
-        println!(
+        observer.on_message(&format!(
             "data parallel over {} devices: {} (batch {} = {} per device per micro-batch)",
             dp_devices.len(),
             cfg.devices.join(", "),
             cfg.batch_size,
             cfg.batch_size / (cfg.accumulate * dp_devices.len())
-        );
+        ));
     }
 
     // Seeded here, after the dVAE (which seeds and draws on its own), so the initial weights
     // depend on the seed alone.
     device.seed(cfg.seed);
-    let mut model = match &cfg.init {
+    let model = match &cfg.init {
         Some(dir) => {
             let l = load_pretraining(dir, true, &ad).with_context(|| format!("loading --init {}", dir.display()))?;
-            println!("init from {}: {}", dir.display(), l.report);
+            observer.on_message(&format!("init from {}: {}", dir.display(), l.report));
             l.model
         }
         None => FlavaForPretraining::new(&mc, &ad),
     };
-    let new_optim = || {
-        AdamWConfig::new()
-            .with_beta_1(cfg.betas.0 as f32)
-            .with_beta_2(cfg.betas.1 as f32)
-            .with_epsilon(cfg.eps as f32)
-            // Decoupled decay is applied by `apply_weight_decay`, only where it belongs.
-            .with_weight_decay(0.0)
-            .init()
+    let strategy = if dp_devices.len() > 1 {
+        Strategy::DataParallel {
+            devices: dp_devices.clone(),
+            accumulate: cfg.accumulate,
+        }
+    } else if cfg.accumulate > 1 {
+        Strategy::Accumulate(cfg.accumulate)
+    } else {
+        Strategy::Single
     };
-    let mut optim = new_optim();
+    let mut trainer = Trainer::new(
+        model,
+        Pretraining::new(codebook.clone(), strategy, &device),
+        TrainerConfig {
+            optimizer: cfg.optimizer(),
+            steps: cfg.steps,
+            max_nonfinite: cfg.max_nonfinite,
+        },
+    );
     let mut state = TrainState::default();
     if cfg.resume {
         // The newest checkpoint that verifies and loads; a damaged one falls back to the one before.
-        let mut failures = Vec::new();
-        let mut resumed = false;
-        for (step, dir) in existing.iter().rev() {
-            let attempt = (|| -> anyhow::Result<(FlavaForPretraining, burn::optim::ModuleOptimizer, TrainState)> {
-                let st = verify_checkpoint(dir, *step)?;
-                let m = model
-                    .clone()
-                    .try_load_file(dir.join("model"))
-                    .with_context(|| format!("loading the model of {}", dir.display()))?;
-                let o = new_optim()
-                    .load(dir.join("optim"))
-                    .map_err(|e| anyhow::anyhow!("loading the optimizer of {}: {e}", dir.display()))?;
-                Ok((m, o, st))
-            })();
-            match attempt {
-                Ok((m, o, st)) => {
-                    if !failures.is_empty() {
-                        eprintln!(
-                            "warning: fell back to {} because a newer checkpoint is unreadable: {}",
-                            dir.display(),
-                            failures.join("; ")
-                        );
-                    }
-                    (model, optim, state) = (m, o, st);
-                    println!("resumed from {} (step {})", dir.display(), state.step);
-                    resumed = true;
-                    break;
-                }
-                Err(e) => failures.push(format!("{e:#}")),
-            }
-        }
-        if !resumed && !existing.is_empty() {
-            anyhow::bail!(
-                "--resume: no checkpoint in {} can be read: {}",
-                out.display(),
-                failures.join("; ")
-            );
+        let resumed = run_dir.resume(
+            |dir, st: TrainState| {
+                trainer.load_records(dir, st.counters)?;
+                Ok(st)
+            },
+            observer,
+        )?;
+        if let Some(r) = resumed {
+            state = r.value;
+            observer.on_message(&format!(
+                "resumed from {} (step {})",
+                r.dir.display(),
+                state.counters.step
+            ));
         }
     }
     // The codebook and tokenizer must be the ones the checkpoint was trained with.
@@ -631,10 +606,12 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
     }
     state.fingerprints = fingerprints;
     if let Some(w) = cfg.weights {
+        let mut model = trainer.model().clone();
         model.weights = w;
+        trainer.set_model(model);
     }
-    let groups = ParamGroups::of(&model, &cfg.freeze);
-    println!(
+    let groups = trainer.optimizer().groups();
+    observer.on_message(&format!(
         "model: preset {}, {} parameter tensors, {:.2}M trainable; text vocab {}, image vocab {} ({})",
         cfg.init
             .as_ref()
@@ -644,7 +621,7 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
         mc.text_config.vocab_size,
         mc.image_config.vocab_size,
         codebook_dir.display()
-    );
+    ));
 
     let num_patches = grid * grid;
     let masking = cfg.mask_patches.unwrap_or((num_patches * 2).div_ceil(5));
@@ -670,43 +647,30 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
     };
     let builder = BatchBuilder::new(batch_cfg.clone(), Some(tokenizer.clone())).map_err(anyhow::Error::msg)?;
 
-    let metrics_path = out.join("metrics.jsonl");
-    flava_vit::atomic::truncate_metrics(&metrics_path, state.step as u64)?;
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)?;
+    let mut metrics = run_dir.metrics(state.counters.step)?;
+    let metrics_path = metrics.path().to_path_buf();
 
     let phases = cfg.phases()?;
     let total = cfg.steps;
-    let stop_at = cfg.stop_after.map_or(total, |n| (state.step + n).min(total));
-    let bar = indicatif::ProgressBar::new(total as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:28} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
-            .expect("template"),
-    );
-    bar.set_position(state.step as u64);
+    let stop_at = cfg.stop_after.map_or(total, |n| (state.counters.step + n).min(total));
+    observer.on_train_start("flava", trainer.step_count(), total);
     let started = Instant::now();
-    let step_opts = StepOptions {
-        codebook: Some(&codebook),
-        ..Default::default()
-    };
-    let save = |model: &FlavaForPretraining, optim: &burn::optim::ModuleOptimizer, state: &TrainState| {
-        save_checkpoint(&out, state, cfg.keep_checkpoints, |dir| {
-            model
-                .clone()
-                .save_file(dir.join("model"))
-                .map_err(|e| anyhow::anyhow!("saving the model: {e}"))?;
-            optim
-                .save(dir.join("optim"))
-                .map_err(|e| anyhow::anyhow!("saving the optimizer: {e}"))?;
-            Ok(())
-        })
+    let save = |trainer: &Trainer<Pretraining>, state: &TrainState, observer: &mut dyn Observer| {
+        let mut state = state.clone();
+        state.counters = trainer.counters;
+        run_dir.save_checkpoint(
+            state.counters.step,
+            &state,
+            cfg.keep_checkpoints,
+            |dir| trainer.save_records(dir),
+            observer,
+        )
     };
     let mut phase_start = 0;
     for (pi, phase) in phases.iter().enumerate() {
         let phase_end = phase_start + phase.steps;
-        if state.step >= phase_end || state.step >= stop_at {
+        let step = trainer.step_count();
+        if step >= phase_end || step >= stop_at {
             phase_start = phase_end;
             continue;
         }
@@ -724,176 +688,94 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
             },
             resume_mixer,
         )?;
-        if state.step == phase_start {
+        if step == phase_start {
             for d in loader.describe() {
-                println!("phase {} data: {d}", phase.name);
+                observer.on_message(&format!("phase {} data: {d}", phase.name));
             }
         }
         // Counts since this loader started, added to those of earlier phases and invocations.
         let data_base = state.data.clone();
-        while state.step < phase_end.min(stop_at) {
+        while trainer.step_count() < phase_end.min(stop_at) {
             let t0 = Instant::now();
             let lb = match loader.next_batch() {
                 Ok(lb) => lb,
                 Err(e) => {
-                    bar.abandon();
-                    if state.step > 0 {
+                    observer.on_train_end();
+                    if trainer.step_count() > 0 {
                         // Keep the work done so far: the next --resume starts here.
-                        let dir = save(&model, &optim, &state)?;
-                        eprintln!("saved {} before stopping", dir.display());
+                        let dir = save(&trainer, &state, observer)?;
+                        observer.on_message(&format!("saved {} before stopping", dir.display()));
                     }
                     anyhow::bail!("data: {e}");
                 }
             };
             let host = &lb.batch;
-            let lr = learning_rate(state.step, total, cfg.warmup, cfg.lr, cfg.min_lr_ratio);
-            let inject = cfg.inject_nonfinite_at.contains(&(lb.state_after.step as usize));
-            let (losses, value, grads) = if dp_devices.len() > 1 {
-                let n = dp_devices.len();
-                let micro: Vec<PretrainingBatch> = host
-                    .split(cfg.accumulate * n)
-                    .iter()
-                    .enumerate()
-                    .map(|(i, h)| to_pretraining(h, &dp_devices[i % n].clone().autodiff()))
-                    .collect();
-                // Replicas of this step's parameters on the other devices (same parameter ids).
-                let forks: Vec<FlavaForPretraining> = dp_devices[1..]
-                    .iter()
-                    .map(|d| model.clone().fork(&d.clone().autodiff()))
-                    .collect();
-                let mut replicas = vec![Replica {
-                    model: &model,
-                    codebook: Some(&codebook),
-                }];
-                replicas.extend(forks.iter().zip(&dp_codebooks).map(|(m, c)| Replica {
-                    model: m,
-                    codebook: Some(c),
-                }));
-                let s = data_parallel_gradients(&replicas, &micro)?;
-                (s.losses, s.total, Some(s.grads))
-            } else if cfg.accumulate > 1 {
-                let micro: Vec<PretrainingBatch> = host
-                    .split(cfg.accumulate)
-                    .iter()
-                    .map(|h| to_pretraining(h, &ad))
-                    .collect();
-                let s = accumulate_gradients(&model, &micro, Some(&codebook))?;
-                (s.losses, s.total, Some(s.grads))
-            } else {
-                let batch = to_pretraining(host, &ad);
-                let o = model.forward(&batch, &step_opts)?;
-                let losses = o.losses.values();
-                match o.total {
-                    Some(t) => {
-                        let v = t.clone().into_scalar::<f64>();
-                        let g = (v.is_finite() && !inject).then(|| GradientsParams::from_grads(t.backward(), &model));
-                        (losses, v, g)
-                    }
-                    None => (losses, 0.0, None),
-                }
-            };
-            let value = if inject { f64::NAN } else { value };
+            let mut m = trainer.step(host, observer)?;
             state.mixer = Some(lb.state_after.clone());
             state.data = merge_stats(&data_base, &lb.per_source);
-            let mut grads = match grads {
-                Some(g) if value.is_finite() => g,
-                _ if !value.is_finite() => {
-                    state.nonfinite_total += 1;
-                    state.nonfinite_consecutive += 1;
-                    bar.suspend(|| {
-                        eprintln!(
-                            "warning: non-finite loss at step {} ({} batch); skipped ({} in a row, {} in total)",
-                            state.step + 1,
-                            host.task.name(),
-                            state.nonfinite_consecutive,
-                            state.nonfinite_total
-                        )
-                    });
-                    if state.nonfinite_consecutive >= cfg.max_nonfinite {
-                        let dir = save(&model, &optim, &state)?;
-                        bar.abandon();
-                        anyhow::bail!(
-                            "{} non-finite losses in a row at step {}: stopped and saved {} (lower --lr, raise --warmup or check the data)",
-                            state.nonfinite_consecutive,
-                            state.step,
-                            dir.display()
-                        );
-                    }
-                    continue;
+            if !m.updated {
+                if trainer.too_many_nonfinite() {
+                    let dir = save(&trainer, &state, observer)?;
+                    observer.on_train_end();
+                    anyhow::bail!(
+                        "{} non-finite losses in a row at step {}: stopped and saved {} (lower --lr, raise --warmup or check the data)",
+                        trainer.counters.nonfinite_consecutive,
+                        trainer.step_count(),
+                        dir.display()
+                    );
                 }
-                // A batch with no loss (e.g. nothing masked): nothing to learn.
-                _ => continue,
-            };
-            state.nonfinite_consecutive = 0;
-            let grad_norm = clip_and_filter(&model, &mut grads, cfg.grad_clip, &groups.frozen);
-            model = apply_weight_decay(model, &groups, lr, cfg.weight_decay);
-            model = optim.step(lr, model, grads);
-            model = model.clamp_logit_scale_param();
-            state.step += 1;
-            state.samples += host.batch_size as u64;
-            let dt = t0.elapsed().as_secs_f64();
-            state.train_seconds += dt;
-            let mut line = json!({
-                "step": state.step,
-                "task": host.task.name(),
-                "loss": value,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "step_time_s": dt,
-                "samples_per_s": host.batch_size as f64 / dt.max(1e-9),
-                // The contrastive temperature's log (CLIP-style runs watch it grow).
-                "logit_scale": model.flava.logit_scale.val().into_scalar::<f64>(),
-                "skipped": state.data.values().map(StreamStats::total_skipped).sum::<u64>(),
-            });
-            for (n, v) in &losses {
-                line[*n] = json!(v);
+                continue;
             }
-            writeln!(metrics, "{line}")?;
-            bar.set_position(state.step as u64);
-            bar.set_message(format!(
-                "{:<6} loss {value:.3} lr {lr:.1e} {dt:.2}s/step",
-                host.task.name()
-            ));
-            if cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every) && state.step < total {
-                let dir = save(&model, &optim, &state)?;
-                bar.suspend(|| println!("checkpoint {}", dir.display()));
+            state.samples += host.batch_size as u64;
+            // The step's time includes waiting for its batch.
+            m.step_time_s = t0.elapsed().as_secs_f64();
+            state.train_seconds += m.step_time_s;
+            let mut line = m.to_json();
+            line["skipped"] = json!(state.data.values().map(StreamStats::total_skipped).sum::<u64>());
+            metrics.write(&line)?;
+            let step = trainer.step_count();
+            if cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every) && step < total {
+                save(&trainer, &state, observer)?;
             }
         }
         drop(loader);
         phase_start = phase_end;
     }
-    bar.finish();
+    observer.on_train_end();
     metrics.flush()?;
-    if list_checkpoints(&out).last().map(|c| c.0) != Some(state.step) {
-        save(&model, &optim, &state)?;
+    state.counters = trainer.counters;
+    if run_dir.latest_step() != Some(state.counters.step) {
+        save(&trainer, &state, observer)?;
     }
     let train_seconds = started.elapsed().as_secs_f64();
-    if state.step < total {
-        println!(
+    let counters = state.counters;
+    if counters.step < total {
+        observer.on_message(&format!(
             "stopped after step {} of {total} (--stop-after); continue with --resume",
-            state.step
-        );
+            counters.step
+        ));
         return Ok(RunSummary {
-            steps: state.step,
-            nonfinite: state.nonfinite_total,
+            steps: counters.step,
+            nonfinite: counters.nonfinite_total,
             model_dir: out.join("model"),
             eval: None,
             train_seconds,
+            data: state.data,
         });
     }
-    println!(
+    observer.on_message(&format!(
         "trained {} steps ({} samples) in {:.0}s; {} non-finite loss(es) skipped",
-        state.step, state.samples, state.train_seconds, state.nonfinite_total
-    );
-    print!("{}", render_data_summary(&state.data));
+        counters.step, state.samples, state.train_seconds, counters.nonfinite_total
+    ));
+    observer.on_message(render_data_summary(&state.data).trim_end());
 
-    let valid = model.valid();
+    let valid = trainer.model().valid();
     let model_dir = out.join("model");
     let proc_cfg = processor_config(image_size, codebook_side);
     save_model_dir(&model_dir, &valid, &codebook, &mc, &tokenizer_path, &proc_cfg)?;
-    println!("model (HF layout) in {}", model_dir.display());
+    observer.on_message(&format!("model (HF layout) in {}", model_dir.display()));
     if let Err(e) = write_curves(&metrics_path, &out.join("loss_curves.png")) {
-        eprintln!("warning: loss curves not drawn: {e}");
+        observer.on_message(&format!("warning: loss curves not drawn: {e}"));
     }
     let eval = if cfg.eval.skip {
         None
@@ -917,15 +799,14 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
         let mut v = serde_json::to_value(&report)?;
         v["data"] = serde_json::to_value(&state.data)?;
         flava_vit::atomic::write_file(&out.join("eval.json"), serde_json::to_string_pretty(&v)?.as_bytes())?;
-        print!("{}", eval::render_report(&report));
-        println!("evaluation saved to {}", out.join("eval.json").display());
         Some(report)
     };
     Ok(RunSummary {
-        steps: state.step,
-        nonfinite: state.nonfinite_total,
+        steps: counters.step,
+        nonfinite: counters.nonfinite_total,
         model_dir,
         eval,
         train_seconds,
+        data: state.data,
     })
 }

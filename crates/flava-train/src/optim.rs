@@ -1,11 +1,148 @@
-//! What the optimizer needs beyond Burn's AdamW: PyTorch-style decoupled weight decay on chosen
-//! parameters only, global gradient-norm clipping, frozen towers, and the learning-rate schedule.
+//! The one optimizer of the workspace (pretraining, the dVAE, fine-tuning, the benchmarks):
+//! Burn's AdamW with PyTorch's defaults made explicit, parameter groups (no decay on norms,
+//! biases, tokens, positions and the logit scale; frozen towers not updated), PyTorch-style
+//! decoupled weight decay, global gradient-norm clipping, and linear warmup then cosine decay
+//! to a configurable floor.
 
 use std::collections::HashSet;
+use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::optim::GradientsParams;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// AdamW settings and the learning-rate schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warmup steps.
+    pub warmup: usize,
+    /// The cosine decay ends at `lr · min_lr_ratio`.
+    pub min_lr_ratio: f64,
+    /// Decoupled weight decay (PyTorch AdamW's), on the decayed group only.
+    pub weight_decay: f64,
+    /// AdamW betas.
+    pub betas: (f64, f64),
+    /// AdamW epsilon.
+    pub eps: f64,
+    /// Global gradient-norm clipping (0 = off).
+    pub grad_clip: f64,
+    /// Towers not updated at all (`image`, `text`, `multimodal`: `flava.{tower}_model.*`).
+    pub freeze: Vec<String>,
+}
+
+impl Default for OptimizerConfig {
+    /// PyTorch's AdamW defaults (betas 0.9/0.999, eps 1e-8, weight decay 0.01), clipping at 1.
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            warmup: 0,
+            min_lr_ratio: 0.0,
+            weight_decay: 0.01,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            grad_clip: 1.0,
+            freeze: vec![],
+        }
+    }
+}
+
+impl OptimizerConfig {
+    /// The learning rate of update `step` (from 0): linear warmup over `warmup` steps, then
+    /// cosine decay over `progress` ∈ [0, 1] to `lr · min_lr_ratio`.
+    pub fn lr_at(&self, step: usize, progress: f64) -> f64 {
+        if self.warmup > 0 && step < self.warmup {
+            return self.lr * (step + 1) as f64 / self.warmup as f64;
+        }
+        let cos = 0.5 * (1.0 + (std::f64::consts::PI * progress.clamp(0.0, 1.0)).cos());
+        self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cos)
+    }
+
+    /// The schedule's progress at `step` of `total`: the share of the post-warmup steps done.
+    pub fn progress(&self, step: usize, total: usize) -> f64 {
+        let span = total.saturating_sub(self.warmup).max(1);
+        ((step - self.warmup.min(step)) as f64 / span as f64).min(1.0)
+    }
+}
+
+/// What one update did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpdateStats {
+    /// The learning rate used.
+    pub lr: f64,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// AdamW over parameter groups, with clipping and decoupled decay.
+pub struct Optimizer {
+    cfg: OptimizerConfig,
+    adam: ModuleOptimizer,
+    groups: ParamGroups,
+}
+
+impl Optimizer {
+    /// An optimizer for `module`'s parameters (groups found from the module paths).
+    pub fn new<M: Module>(cfg: &OptimizerConfig, module: &M) -> Self {
+        Self {
+            adam: Self::adam(cfg),
+            groups: ParamGroups::of(module, &cfg.freeze),
+            cfg: cfg.clone(),
+        }
+    }
+
+    fn adam(cfg: &OptimizerConfig) -> ModuleOptimizer {
+        AdamWConfig::new()
+            .with_beta_1(cfg.betas.0 as f32)
+            .with_beta_2(cfg.betas.1 as f32)
+            .with_epsilon(cfg.eps as f32)
+            // Decoupled decay is applied by `apply_weight_decay`, only where it belongs.
+            .with_weight_decay(0.0)
+            .init()
+    }
+
+    /// Finds the groups again (a loaded record brings its own parameter ids).
+    pub fn regroup<M: Module>(&mut self, module: &M) {
+        self.groups = ParamGroups::of(module, &self.cfg.freeze);
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &OptimizerConfig {
+        &self.cfg
+    }
+
+    /// The parameter groups.
+    pub fn groups(&self) -> &ParamGroups {
+        &self.groups
+    }
+
+    /// One update at learning rate `lr`: frozen gradients dropped, the rest clipped to the
+    /// global norm, decoupled decay on the decayed group, then the Adam step.
+    pub fn update<M: Module>(&mut self, module: M, mut grads: GradientsParams, lr: f64) -> (M, UpdateStats) {
+        let grad_norm = clip_and_filter(&module, &mut grads, self.cfg.grad_clip, &self.groups.frozen);
+        let module = apply_weight_decay(module, &self.groups, lr, self.cfg.weight_decay);
+        let module = self.adam.step(lr, module, grads);
+        (module, UpdateStats { lr, grad_norm })
+    }
+
+    /// Saves the Adam moments to `path` (Burn's record format; the extension is added).
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        self.adam
+            .save(path)
+            .map_err(|e| anyhow::anyhow!("saving the optimizer to {}: {e}", path.display()))
+    }
+
+    /// Loads the Adam moments saved by [`Optimizer::save`].
+    pub fn load(&mut self, path: &Path) -> anyhow::Result<()> {
+        let fresh = Self::adam(&self.cfg);
+        self.adam = fresh
+            .load(path)
+            .map_err(|e| anyhow::anyhow!("loading the optimizer of {}: {e}", path.display()))?;
+        Ok(())
+    }
+}
 
 /// Parameter sets by role, found once from the module paths.
 #[derive(Debug, Clone, Default)]
@@ -182,13 +319,13 @@ pub fn apply_weight_decay<M: Module>(module: M, groups: &ParamGroups, lr: f64, w
 /// Linear warmup from 0 to `peak` over `warmup` steps, then cosine decay to `peak·min_ratio` at
 /// `total`. `step` counts from 0 (the learning rate of the first update is `peak/warmup`).
 pub fn learning_rate(step: usize, total: usize, warmup: usize, peak: f64, min_ratio: f64) -> f64 {
-    if warmup > 0 && step < warmup {
-        return peak * (step + 1) as f64 / warmup as f64;
-    }
-    let span = total.saturating_sub(warmup).max(1);
-    let t = ((step - warmup.min(step)) as f64 / span as f64).min(1.0);
-    let cos = 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
-    peak * (min_ratio + (1.0 - min_ratio) * cos)
+    let cfg = OptimizerConfig {
+        lr: peak,
+        warmup,
+        min_lr_ratio: min_ratio,
+        ..Default::default()
+    };
+    cfg.lr_at(step, cfg.progress(step, total))
 }
 
 #[cfg(test)]

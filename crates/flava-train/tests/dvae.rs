@@ -1,11 +1,15 @@
-//! dVAE training mechanics on a tiny model: the loss falls, files are written in the HF layout,
-//! a run resumes from its checkpoint, and reconstructions have the input's shape.
+//! dVAE training on the workspace's Trainer (`flava_train::dvae`), tiny model: the loss falls,
+//! files are written in the HF layout, same seed same run, a run killed mid-checkpoint resumes
+//! from the previous checkpoint with each step once in metrics.jsonl, and reconstructions have
+//! the input's shape.
 
 use burn::prelude::*;
 use flava_data::stream::{open_source, SourceOptions, Task};
 use flava_dvae::decoder::DecoderConfig;
-use flava_dvae::train::{load_trained, train, train_with_hooks, DvaeTrainConfig, TrainHooks};
+use flava_dvae::dvae::DvaeTrainConfig;
 use flava_dvae::{load_codebook, FlavaImageCodebookConfig};
+use flava_train::dvae::{load_trained, train};
+use flava_train::observer::{Collect, Observer, Quiet, StepMetrics};
 
 fn tiny(steps: usize) -> DvaeTrainConfig {
     DvaeTrainConfig {
@@ -67,8 +71,8 @@ fn metric_lines(out: &std::path::Path) -> Vec<(u64, f64)> {
 /// Dies (panics) while the checkpoint of `step` is half written, as a kill would stop it.
 struct DieAt(usize);
 
-impl TrainHooks for DieAt {
-    fn before_commit(&self, step: usize, tmp_dir: &std::path::Path) {
+impl Observer for DieAt {
+    fn before_commit(&mut self, step: usize, tmp_dir: &std::path::Path) {
         if step == self.0 {
             assert!(tmp_dir.join("state.json").is_file());
             panic!("killed while writing the checkpoint of step {step}");
@@ -83,8 +87,8 @@ fn same_seed_same_run_and_a_crash_mid_checkpoint_resumes_exactly() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let device = Device::flex();
     let (a, b, c) = (scratch("seed-a"), scratch("seed-b"), scratch("crash"));
-    train(&tiny(12), source(), &a, false, &device, |_| {}).unwrap();
-    train(&tiny(12), source(), &b, false, &device, |_| {}).unwrap();
+    train(&tiny(12), source(), &a, false, &device, &mut Quiet).unwrap();
+    train(&tiny(12), source(), &b, false, &device, &mut Quiet).unwrap();
     let (la, lb) = (metric_lines(&a), metric_lines(&b));
     assert_eq!(la.len(), 12);
     for ((s, x), (_, y)) in la.iter().zip(&lb) {
@@ -92,14 +96,26 @@ fn same_seed_same_run_and_a_crash_mid_checkpoint_resumes_exactly() {
     }
 
     let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        train_with_hooks(&tiny(12), source(), &c, false, &device, |_| {}, &DieAt(10))
+        train(&tiny(12), source(), &c, false, &device, &mut DieAt(10))
     }));
     assert!(died.is_err(), "the hook was meant to stop the run");
     let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(c.join("checkpoint/state.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(c.join("checkpoints/step-00000005/state.json")).unwrap())
+            .unwrap();
     assert_eq!(state["step"], 5, "the checkpoint of step 5 is intact");
-    let resumed = train(&tiny(12), source(), &c, true, &device, |_| {}).unwrap();
-    assert_eq!(resumed.state.step, 12);
+    assert!(
+        c.join("checkpoints/step-00000010.tmp").is_dir(),
+        "the interrupted write is left"
+    );
+    assert!(!c.join("checkpoints/step-00000010").exists());
+    let mut seen = Collect::default();
+    let resumed = train(&tiny(12), source(), &c, true, &device, &mut seen).unwrap();
+    assert_eq!(resumed.state.counters.step, 12);
+    assert!(
+        seen.messages.iter().any(|m| m.contains("at step 5")),
+        "{:?}",
+        seen.messages
+    );
     let lc = metric_lines(&c);
     assert_eq!(lc.iter().map(|x| x.0).collect::<Vec<_>>(), (1..=12).collect::<Vec<_>>());
     for ((s, x), (_, y)) in lc.iter().zip(&la) {
@@ -115,21 +131,28 @@ fn a_previous_run_is_not_overwritten_and_resume_refuses_other_settings() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let device = Device::flex();
     let out = scratch("guard");
-    train(&tiny(2), source(), &out, false, &device, |_| {}).unwrap();
+    train(&tiny(2), source(), &out, false, &device, &mut Quiet).unwrap();
     let codebook = std::fs::read(out.join("codebook/model.safetensors")).unwrap();
-    let e = train(&tiny(2), source(), &out, false, &device, |_| {}).err().unwrap();
+    let e = train(&tiny(2), source(), &out, false, &device, &mut Quiet)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("already holds a dVAE run"), "{e}");
     assert_eq!(std::fs::read(out.join("codebook/model.safetensors")).unwrap(), codebook);
     let mut other = tiny(4);
     other.codebook.vocab_size = 16;
     other.decoder.vocab_size = 16;
-    let e = train(&other, source(), &out, true, &device, |_| {}).err().unwrap();
+    let e = train(&other, source(), &out, true, &device, &mut Quiet)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("codebook") && e.contains("--resume"), "{e}");
     let mut bad = tiny(4);
     bad.lr = -1.0;
-    let e = train(&bad, source(), &scratch("bad-lr"), false, &device, |_| {})
+    let e = train(&bad, source(), &scratch("bad-lr"), false, &device, &mut Quiet)
         .err()
-        .unwrap();
+        .unwrap()
+        .to_string();
     assert!(e.contains("lr"), "{e}");
     std::fs::remove_dir_all(out).ok();
 }
@@ -140,12 +163,10 @@ fn trains_saves_and_resumes() {
     let out = std::env::temp_dir().join(format!("flava-dvae-train-{}", std::process::id()));
     std::fs::remove_dir_all(&out).ok();
     let device = Device::flex();
-    let mut losses = vec![];
-    let first = train(&tiny(10), source(), &out, false, &device, |m| {
-        losses.push(m.reconstruction)
-    })
-    .unwrap();
-    assert_eq!(first.state.step, 10);
+    let mut seen = Collect::default();
+    let first = train(&tiny(10), source(), &out, false, &device, &mut seen).unwrap();
+    let losses: Vec<f64> = seen.steps.iter().map(|m| m.term("reconstruction").unwrap()).collect();
+    assert_eq!(first.state.counters.step, 10);
     let early = losses[..3].iter().sum::<f64>() / 3.0;
     let late = losses[7..].iter().sum::<f64>() / 3.0;
     assert!(late < early, "reconstruction loss should fall: {early} -> {late}");
@@ -158,10 +179,11 @@ fn trains_saves_and_resumes() {
     let (m, _) = load_trained(&out, &device).unwrap();
     assert_eq!(m.reconstruct(x).dims(), [2, 3, 16, 16]);
     // Resume to 14 steps: continues at 10.
-    let mut steps = vec![];
-    let second = train(&tiny(14), source(), &out, true, &device, |m| steps.push(m.step)).unwrap();
+    let mut seen = Collect::default();
+    let second = train(&tiny(14), source(), &out, true, &device, &mut seen).unwrap();
+    let steps: Vec<usize> = seen.steps.iter().map(|m: &StepMetrics| m.step).collect();
     assert_eq!(steps, vec![11, 12, 13, 14]);
-    assert_eq!(second.state.step, 14);
+    assert_eq!(second.state.counters.step, 14);
     let lines = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
