@@ -47,7 +47,7 @@ pub fn write_shards(
         let s = match rec {
             Record::Sample(s) => s,
             Record::Skipped { reason, key, detail } => {
-                eprintln!("skipped {key} ({reason:?}): {detail}");
+                log::warn!("skipped {key} ({reason:?}): {detail}");
                 report.skipped += 1;
                 continue;
             }

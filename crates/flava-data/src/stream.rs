@@ -167,9 +167,9 @@ impl SampleStream {
         let n = self.stats.skipped.entry(reason).or_default();
         *n += 1;
         if *n <= LOGGED_SKIPS_PER_REASON {
-            eprintln!("skipped {key} ({reason}): {detail}");
+            log::warn!("skipped {key} ({reason}): {detail}");
             if *n == LOGGED_SKIPS_PER_REASON {
-                eprintln!(
+                log::warn!(
                     "(further {reason} skips of {} are counted, not logged)",
                     self.source.describe()
                 );

@@ -152,13 +152,12 @@ pub fn data_parallel_gradients(
                         token_type_ids: m.token_type_ids.clone().map(|t| t.without_autodiff()),
                         ..Default::default()
                     };
-                    let (u, v) = valid.contrastive_embeddings(&inner);
-                    (i, u, v)
+                    valid.contrastive_embeddings(&inner).map(|(u, v)| (i, u, v))
                 })
                 .collect::<Vec<_>>()
         });
-        let mut feats: Vec<_> = per_replica.into_iter().flatten().collect();
-        feats.sort_by_key(|f| f.0);
+        let mut feats: Vec<_> = per_replica.into_iter().flatten().collect::<Result<_, _>>()?;
+        feats.sort_by_key(|f: &(usize, Tensor<2>, Tensor<2>)| f.0);
         // All on the first replica's device; each replica's forward moves the cache to its own.
         let device = feats[0].1.device();
         let (us, vs): (Vec<_>, Vec<_>) = feats

@@ -374,14 +374,17 @@ impl FlavaForPretraining {
         self
     }
 
-    /// Normalised contrastive embeddings from unmasked towers: ([b, proj], [b, proj]).
-    pub fn contrastive_embeddings(&self, batch: &PretrainingBatch) -> (Tensor<2>, Tensor<2>) {
-        let px = batch.pixel_values.clone().expect("paired batch");
+    /// Normalised contrastive embeddings from unmasked towers: ([b, proj], [b, proj]). An
+    /// error unless the batch has both images and text.
+    pub fn contrastive_embeddings(&self, batch: &PretrainingBatch) -> Result<(Tensor<2>, Tensor<2>), ObjectiveError> {
+        let not_paired =
+            || ObjectiveError::Shape("contrastive embeddings need a paired batch (images and text)".into());
+        let px = batch.pixel_values.clone().ok_or_else(not_paired)?;
         let ids = batch
             .input_ids
             .clone()
             .or(batch.input_ids_masked.clone())
-            .expect("paired batch");
+            .ok_or_else(not_paired)?;
         let img = self.flava.image_model.forward(px, None, false, false);
         let txt =
             self.flava
@@ -395,7 +398,47 @@ impl FlavaForPretraining {
             self.flava
                 .project_cls(&self.flava.text_projection, txt.last_hidden_state),
         );
-        (u, v)
+        Ok((u, v))
+    }
+
+    /// Checks the host-side targets against the batch and the heads before anything runs, so
+    /// that bad input is an error and not a panic in a kernel: MLM positions inside the batch,
+    /// MLM targets inside the text vocabulary, ITM labels 0 or 1, one ITM label per pair.
+    pub fn check_targets(&self, batch: &PretrainingBatch) -> Result<(), ObjectiveError> {
+        let text_vocab = self.mlm_head.decoder.weight.dims()[1];
+        if let (Some(m), Some(ids)) = (&batch.mlm, batch.input_ids_masked.as_ref().or(batch.input_ids.as_ref())) {
+            let [b, s] = ids.dims();
+            if m.positions.len() != m.targets.len() {
+                return Err(ObjectiveError::Shape(format!(
+                    "{} MLM positions but {} targets",
+                    m.positions.len(),
+                    m.targets.len()
+                )));
+            }
+            if let Some(p) = m.positions.iter().find(|&&p| p >= b * s) {
+                return Err(ObjectiveError::Shape(format!(
+                    "MLM position {p} is outside the batch ({b} x {s} tokens)"
+                )));
+            }
+            if let Some(t) = m.targets.iter().find(|&&t| t >= text_vocab) {
+                return Err(ObjectiveError::Shape(format!(
+                    "MLM target {t} is outside the text vocabulary ({text_vocab} tokens): is the tokenizer the model's?"
+                )));
+            }
+        }
+        if let Some(l) = &batch.itm_labels {
+            if let Some(x) = l.iter().find(|&&x| x > 1) {
+                return Err(ObjectiveError::Shape(format!("ITM label {x} is not 0 or 1")));
+            }
+            if batch.pixel_values.is_some() && l.len() != batch.batch_size() {
+                return Err(ObjectiveError::Shape(format!(
+                    "{} ITM labels for a batch of {}",
+                    l.len(),
+                    batch.batch_size()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Visual-token targets: given, or from the codebook (run without autograd).
@@ -433,6 +476,7 @@ impl FlavaForPretraining {
         if !has_image && !has_text {
             return Err(ObjectiveError::EmptyBatch);
         }
+        self.check_targets(batch)?;
         let paired = has_image && has_text;
         let b = batch.batch_size();
         let mut losses = Losses::default();
@@ -502,7 +546,9 @@ impl FlavaForPretraining {
 
         let (mut image_embeddings, mut text_embeddings) = (None, None);
         if paired {
-            let (img, txt) = (img_m.as_ref().expect("paired"), txt_m.as_ref().expect("paired"));
+            let (Some(img), Some(txt)) = (img_m.as_ref(), txt_m.as_ref()) else {
+                return Err(ObjectiveError::EmptyBatch);
+            };
             let mm = self
                 .flava
                 .fuse(img, txt, batch.attention_mask.as_ref(), false)
@@ -563,7 +609,7 @@ impl FlavaForPretraining {
                 _ => rows.len(),
             };
             if w.global_contrastive > 0.0 && contrastive_rows > 0 {
-                let (u, v) = self.contrastive_embeddings(batch);
+                let (u, v) = self.contrastive_embeddings(batch)?;
                 let scale = clamp_logit_scale(self.flava.logit_scale.val());
                 let out = match opts.contrastive {
                     Contrastive::Local => {

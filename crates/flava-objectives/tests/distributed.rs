@@ -97,7 +97,10 @@ fn global_contrastive_over_simulated_ranks_equals_the_full_batch() {
         let shards: Vec<PretrainingBatch> = (0..world)
             .map(|r| slice_batch(&full, r * local, (r + 1) * local))
             .collect();
-        let emb: Vec<(Tensor<2>, Tensor<2>)> = shards.iter().map(|s| model.contrastive_embeddings(s)).collect();
+        let emb: Vec<(Tensor<2>, Tensor<2>)> = shards
+            .iter()
+            .map(|s| model.contrastive_embeddings(s).unwrap())
+            .collect();
         let u_all = Tensor::cat(emb.iter().map(|e| e.0.clone()).collect(), 0);
         let v_all = Tensor::cat(emb.iter().map(|e| e.1.clone()).collect(), 0);
         let scale = clamp_logit_scale(model.flava.logit_scale.val());

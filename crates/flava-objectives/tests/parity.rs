@@ -312,3 +312,59 @@ fn saved_checkpoint_reloads_identically() {
     check_outputs(&io, "pairs", &out);
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// Bad host-side targets are errors naming what is wrong, not panics in a kernel: an MLM target
+/// past the text vocabulary (a tokenizer that is not the model's), an MLM position past the
+/// batch, an ITM label that is not 0/1, and the contrastive embeddings of a text-only batch.
+#[test]
+fn bad_targets_are_errors_not_panics() {
+    let io = Io::load();
+    let (model, codebook) = load(&io);
+    let opts = StepOptions {
+        codebook: Some(&codebook),
+        ..Default::default()
+    };
+    let good = io.batch("pairs");
+    let vocab = model.mlm_head.decoder.weight.dims()[1];
+    let mlm = good.mlm.clone().expect("the paired fixture has MLM targets");
+    type Edit<'a> = Box<dyn Fn(&mut flava_objectives::PretrainingBatch) + 'a>;
+    let cases: [(&str, Edit); 3] = [
+        (
+            "outside the text vocabulary",
+            Box::new(|b| {
+                b.mlm = Some(MlmTargets {
+                    targets: vec![vocab + 7; mlm.targets.len()],
+                    ..mlm.clone()
+                })
+            }),
+        ),
+        (
+            "outside the batch",
+            Box::new(|b| {
+                b.mlm = Some(MlmTargets {
+                    positions: vec![1_000_000; mlm.positions.len()],
+                    ..mlm.clone()
+                })
+            }),
+        ),
+        (
+            "is not 0 or 1",
+            Box::new(|b| b.itm_labels = b.itm_labels.clone().map(|l| l.iter().map(|_| 2).collect())),
+        ),
+    ];
+    for (want, edit) in cases {
+        let mut b = good.clone();
+        edit(&mut b);
+        let Err(e) = model.forward(&b, &opts) else {
+            panic!("{want}: no error")
+        };
+        let e = e.to_string();
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    let text_only = io.batch("text");
+    let Err(e) = model.contrastive_embeddings(&text_only) else {
+        panic!("no error for a text-only batch")
+    };
+    let e = e.to_string();
+    assert!(e.contains("paired batch"), "{e}");
+}

@@ -17,7 +17,7 @@ impl Observer for Watch {
     }
     fn on_step(&mut self, m: &StepMetrics) {
         self.0.on_step(m);
-        if m.updated && m.task != "dvae" && m.step % 100 == 0 {
+        if m.updated && m.task != "dvae" && m.step.is_multiple_of(100) {
             self.1.push(m.clone());
         }
     }

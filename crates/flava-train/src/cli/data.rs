@@ -1,0 +1,71 @@
+//! `flava data shards` and `flava data inspect`.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use flava_data::stream::{SourceOptions, Task};
+use flava_train::data_cmd;
+
+/// The data commands.
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Write a source (synthetic, shards, CSV, COCO, ImageFolder, text) as WebDataset shards.
+    Shards {
+        /// The source spec.
+        #[arg(long)]
+        from: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Samples per shard.
+        #[arg(long, default_value_t = 1000)]
+        shard_size: usize,
+        /// What to read: pairs, images or text.
+        #[arg(long, default_value = "pairs")]
+        task: String,
+        /// Stop after this many samples (the synthetic source has 20,000 per epoch).
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Write into an --out that already holds shards (they are deleted first).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Count samples and members of shards (`data/{000..009}.tar`) and show the first sample.
+    Inspect {
+        /// Shard file or brace pattern.
+        shards: String,
+    },
+}
+
+fn parse_task(s: &str) -> anyhow::Result<Task> {
+    match s {
+        "pairs" => Ok(Task::Pairs),
+        "images" => Ok(Task::Images),
+        "text" => Ok(Task::Text),
+        other => anyhow::bail!("unknown task `{other}` (pairs, images, text)"),
+    }
+}
+
+/// Runs the command.
+pub fn run(c: DataCommand) -> anyhow::Result<()> {
+    match c {
+        DataCommand::Shards {
+            from,
+            out,
+            shard_size,
+            task,
+            limit,
+            force,
+        } => data_cmd::shards(
+            &from,
+            parse_task(&task)?,
+            &out,
+            shard_size,
+            limit,
+            force,
+            &SourceOptions::default(),
+        )?,
+        DataCommand::Inspect { shards } => data_cmd::inspect_cmd(&shards)?,
+    }
+    Ok(())
+}
