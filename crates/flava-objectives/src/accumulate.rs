@@ -14,7 +14,8 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 
 use crate::pretraining::{
-    CachedFeatures, Contrastive, Denominators, FlavaForPretraining, ObjectiveError, PretrainingBatch, StepOptions,
+    CachedFeatures, Contrastive, Denominators, FlavaForPretraining, LossKind, ObjectiveError, PretrainingBatch,
+    StepOptions,
 };
 use flava_dvae::ImageCodebook;
 
@@ -247,7 +248,8 @@ pub fn data_parallel_gradients(
         }
     }
     for (name, v) in &sums {
-        total += v * model.weights.get(name);
+        let kind = LossKind::from_name(name).ok_or_else(|| ObjectiveError::Shape(format!("unknown loss `{name}`")))?;
+        total += v * model.weights.get(kind);
     }
     Ok(AccumulatedStep {
         grads: acc.grads(),

@@ -24,6 +24,6 @@ pub use checkpoint::{load_pretraining, save_pretraining, LoadedPretraining};
 pub use contrastive::{clamp_logit_scale, contrastive_loss, AllReduceGather, EmbeddingGather, LocalGather};
 pub use heads::{ItmHead, MaskedPredictionHead};
 pub use pretraining::{
-    CachedFeatures, Contrastive, Denominators, FlavaForPretraining, LossWeights, Losses, MlmTargets, ObjectiveError,
-    PretrainingBatch, PretrainingOutput, StepOptions,
+    CachedFeatures, Contrastive, Denominators, FlavaForPretraining, LossKind, LossWeights, Losses, MlmTargets,
+    ObjectiveError, PretrainingBatch, PretrainingOutput, StepOptions,
 };

@@ -48,16 +48,62 @@ impl Default for LossWeights {
     }
 }
 
+/// The six pretraining losses, by one name each (as in `metrics.jsonl` and [`Losses::named`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LossKind {
+    /// Masked image modelling (image-only batches).
+    Mim,
+    /// Masked language modelling (text-only batches).
+    Mlm,
+    /// Image-text matching.
+    Itm,
+    /// Global contrastive.
+    GlobalContrastive,
+    /// Masked multimodal modelling, image side.
+    MmmImage,
+    /// Masked multimodal modelling, text side.
+    MmmText,
+}
+
+impl LossKind {
+    /// All six, in HF's order.
+    pub const ALL: [LossKind; 6] = [
+        LossKind::Mim,
+        LossKind::Mlm,
+        LossKind::Itm,
+        LossKind::GlobalContrastive,
+        LossKind::MmmImage,
+        LossKind::MmmText,
+    ];
+
+    /// The name (`mim`, `mlm`, `itm`, `global_contrastive`, `mmm_image`, `mmm_text`).
+    pub fn name(self) -> &'static str {
+        match self {
+            LossKind::Mim => "mim",
+            LossKind::Mlm => "mlm",
+            LossKind::Itm => "itm",
+            LossKind::GlobalContrastive => "global_contrastive",
+            LossKind::MmmImage => "mmm_image",
+            LossKind::MmmText => "mmm_text",
+        }
+    }
+
+    /// The loss of a name; `None` for any other string.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
 impl LossWeights {
-    /// The weight of a loss by its name in [`Losses::named`].
-    pub fn get(&self, name: &str) -> f64 {
-        match name {
-            "mim" => self.mim,
-            "mlm" => self.mlm,
-            "itm" => self.itm,
-            "global_contrastive" => self.global_contrastive,
-            "mmm_image" => self.mmm_image,
-            _ => self.mmm_text,
+    /// The weight of a loss.
+    pub fn get(&self, kind: LossKind) -> f64 {
+        match kind {
+            LossKind::Mim => self.mim,
+            LossKind::Mlm => self.mlm,
+            LossKind::Itm => self.itm,
+            LossKind::GlobalContrastive => self.global_contrastive,
+            LossKind::MmmImage => self.mmm_image,
+            LossKind::MmmText => self.mmm_text,
         }
     }
 
@@ -255,17 +301,22 @@ pub struct Losses {
 impl Losses {
     /// (name, loss) of the present losses, in HF's order.
     pub fn named(&self) -> Vec<(&'static str, Tensor<1>)> {
-        [
-            ("mim", &self.mim),
-            ("mlm", &self.mlm),
-            ("itm", &self.itm),
-            ("global_contrastive", &self.global_contrastive),
-            ("mmm_image", &self.mmm_image),
-            ("mmm_text", &self.mmm_text),
-        ]
-        .into_iter()
-        .filter_map(|(n, l)| l.clone().map(|l| (n, l)))
-        .collect()
+        LossKind::ALL
+            .into_iter()
+            .filter_map(|k| self.get(k).cloned().map(|l| (k.name(), l)))
+            .collect()
+    }
+
+    /// One loss, when the batch had it.
+    pub fn get(&self, kind: LossKind) -> Option<&Tensor<1>> {
+        match kind {
+            LossKind::Mim => self.mim.as_ref(),
+            LossKind::Mlm => self.mlm.as_ref(),
+            LossKind::Itm => self.itm.as_ref(),
+            LossKind::GlobalContrastive => self.global_contrastive.as_ref(),
+            LossKind::MmmImage => self.mmm_image.as_ref(),
+            LossKind::MmmText => self.mmm_text.as_ref(),
+        }
     }
 
     /// (name, value) of the present losses, read to the host, in HF's order.
@@ -647,10 +698,9 @@ impl FlavaForPretraining {
             }
         }
 
-        let total = losses
-            .named()
+        let total = LossKind::ALL
             .into_iter()
-            .map(|(n, l)| l * w.get(n))
+            .filter_map(|k| losses.get(k).cloned().map(|l| l * w.get(k)))
             .reduce(|a, b| a + b);
         Ok(PretrainingOutput {
             losses,
@@ -660,5 +710,30 @@ impl FlavaForPretraining {
             image_embeddings,
             text_embeddings,
         })
+    }
+}
+
+#[cfg(test)]
+mod loss_kind_tests {
+    use super::*;
+
+    #[test]
+    fn every_loss_has_one_name_and_its_own_weight() {
+        let w = LossWeights {
+            mim: 1.0,
+            mlm: 2.0,
+            itm: 3.0,
+            global_contrastive: 4.0,
+            mmm_image: 5.0,
+            mmm_text: 6.0,
+        };
+        let got: Vec<f64> = LossKind::ALL.iter().map(|&k| w.get(k)).collect();
+        assert_eq!(got, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        for k in LossKind::ALL {
+            assert_eq!(LossKind::from_name(k.name()), Some(k));
+        }
+        // An unknown name is not silently some loss (it was the MMM-text weight before).
+        assert_eq!(LossKind::from_name("mmm-text"), None);
+        assert_eq!(LossKind::from_name("contrastive"), None);
     }
 }
