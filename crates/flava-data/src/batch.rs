@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::masking::{BlockMaskConfig, BlockMaskGenerator};
+use crate::masking::{BlockMaskConfig, BlockMaskGenerator, MaskConfigError};
 use crate::mlm::{mask_tokens, MlmConfig};
 use crate::stream::{DecodedSample, Task};
 use crate::transforms::{eval_transform, train_transform, TrainTransformConfig};
@@ -230,9 +230,23 @@ fn sample_rng(seed: u64, task: Task, batch: u64, i: usize) -> ChaCha8Rng {
     r
 }
 
+/// Why a batch cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// The block-mask settings are refused.
+    #[error("masking: {0}")]
+    Mask(#[from] MaskConfigError),
+    /// A text task without a tokenizer.
+    #[error("a {0} batch needs a tokenizer")]
+    NoTokenizer(Task),
+    /// The tokenizer failed on the batch's texts.
+    #[error("tokenizing: {0}")]
+    Tokenize(#[from] flava_text::TokenizerError),
+}
+
 impl BatchBuilder {
     /// A builder; text tasks need a tokenizer.
-    pub fn new(cfg: BatchConfig, tokenizer: Option<Tokenizer>) -> Result<Self, String> {
+    pub fn new(cfg: BatchConfig, tokenizer: Option<Tokenizer>) -> Result<Self, BatchError> {
         let masks = BlockMaskGenerator::new(cfg.mask.clone())?;
         let continuation = match &tokenizer {
             Some(t) => (0..t.vocab_size() as u32)
@@ -250,7 +264,7 @@ impl BatchBuilder {
 
     /// Builds batch number `index` of `task` from `samples` (image work runs on the current rayon
     /// pool). Returns an error only for a text task without tokenizer.
-    pub fn build(&self, task: Task, samples: Vec<DecodedSample>, index: u64) -> Result<HostBatch, String> {
+    pub fn build(&self, task: Task, samples: Vec<DecodedSample>, index: u64) -> Result<HostBatch, BatchError> {
         let cfg = &self.cfg;
         let b = samples.len();
         let t = &cfg.transform;
@@ -298,7 +312,7 @@ impl BatchBuilder {
             }
         }
         if matches!(task, Task::Pairs | Task::Text) {
-            let tok = self.tokenizer.as_ref().ok_or("a text task needs a tokenizer")?;
+            let tok = self.tokenizer.as_ref().ok_or(BatchError::NoTokenizer(task))?;
             let mut texts: Vec<String> = samples.iter().map(|x| x.text.clone().unwrap_or_default()).collect();
             if task == Task::Pairs {
                 // ITM negatives: another sample's (different) caption, label 0.
@@ -315,7 +329,7 @@ impl BatchBuilder {
                     }
                 }
             }
-            let enc = tok.encode_batch(&texts, cfg.max_length).map_err(|e| e.to_string())?;
+            let enc = tok.encode_batch(&texts, cfg.max_length)?;
             out.truncated = enc.truncated.iter().filter(|&&t| t).count();
             let sp = tok.special_tokens();
             let vocab = tok.vocab_size() as u32;

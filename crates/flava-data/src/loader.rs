@@ -11,9 +11,9 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{BatchBuilder, HostBatch};
+use crate::batch::{BatchBuilder, BatchError, HostBatch};
 use crate::sources::{Record, Source, SourceError};
-use crate::stream::{decode, SampleStream, StreamPosition, StreamStats, Task};
+use crate::stream::{decode, SampleStream, StreamPosition, StreamStats, Task, UnknownTask};
 
 /// How the mixer picks the task of each step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,34 +24,70 @@ pub enum Mix {
     Weighted(BTreeMap<Task, f64>),
 }
 
+/// Why a `--mix` spec is refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MixError {
+    /// A part that is not `task=weight`.
+    #[error("bad mix `{0}` (want task=weight)")]
+    Part(String),
+    /// A task name that is not one.
+    #[error(transparent)]
+    Task(#[from] UnknownTask),
+    /// A weight that is not a number ≥ 0.
+    #[error("weight of {task} must be a number ≥ 0, got `{weight}`")]
+    Weight {
+        /// The task.
+        task: Task,
+        /// What was given.
+        weight: String,
+    },
+    /// Every weight is zero.
+    #[error("the mix weights sum to zero")]
+    ZeroSum,
+}
+
 impl Mix {
     /// Parses `round-robin` or `pairs=W,images=W,text=W`.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, MixError> {
         if s == "round-robin" {
             return Ok(Mix::RoundRobin);
         }
         let mut w = BTreeMap::new();
         for part in s.split(',') {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("bad mix `{part}` (want task=weight)"))?;
-            let task = match k.trim() {
-                "pairs" => Task::Pairs,
-                "images" => Task::Images,
-                "text" => Task::Text,
-                other => return Err(format!("unknown task `{other}` (pairs, images, text)")),
-            };
-            let v: f64 = v.trim().parse().map_err(|_| format!("bad weight `{v}`"))?;
-            if !(v >= 0.0 && v.is_finite()) {
-                return Err(format!("weight of {k} must be ≥ 0"));
-            }
-            w.insert(task, v);
+            let (k, v) = part.split_once('=').ok_or_else(|| MixError::Part(part.into()))?;
+            let task: Task = k.parse()?;
+            let weight = v.trim().parse::<f64>().ok().filter(|v| *v >= 0.0 && v.is_finite());
+            let weight = weight.ok_or_else(|| MixError::Weight {
+                task,
+                weight: v.trim().into(),
+            })?;
+            w.insert(task, weight);
         }
         if w.values().sum::<f64>() <= 0.0 {
-            return Err("the mix weights sum to zero".into());
+            return Err(MixError::ZeroSum);
         }
         Ok(Mix::Weighted(w))
     }
+}
+
+/// Why the loader could not give the next batch.
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    /// A source failed (unreadable, or only unusable records).
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The batch could not be built.
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    /// No task has a source (or every source's task has weight 0).
+    #[error("no data source for any task")]
+    NoSources,
+    /// The worker threads could not be started.
+    #[error("cannot start the data loader's threads: {0}")]
+    Threads(String),
+    /// The producer thread is gone (it stopped after an error, or panicked).
+    #[error("the data loader stopped")]
+    Stopped,
 }
 
 /// Everything needed to continue the data exactly where a batch left it.
@@ -142,7 +178,7 @@ impl Producer {
         }
     }
 
-    fn next_batch(&mut self) -> Result<LoadedBatch, SourceError> {
+    fn next_batch(&mut self) -> Result<LoadedBatch, LoaderError> {
         let task = self.pick_task();
         let want = self.builder.cfg.batch_size;
         let mut samples = Vec::with_capacity(want);
@@ -175,10 +211,7 @@ impl Producer {
         }
         let builder = &self.builder;
         let step = self.step;
-        let batch = self
-            .pool
-            .install(|| builder.build(task, samples, step))
-            .map_err(SourceError::Unknown)?;
+        let batch = self.pool.install(|| builder.build(task, samples, step))?;
         self.step += 1;
         let stats = self
             .tasks
@@ -208,7 +241,7 @@ impl Producer {
 
 /// Produces batches on a background thread, `prefetch` ahead, in a deterministic order.
 pub struct DataLoader {
-    rx: Receiver<Result<LoadedBatch, String>>,
+    rx: Receiver<Result<LoadedBatch, LoaderError>>,
     handle: Option<JoinHandle<()>>,
     describe: Vec<String>,
 }
@@ -220,7 +253,7 @@ impl DataLoader {
         builder: BatchBuilder,
         cfg: LoaderConfig,
         resume: Option<MixerState>,
-    ) -> Result<Self, SourceError> {
+    ) -> Result<Self, LoaderError> {
         let mut tasks = BTreeMap::new();
         let mut describe = Vec::new();
         for (task, srcs) in sources {
@@ -237,7 +270,7 @@ impl DataLoader {
             tasks.insert(task, (streams, 0usize));
         }
         if tasks.is_empty() {
-            return Err(SourceError::NoMatch("no data source for any task".into()));
+            return Err(LoaderError::NoSources);
         }
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         let mut step = 0;
@@ -258,7 +291,7 @@ impl DataLoader {
             .num_threads(cfg.workers.max(1))
             .thread_name(|i| format!("flava-data-{i}"))
             .build()
-            .map_err(|e| SourceError::Unknown(e.to_string()))?;
+            .map_err(|e| LoaderError::Threads(e.to_string()))?;
         let mut producer = Producer {
             tasks,
             order,
@@ -272,13 +305,13 @@ impl DataLoader {
         let handle = std::thread::Builder::new()
             .name("flava-data-producer".into())
             .spawn(move || loop {
-                let item = producer.next_batch().map_err(|e| e.to_string());
+                let item = producer.next_batch();
                 let stop = item.is_err();
                 if tx.send(item).is_err() || stop {
                     break;
                 }
             })
-            .map_err(|e| SourceError::Unknown(e.to_string()))?;
+            .map_err(|e| LoaderError::Threads(e.to_string()))?;
         Ok(Self {
             rx,
             handle: Some(handle),
@@ -292,8 +325,8 @@ impl DataLoader {
     }
 
     /// The next batch (blocks until it is ready).
-    pub fn next_batch(&mut self) -> Result<LoadedBatch, String> {
-        self.rx.recv().map_err(|_| "the data loader stopped".to_string())?
+    pub fn next_batch(&mut self) -> Result<LoadedBatch, LoaderError> {
+        self.rx.recv().map_err(|_| LoaderError::Stopped)?
     }
 }
 
@@ -304,6 +337,44 @@ impl Drop for DataLoader {
         drop(std::mem::replace(&mut self.rx, rx));
         if let Some(h) = self.handle.take() {
             let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mix_specs_parse_or_say_what_is_wrong() {
+        let Mix::Weighted(w) = Mix::parse("pairs=2, images=1,text=0").unwrap() else {
+            panic!("weighted")
+        };
+        assert_eq!(
+            w.into_iter().collect::<Vec<_>>(),
+            [(Task::Pairs, 2.0), (Task::Images, 1.0), (Task::Text, 0.0)]
+        );
+        assert_eq!(Mix::parse("round-robin").unwrap(), Mix::RoundRobin);
+        assert_eq!(Mix::parse("pairs").unwrap_err(), MixError::Part("pairs".into()));
+        assert_eq!(
+            Mix::parse("image=1").unwrap_err(),
+            MixError::Task(UnknownTask("image".into()))
+        );
+        assert_eq!(
+            Mix::parse("text=-1").unwrap_err(),
+            MixError::Weight {
+                task: Task::Text,
+                weight: "-1".into()
+            }
+        );
+        assert_eq!(
+            Mix::parse("text=NaN").unwrap_err().to_string(),
+            "weight of text must be a number ≥ 0, got `NaN`"
+        );
+        assert_eq!(Mix::parse("pairs=0,text=0").unwrap_err(), MixError::ZeroSum);
+        for t in Task::ALL {
+            assert_eq!(t.name().parse::<Task>().unwrap(), t);
+            assert_eq!(t.to_string(), t.name());
         }
     }
 }

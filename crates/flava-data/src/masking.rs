@@ -44,6 +44,45 @@ impl Default for BlockMaskConfig {
     }
 }
 
+/// Why a block-mask configuration is refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MaskConfigError {
+    /// A grid with no cell.
+    #[error("the mask grid must be at least 1×1")]
+    EmptyGrid,
+    /// More patches to mask than the grid holds.
+    #[error("num_masking_patches {patches} exceeds the {height}×{width} grid")]
+    OverGrid {
+        /// `num_masking_patches`.
+        patches: usize,
+        /// Grid rows.
+        height: usize,
+        /// Grid columns.
+        width: usize,
+    },
+    /// `min_aspect` not a positive number.
+    #[error("min_aspect must be positive")]
+    MinAspect,
+    /// `max_aspect` below `min_aspect`.
+    #[error("max_aspect {max} must be at least min_aspect {min}")]
+    MaxAspect {
+        /// The maximum (given or 1 / min).
+        max: f64,
+        /// The minimum.
+        min: f64,
+    },
+    /// A block minimum that no block can meet, so every mask would be empty.
+    #[error("min_num_patches {min} must be between 1 and the number of masking patches {budget} (and max_num_patches {max}); otherwise every mask is empty")]
+    MinPatches {
+        /// `min_num_patches`.
+        min: usize,
+        /// `num_masking_patches`.
+        budget: usize,
+        /// `max_num_patches` (or the budget).
+        max: usize,
+    },
+}
+
 /// Draws BEiT block masks.
 #[derive(Debug, Clone)]
 pub struct BlockMaskGenerator {
@@ -54,25 +93,26 @@ pub struct BlockMaskGenerator {
 
 impl BlockMaskGenerator {
     /// Validates the configuration.
-    pub fn new(cfg: BlockMaskConfig) -> Result<Self, String> {
+    pub fn new(cfg: BlockMaskConfig) -> Result<Self, MaskConfigError> {
         if cfg.height == 0 || cfg.width == 0 {
-            return Err("the mask grid must be at least 1×1".into());
+            return Err(MaskConfigError::EmptyGrid);
         }
         if cfg.num_masking_patches > cfg.height * cfg.width {
-            return Err(format!(
-                "num_masking_patches {} exceeds the {}×{} grid",
-                cfg.num_masking_patches, cfg.height, cfg.width
-            ));
+            return Err(MaskConfigError::OverGrid {
+                patches: cfg.num_masking_patches,
+                height: cfg.height,
+                width: cfg.width,
+            });
         }
         if !(cfg.min_aspect.is_finite() && cfg.min_aspect > 0.0) {
-            return Err("min_aspect must be positive".into());
+            return Err(MaskConfigError::MinAspect);
         }
         let max_aspect = cfg.max_aspect.unwrap_or(1.0 / cfg.min_aspect);
         if !(max_aspect.is_finite() && max_aspect >= cfg.min_aspect) {
-            return Err(format!(
-                "max_aspect {max_aspect} must be at least min_aspect {}",
-                cfg.min_aspect
-            ));
+            return Err(MaskConfigError::MaxAspect {
+                max: max_aspect,
+                min: cfg.min_aspect,
+            });
         }
         let max_patches = cfg.max_num_patches.unwrap_or(cfg.num_masking_patches);
         // A block smaller than `min_num_patches` is never drawn: with a minimum above the budget
@@ -80,10 +120,11 @@ impl BlockMaskGenerator {
         if cfg.num_masking_patches > 0
             && (cfg.min_num_patches == 0 || cfg.min_num_patches > cfg.num_masking_patches.min(max_patches))
         {
-            return Err(format!(
-                "min_num_patches {} must be between 1 and the number of masking patches {} (and max_num_patches {max_patches}); otherwise every mask is empty",
-                cfg.min_num_patches, cfg.num_masking_patches
-            ));
+            return Err(MaskConfigError::MinPatches {
+                min: cfg.min_num_patches,
+                budget: cfg.num_masking_patches,
+                max: max_patches,
+            });
         }
         Ok(Self {
             log_aspect: (cfg.min_aspect.ln(), max_aspect.ln()),

@@ -17,16 +17,64 @@ pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// OpenAI CLIP std.
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
+/// Why image bytes could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImageError {
+    /// The file could not be read.
+    #[error("{0}")]
+    Read(String),
+    /// Not an image format the `image` crate knows.
+    #[error("{0}")]
+    Format(String),
+    /// The header is unreadable.
+    #[error("cannot read the image header: {0}")]
+    Header(String),
+    /// The declared size is over `limits.max_image_pixels` (checked before decoding).
+    #[error("the image declares {width}x{height} = {pixels} pixels, over the limit of {max} (limits.max_image_pixels; a decompression bomb?)")]
+    TooLarge {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// `width × height`.
+        pixels: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// A declared width or height of zero.
+    #[error("the image declares an empty size {width}x{height}")]
+    Empty {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+    },
+    /// A JPEG cut short (Pillow's "image file is truncated").
+    #[error("JPEG data is truncated (no end-of-image marker)")]
+    Truncated,
+    /// The decoder failed on the pixel data.
+    #[error("{0}")]
+    Decode(String),
+}
+
 /// Errors of image loading and preprocessing.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessorError {
     /// The image could not be read or decoded.
-    #[error("cannot read image {path}: {message}")]
+    #[error("cannot read image {path}: {source}")]
     Image {
         /// The file.
         path: PathBuf,
         /// Why.
-        message: String,
+        source: ImageError,
+    },
+    /// A size field of the configuration describes an impossible image.
+    #[error("field `{field}`: {source}")]
+    Size {
+        /// The field (`size`, `crop_size`, ...).
+        field: &'static str,
+        /// What is wrong with it.
+        source: ImageError,
     },
     /// The preprocessor configuration is unreadable or invalid.
     #[error("{path}: {message}")]
@@ -190,16 +238,16 @@ impl ImageProcessorConfig {
 impl ImageProcessorConfig {
     /// Checks the sizes against [`flava_vit::limits`] (a resize target of 2^20 squared would
     /// allocate terabytes) and that none is zero.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ProcessorError> {
         let max = flava_vit::limits::current().max_image_pixels;
-        for (name, size) in [
+        for (field, size) in [
             ("size", self.size),
             ("crop_size", self.crop_size),
             ("codebook_size", self.codebook_size),
             ("codebook_crop_size", self.codebook_crop_size),
         ] {
             let (w, h) = size.crop_size();
-            check_pixels(w, h, max).map_err(|e| format!("field `{name}`: {e}"))?;
+            check_pixels(w, h, max).map_err(|source| ProcessorError::Size { field, source })?;
         }
         Ok(())
     }
@@ -226,24 +274,24 @@ pub struct ImageProcessor {
 /// same pixels as Pillow; pure-Rust decoders differ from it by a grey level or two.
 pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage, ProcessorError> {
     let path = path.as_ref();
-    let err = |message: String| ProcessorError::Image {
+    let err = |source: ImageError| ProcessorError::Image {
         path: path.into(),
-        message,
+        source,
     };
-    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let bytes = std::fs::read(path).map_err(|e| err(ImageError::Read(e.to_string())))?;
     decode_image(&bytes).map_err(err)
 }
 
 /// Decodes image bytes; see [`load_image`]. The declared size is checked against
 /// [`flava_vit::limits::Limits::max_image_pixels`] before any pixel is decoded, so a small file
 /// that declares a huge image (a decompression bomb) is refused without allocating.
-pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, String> {
-    let format = image::guess_format(bytes).map_err(|e| e.to_string())?;
+pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, ImageError> {
+    let format = image::guess_format(bytes).map_err(|e| ImageError::Format(e.to_string()))?;
     let max_pixels = flava_vit::limits::current().max_image_pixels;
     let reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
     let (w, h) = reader
         .into_dimensions()
-        .map_err(|e| format!("cannot read the image header: {e}"))?;
+        .map_err(|e| ImageError::Header(e.to_string()))?;
     check_pixels(w, h, max_pixels)?;
     if format == image::ImageFormat::Jpeg {
         // libjpeg pads a cut stream with grey and only warns; Pillow reports "image file is
@@ -251,7 +299,7 @@ pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, String> {
         let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
         let tail = &bytes[end.saturating_sub(1024)..end];
         if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
-            return Err("JPEG data is truncated (no end-of-image marker)".into());
+            return Err(ImageError::Truncated);
         }
         if let Some(img) = decode_jpeg_like_pillow(bytes, max_pixels) {
             return Ok(img);
@@ -264,19 +312,22 @@ pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, String> {
     // RGBA16 of the declared size, plus the decoder's own buffers.
     limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
     reader.limits(limits);
-    reader.decode().map_err(|e| e.to_string())
+    reader.decode().map_err(|e| ImageError::Decode(e.to_string()))
 }
 
 /// `Err` when `w × h` exceeds `max_pixels`.
-fn check_pixels(w: u32, h: u32, max_pixels: u64) -> Result<(), String> {
-    let pixels = w as u64 * h as u64;
-    if pixels > max_pixels {
-        return Err(format!(
-            "the image declares {w}x{h} = {pixels} pixels, over the limit of {max_pixels} (limits.max_image_pixels; a decompression bomb?)"
-        ));
+fn check_pixels(width: u32, height: u32, max: u64) -> Result<(), ImageError> {
+    let pixels = width as u64 * height as u64;
+    if pixels > max {
+        return Err(ImageError::TooLarge {
+            width,
+            height,
+            pixels,
+            max,
+        });
     }
-    if w == 0 || h == 0 {
-        return Err(format!("the image declares an empty size {w}x{h}"));
+    if width == 0 || height == 0 {
+        return Err(ImageError::Empty { width, height });
     }
     Ok(())
 }
@@ -389,7 +440,7 @@ impl ImageProcessor {
         let de = &mut serde_json::Deserializer::from_str(&json);
         let config: ImageProcessorConfig =
             serde_path_to_error::deserialize(de).map_err(|e| err(format!("field `{}`: {}", e.path(), e.inner())))?;
-        config.validate().map_err(err)?;
+        config.validate().map_err(|e| err(e.to_string()))?;
         for (name, code) in [
             ("resample", config.resample),
             ("codebook_resample", config.codebook_resample),

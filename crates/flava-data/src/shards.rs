@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
-use crate::sources::{expand_braces, ImageData, Record, ShardSource, Source};
+use crate::sources::{expand_braces, ImageData, Record, ShardSource, Source, SourceError};
 
 /// What was written.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -126,20 +126,19 @@ pub struct ShardSummary {
 }
 
 /// Reads shards (a brace pattern or one file) and summarises them; also returns the first sample.
-pub fn inspect(pattern: &str) -> Result<(Vec<ShardSummary>, Option<String>), String> {
-    let paths: Vec<PathBuf> = expand_braces(pattern)
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .map(PathBuf::from)
-        .collect();
+pub fn inspect(pattern: &str) -> Result<(Vec<ShardSummary>, Option<String>), SourceError> {
+    let paths: Vec<PathBuf> = expand_braces(pattern)?.into_iter().map(PathBuf::from).collect();
     if paths.iter().all(|p| !p.is_file()) {
-        return Err(format!("`{pattern}` matches no file"));
+        return Err(SourceError::NoMatch(pattern.into()));
     }
     let mut out = Vec::new();
     let mut first = None;
     for p in paths {
         if !p.is_file() {
-            return Err(format!("{} does not exist", p.display()));
+            return Err(SourceError::Read {
+                path: p,
+                message: "does not exist".into(),
+            });
         }
         let mut s = ShardSummary {
             path: p.clone(),

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use flava_data::loader::{DataLoader, LoaderConfig, Mix};
-use flava_data::masking::{BlockMaskConfig, BlockMaskGenerator};
-use flava_data::processor::{decode_image, ImageProcessor};
-use flava_data::sources::{expand_braces, read_coco, read_texts, Record, ShardSource, SkipReason, Source};
+use flava_data::loader::{DataLoader, LoaderConfig, LoaderError, Mix};
+use flava_data::masking::{BlockMaskConfig, BlockMaskGenerator, MaskConfigError};
+use flava_data::processor::{decode_image, ImageError, ImageProcessor};
+use flava_data::sources::{expand_braces, read_coco, read_texts, Record, ShardSource, SkipReason, Source, SourceError};
 use flava_data::stream::{open_source, SourceOptions, Task};
 
 fn scratch(name: &str) -> PathBuf {
@@ -70,6 +70,11 @@ fn unusable(task: Task, spec: &str, reason: &str) {
     let t0 = Instant::now();
     let mut l = loader(task, open_source(spec, task, &opts()).unwrap());
     let err = l.next_batch().unwrap_err();
+    assert!(
+        matches!(err, LoaderError::Source(SourceError::Unusable { .. })),
+        "{spec}: {err:?}"
+    );
+    let err = err.to_string();
     assert!(err.contains("no usable sample"), "{spec}: {err}");
     assert!(err.contains(reason), "{spec}: expected {reason} in: {err}");
     assert!(err.contains(spec), "the error names the source: {err}");
@@ -138,7 +143,21 @@ fn decompression_bombs_are_refused_before_decoding() {
     let bomb = jpeg_declaring(65500, 65500);
     assert!(bomb.len() < 4096);
     let e = decode_image(&bomb).unwrap_err();
-    assert!(e.contains("65500x65500") && e.contains("limit"), "{e}");
+    assert!(
+        matches!(
+            e,
+            ImageError::TooLarge {
+                width: 65500,
+                height: 65500,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("65500x65500") && e.to_string().contains("limit"),
+        "{e}"
+    );
     // A PNG whose header declares 60000x60000 (IHDR patched; its CRC no longer matches, and the
     // size check comes first either way).
     let mut p = png(8, 8);
@@ -328,7 +347,18 @@ fn masks_and_processor_configs_with_impossible_sizes_are_errors() {
         ..Default::default()
     };
     let e = BlockMaskGenerator::new(cfg).err().unwrap();
-    assert!(e.contains("min_num_patches 1000"), "{e}");
+    assert!(
+        matches!(
+            e,
+            MaskConfigError::MinPatches {
+                min: 1000,
+                budget: 75,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("min_num_patches 1000"), "{e}");
     let d = scratch("proc");
     std::fs::write(d.join("p.json"), r#"{"size": {"height": 1048576, "width": 1048576}}"#).unwrap();
     let e = ImageProcessor::from_file(d.join("p.json")).unwrap_err().to_string();

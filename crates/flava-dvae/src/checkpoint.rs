@@ -139,7 +139,7 @@ fn read_json_config(path: &Path, sub: Option<&str>) -> Result<FlavaImageCodebook
     };
     let cfg: FlavaImageCodebookConfig =
         serde_path_to_error::deserialize(part).map_err(|e| err(format!("field `{}`: {}", e.path(), e.inner())))?;
-    cfg.validate().map_err(err)?;
+    cfg.validate().map_err(|e| err(e.to_string()))?;
     Ok(cfg)
 }
 

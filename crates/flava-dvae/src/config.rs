@@ -40,7 +40,7 @@ impl Default for FlavaImageCodebookConfig {
 
 impl FlavaImageCodebookConfig {
     /// Checks sizes against [`flava_vit::limits`] before anything is allocated.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), flava_vit::InvalidConfig> {
         let limits = flava_vit::limits::current();
         limits.check_dims(
             "",
@@ -53,15 +53,11 @@ impl FlavaImageCodebookConfig {
             ],
         )?;
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_blocks_per_group == 0 {
-            return Err("vocab_size, hidden_size and num_blocks_per_group must be at least 1".into());
-        }
-        let params = self.parameter_estimate();
-        if params > limits.max_parameters as u128 {
-            return Err(format!(
-                "the codebook configuration describes about {params} parameters, over the limit of {} (limits.max_parameters)",
-                limits.max_parameters
+            return Err(flava_vit::InvalidConfig::Rule(
+                "vocab_size, hidden_size and num_blocks_per_group must be at least 1".into(),
             ));
         }
+        limits.check_parameters("the codebook configuration", self.parameter_estimate())?;
         Ok(())
     }
 

@@ -114,23 +114,62 @@ impl Default for DvaeTrainConfig {
     }
 }
 
+/// Why a dVAE training configuration is refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DvaeConfigError {
+    /// The codebook's sizes are over a limit or do not fit together.
+    #[error("dVAE codebook: {0}")]
+    Codebook(#[from] flava_vit::InvalidConfig),
+    /// A size over the [`flava_vit::limits`].
+    #[error(transparent)]
+    Limit(#[from] flava_vit::LimitError),
+    /// A field that must be a positive number.
+    #[error("dVAE {field} must be a positive number, got {value}")]
+    NotPositive {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: f64,
+    },
+    /// A field that must be zero or more.
+    #[error("dVAE {field} must be ≥ 0, got {value}")]
+    Negative {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: f64,
+    },
+    /// `min_lr_ratio` outside [0, 1].
+    #[error("dVAE min_lr_ratio must be in [0, 1], got {0}")]
+    MinLrRatio(f64),
+    /// A count of zero.
+    #[error("dVAE batch_size, steps and checkpoint_every must be at least 1")]
+    ZeroCount,
+    /// An image size the encoder's three halvings cannot take.
+    #[error("dVAE image_size must be a multiple of 8, got {0}")]
+    ImageSize(u32),
+    /// A time limit that is not a positive number of seconds.
+    #[error("dVAE time_limit_s must be a positive number of seconds")]
+    TimeLimit,
+    /// `--resume` with settings a resumed run may not change.
+    #[error("--resume: the run was started with other settings ({}); resume with the same settings, or start a new run", .0.join(", "))]
+    Changed(Vec<String>),
+}
+
 impl DvaeTrainConfig {
     /// Checks values that would fail later, or train nonsense, with a clear message.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), DvaeConfigError> {
         self.codebook.validate()?;
         let positive = [
             ("lr", self.lr),
             ("tau_start", self.tau_start),
             ("tau_end", self.tau_end),
         ];
-        if let Some((name, v)) = positive.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {
-            return Err(format!("dVAE {name} must be a positive number, got {v}"));
+        if let Some(&(field, value)) = positive.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {
+            return Err(DvaeConfigError::NotPositive { field, value });
         }
         if !(self.min_lr_ratio.is_finite() && (0.0..=1.0).contains(&self.min_lr_ratio)) {
-            return Err(format!(
-                "dVAE min_lr_ratio must be in [0, 1], got {}",
-                self.min_lr_ratio
-            ));
+            return Err(DvaeConfigError::MinLrRatio(self.min_lr_ratio));
         }
         let non_negative = [
             ("weight_decay", self.weight_decay),
@@ -138,28 +177,25 @@ impl DvaeTrainConfig {
             ("usage_weight", self.usage_weight),
             ("noise_warmup", self.noise_warmup),
         ];
-        if let Some((name, v)) = non_negative.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
-            return Err(format!("dVAE {name} must be ≥ 0, got {v}"));
+        if let Some(&(field, value)) = non_negative.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
+            return Err(DvaeConfigError::Negative { field, value });
         }
         if self.batch_size == 0 || self.steps == 0 || self.checkpoint_every == 0 {
-            return Err("dVAE batch_size, steps and checkpoint_every must be at least 1".into());
+            return Err(DvaeConfigError::ZeroCount);
         }
         if self.image_size < 8 || !self.image_size.is_multiple_of(8) {
-            return Err(format!(
-                "dVAE image_size must be a multiple of 8, got {}",
-                self.image_size
-            ));
+            return Err(DvaeConfigError::ImageSize(self.image_size));
         }
         flava_vit::limits::current().check_dim("dVAE image_size", self.image_size as u64)?;
         if self.time_limit_s.is_some_and(|t| !(t.is_finite() && t > 0.0)) {
-            return Err("dVAE time_limit_s must be a positive number of seconds".into());
+            return Err(DvaeConfigError::TimeLimit);
         }
         Ok(())
     }
 
     /// `Err` naming the fields that a resumed run may not change (the model, the data
     /// transform, the losses); steps, the time limit and checkpointing may change.
-    pub fn check_resumable(&self, saved: &DvaeTrainConfig) -> Result<(), String> {
+    pub fn check_resumable(&self, saved: &DvaeTrainConfig) -> Result<(), DvaeConfigError> {
         let norm = |c: &DvaeTrainConfig| DvaeTrainConfig {
             steps: 0,
             time_limit_s: None,
@@ -169,10 +205,8 @@ impl DvaeTrainConfig {
         if norm(self) == norm(saved) {
             return Ok(());
         }
-        let (a, b) = (
-            serde_json::to_value(norm(saved)).expect("json"),
-            serde_json::to_value(norm(self)).expect("json"),
-        );
+        let json = |c: &DvaeTrainConfig| serde_json::to_value(norm(c)).unwrap_or_default();
+        let (a, b) = (json(saved), json(self));
         let changed: Vec<String> = a
             .as_object()
             .into_iter()
@@ -180,10 +214,7 @@ impl DvaeTrainConfig {
             .filter(|(k, v)| b.get(k.as_str()) != Some(v))
             .map(|(k, _)| k.clone())
             .collect();
-        Err(format!(
-            "--resume: the run was started with other settings ({}); resume with the same settings, or start a new run",
-            changed.join(", ")
-        ))
+        Err(DvaeConfigError::Changed(changed))
     }
 
     /// The decoder configuration with the codebook's vocabulary and the loss's channels.

@@ -20,4 +20,5 @@ pub mod encoder;
 
 pub use checkpoint::{codebook_state_dict, load_codebook, save_codebook, CodebookError};
 pub use config::FlavaImageCodebookConfig;
+pub use dvae::DvaeConfigError;
 pub use encoder::ImageCodebook;

@@ -164,7 +164,7 @@ pub fn load_image_model(
 ) -> Result<(ImageModel, FlavaImageConfig, LoadReport), CheckpointError> {
     let dir = dir.as_ref();
     let cfg: FlavaImageConfig = tower_config(dir, "image_config")?;
-    cfg.validate().map_err(ConfigError::Invalid)?;
+    cfg.validate().map_err(ConfigError::from)?;
     let sd = tower_keys(&StateDict::from_file(find_weights(dir)?)?, "image_model");
     let mut model = ImageModel::new(&cfg, device);
     let report = load_module(&mut model, &sd, false)?;
@@ -178,7 +178,7 @@ pub fn load_text_model(
 ) -> Result<(TextModel, FlavaTextConfig, LoadReport), CheckpointError> {
     let dir = dir.as_ref();
     let cfg: FlavaTextConfig = tower_config(dir, "text_config")?;
-    cfg.validate().map_err(ConfigError::Invalid)?;
+    cfg.validate().map_err(ConfigError::from)?;
     let sd = tower_keys(&StateDict::from_file(find_weights(dir)?)?, "text_model");
     let mut model = TextModel::new(&cfg, device);
     let report = load_module(&mut model, &sd, false)?;

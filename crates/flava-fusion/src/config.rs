@@ -5,7 +5,7 @@ use std::path::Path;
 
 use flava_dvae::FlavaImageCodebookConfig;
 use flava_text::FlavaTextConfig;
-use flava_vit::{EncoderConfig, FlavaImageConfig, HiddenAct};
+use flava_vit::{EncoderConfig, FlavaImageConfig, HiddenAct, InvalidConfig};
 use serde::{Deserialize, Serialize};
 
 /// Errors reading or validating a configuration.
@@ -30,9 +30,9 @@ pub enum ConfigError {
         /// What serde said.
         message: String,
     },
-    /// The values are inconsistent.
+    /// The values are inconsistent or over a limit.
     #[error("invalid configuration: {0}")]
-    Invalid(String),
+    Invalid(#[from] flava_vit::InvalidConfig),
     /// An unknown preset name.
     #[error("unknown preset `{0}` (expected tiny, small, base or full)")]
     UnknownPreset(String),
@@ -329,8 +329,8 @@ impl FlavaConfig {
 
     /// Checks that the towers fit together; the error names the offending fields.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.image_config.validate().map_err(ConfigError::Invalid)?;
-        self.text_config.validate().map_err(ConfigError::Invalid)?;
+        self.image_config.validate()?;
+        self.text_config.validate()?;
         let mm = &self.multimodal_config;
         let limits = flava_vit::limits::current();
         limits
@@ -345,22 +345,20 @@ impl FlavaConfig {
                     ("projection_dim", self.projection_dim),
                 ],
             )
-            .map_err(ConfigError::Invalid)?;
-        self.image_codebook_config
-            .validate()
-            .map_err(|e| ConfigError::Invalid(format!("image_codebook_config: {e}")))?;
-        let params = self.parameter_estimate();
-        if params > limits.max_parameters as u128 {
-            return Err(ConfigError::Invalid(format!(
-                "the configuration describes about {params} parameters, over the limit of {} (limits.max_parameters)",
-                limits.max_parameters
-            )));
-        }
+            .map_err(InvalidConfig::from)?;
+        self.image_codebook_config.validate().map_err(|e| match e {
+            InvalidConfig::Rule(m) => InvalidConfig::Rule(format!("image_codebook_config: {m}")),
+            other => other,
+        })?;
+        limits
+            .check_parameters("the configuration", self.parameter_estimate())
+            .map_err(InvalidConfig::from)?;
         if mm.num_attention_heads == 0 || !mm.hidden_size.is_multiple_of(mm.num_attention_heads) {
-            return Err(ConfigError::Invalid(format!(
+            return Err(InvalidConfig::Rule(format!(
                 "multimodal_config.hidden_size ({}) must be divisible by multimodal_config.num_attention_heads ({})",
                 mm.hidden_size, mm.num_attention_heads
-            )));
+            ))
+            .into());
         }
         Ok(())
     }

@@ -12,8 +12,10 @@ pub mod checkpoint;
 pub mod config;
 pub mod model;
 pub mod multimodal;
+pub mod tower;
 
 pub use checkpoint::{load_flava_model, save_flava_model, CheckpointError, Pretrained};
 pub use config::{ConfigError, FlavaConfig, FlavaMultimodalConfig};
 pub use model::{l2_normalize, FlavaInput, FlavaModel, FlavaOutput};
 pub use multimodal::MultimodalModel;
+pub use tower::{Tower, UnknownTower};

@@ -88,7 +88,7 @@ impl FlavaTextConfig {
     }
 
     /// Checks the invariants the model relies on; the error names the offending field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), flava_vit::InvalidConfig> {
         flava_vit::limits::current().check_dims(
             "text_config.",
             &[
@@ -102,16 +102,16 @@ impl FlavaTextConfig {
             ],
         )?;
         if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Err(format!(
+            return Err(flava_vit::InvalidConfig::Rule(format!(
                 "text_config.hidden_size ({}) must be divisible by text_config.num_attention_heads ({})",
                 self.hidden_size, self.num_attention_heads
-            ));
+            )));
         }
         if self.position_embedding_type != "absolute" {
-            return Err(format!(
+            return Err(flava_vit::InvalidConfig::Rule(format!(
                 "text_config.position_embedding_type `{}` is not supported (only \"absolute\")",
                 self.position_embedding_type
-            ));
+            )));
         }
         Ok(())
     }

@@ -17,9 +17,7 @@ pub fn parse_grid(s: &str) -> anyhow::Result<(usize, usize)> {
         h.trim().parse().context("grid rows")?,
         w.trim().parse().context("grid columns")?,
     );
-    flava_vit::limits::current()
-        .check_dim("grid cells", (h as u64).saturating_mul(w as u64))
-        .map_err(anyhow::Error::msg)?;
+    flava_vit::limits::current().check_dim("grid cells", (h as u64).saturating_mul(w as u64))?;
     Ok((h, w))
 }
 
@@ -31,7 +29,7 @@ pub fn masks(cfg: BlockMaskConfig, samples: usize, seed: u64) -> anyhow::Result<
     if samples > MAX_MASK_SAMPLES {
         anyhow::bail!("--samples {samples}: at most {MAX_MASK_SAMPLES} masks at a time");
     }
-    let g = BlockMaskGenerator::new(cfg).map_err(anyhow::Error::msg)?;
+    let g = BlockMaskGenerator::new(cfg)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     Ok((0..samples).map(|_| g.generate(&mut rng)).collect())
 }
@@ -134,7 +132,7 @@ pub fn shards(
 
 /// `flava data inspect`.
 pub fn inspect_cmd(pattern: &str) -> anyhow::Result<()> {
-    let (summaries, first) = inspect(pattern).map_err(anyhow::Error::msg)?;
+    let (summaries, first) = inspect(pattern)?;
     let mut total = 0;
     for s in &summaries {
         println!(

@@ -262,14 +262,14 @@ pub fn train(
     device: &Device,
     observer: &mut dyn Observer,
 ) -> anyhow::Result<TrainedDvae> {
-    cfg.validate().map_err(anyhow::Error::msg)?;
+    cfg.validate()?;
     let run = RunDir::new(out);
     let config_path = out.join("dvae_config.json");
     if resume {
         if let Ok(text) = std::fs::read_to_string(&config_path) {
             let saved: DvaeTrainConfig =
                 serde_json::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
-            cfg.check_resumable(&saved).map_err(anyhow::Error::msg)?;
+            cfg.check_resumable(&saved)?;
         }
     } else if let Some(found) = previous_run(out) {
         anyhow::bail!(

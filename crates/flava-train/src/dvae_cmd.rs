@@ -29,7 +29,7 @@ pub fn train_cmd(
         synthetic_image_size: cfg.image_size,
         ..Default::default()
     };
-    cfg.validate().map_err(anyhow::Error::msg)?;
+    cfg.validate()?;
     let source = open_source(images, Task::Images, &opts)?;
     let trained = train(&cfg, source, out, resume, device, observer)?;
     observer.on_message(&format!(

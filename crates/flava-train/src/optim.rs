@@ -10,6 +10,7 @@ use std::path::Path;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
+use flava_fusion::Tower;
 use serde::{Deserialize, Serialize};
 
 /// AdamW settings and the learning-rate schedule.
@@ -29,8 +30,8 @@ pub struct OptimizerConfig {
     pub eps: f64,
     /// Global gradient-norm clipping (0 = off).
     pub grad_clip: f64,
-    /// Towers not updated at all (`image`, `text`, `multimodal`: `flava.{tower}_model.*`).
-    pub freeze: Vec<String>,
+    /// Towers not updated at all (`image`, `text`, `multimodal`: the `{tower}_model` module wherever it sits).
+    pub freeze: Vec<Tower>,
 }
 
 impl Default for OptimizerConfig {
@@ -159,7 +160,7 @@ pub struct ParamGroups {
 
 struct Grouper<'a> {
     path: Vec<String>,
-    freeze: &'a [String],
+    freeze: &'a [Tower],
     groups: ParamGroups,
 }
 
@@ -188,8 +189,12 @@ impl ModuleVisitor for Grouper<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let path = self.path.join(".");
         self.groups.tensors += 1;
-        let tower = |t: &str| path.starts_with(&format!("flava.{t}_model"));
-        let frozen = self.freeze.iter().any(|f| tower(f));
+        // A tower is a module of that name anywhere on the path (`flava.image_model.…` in
+        // pretraining, `backbone.image_model.…` in a task model).
+        let frozen = self
+            .freeze
+            .iter()
+            .any(|t| self.path.iter().any(|p| p == t.module_name()));
         if frozen {
             self.groups.frozen.insert(param.id);
             return;
@@ -203,7 +208,7 @@ impl ModuleVisitor for Grouper<'_> {
 
 impl ParamGroups {
     /// Groups the parameters of `module`; `freeze` lists towers (`image`, `text`, `multimodal`).
-    pub fn of<M: Module>(module: &M, freeze: &[String]) -> Self {
+    pub fn of<M: Module>(module: &M, freeze: &[Tower]) -> Self {
         let mut g = Grouper {
             path: vec![],
             freeze,

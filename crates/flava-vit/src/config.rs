@@ -3,6 +3,19 @@
 use serde::{Deserialize, Serialize};
 
 use crate::encoder::{EncoderConfig, HiddenAct};
+use crate::limits::LimitError;
+
+/// Why a model configuration cannot be built: a size over the [`crate::limits`], or values that
+/// do not fit together (the message names the fields).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidConfig {
+    /// A size or the parameter estimate is over a limit.
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    /// Fields that do not fit together, e.g. a hidden size not divisible by the head count.
+    #[error("{0}")]
+    Rule(String),
+}
 
 /// HF `FlavaImageConfig` (model_type `flava_image_model`); every default equals transformers'.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -100,7 +113,7 @@ impl FlavaImageConfig {
     }
 
     /// Checks the invariants the model relies on; the error names the offending field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
         crate::limits::current().check_dims(
             "image_config.",
             &[
@@ -115,16 +128,16 @@ impl FlavaImageConfig {
             ],
         )?;
         if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Err(format!(
+            return Err(InvalidConfig::Rule(format!(
                 "image_config.hidden_size ({}) must be divisible by image_config.num_attention_heads ({})",
                 self.hidden_size, self.num_attention_heads
-            ));
+            )));
         }
         if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
-            return Err(format!(
+            return Err(InvalidConfig::Rule(format!(
                 "image_config.image_size ({}) must be a multiple of image_config.patch_size ({})",
                 self.image_size, self.patch_size
-            ));
+            )));
         }
         Ok(())
     }

@@ -32,7 +32,8 @@ pub mod limits;
 pub mod vit;
 pub mod weights;
 
-pub use config::FlavaImageConfig;
+pub use config::{FlavaImageConfig, InvalidConfig};
 pub use encoder::{Encoder, EncoderConfig, EncoderOutput, HiddenAct, Layer, Pooler};
+pub use limits::LimitError;
 pub use vit::ImageModel;
 pub use weights::{load_module, module_state_dict, LoadReport, RawTensor, StateDict, WeightsError};

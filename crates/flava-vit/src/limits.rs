@@ -12,6 +12,34 @@ use std::sync::RwLock;
 
 use serde::{Deserialize, Serialize};
 
+/// A value over one of the [`Limits`], or a limit that is itself unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// A configuration size above `max_config_dim`.
+    #[error("{what} = {value} is larger than the limit of {max} (limits.max_config_dim)")]
+    TooLarge {
+        /// The field, e.g. `text_config.hidden_size`.
+        what: String,
+        /// Its value.
+        value: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// A model whose estimated size is above `max_parameters`.
+    #[error("{what} describes about {estimate} parameters, over the limit of {max} (limits.max_parameters)")]
+    TooManyParameters {
+        /// What was estimated (`the configuration`, `the codebook configuration`).
+        what: String,
+        /// The estimate.
+        estimate: u128,
+        /// The limit.
+        max: u64,
+    },
+    /// A limit set to zero.
+    #[error("limits.{0} must be at least 1")]
+    Zero(&'static str),
+}
+
 /// The limits; [`Limits::default`] suits real datasets and every published FLAVA checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -71,7 +99,7 @@ pub fn set(limits: Limits) {
 
 impl Limits {
     /// Checks the values themselves (every limit must be at least 1).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), LimitError> {
         let fields = [
             ("max_image_pixels", self.max_image_pixels),
             ("max_member_bytes", self.max_member_bytes),
@@ -84,18 +112,31 @@ impl Limits {
             ("max_config_dim", self.max_config_dim),
         ];
         match fields.iter().find(|(_, v)| *v == 0) {
-            Some((name, _)) => Err(format!("limits.{name} must be at least 1")),
+            Some((name, _)) => Err(LimitError::Zero(name)),
             None => Ok(()),
         }
     }
 
     /// `Err` naming `what` when `value` exceeds a configuration size limit.
-    pub fn check_dim(&self, what: &str, value: u64) -> Result<(), String> {
+    pub fn check_dim(&self, what: &str, value: u64) -> Result<(), LimitError> {
         if value > self.max_config_dim {
-            return Err(format!(
-                "{what} = {value} is larger than the limit of {} (limits.max_config_dim)",
-                self.max_config_dim
-            ));
+            return Err(LimitError::TooLarge {
+                what: what.into(),
+                value,
+                max: self.max_config_dim,
+            });
+        }
+        Ok(())
+    }
+
+    /// `Err` when a model of about `estimate` parameters exceeds `max_parameters`.
+    pub fn check_parameters(&self, what: &str, estimate: u128) -> Result<(), LimitError> {
+        if estimate > self.max_parameters as u128 {
+            return Err(LimitError::TooManyParameters {
+                what: what.into(),
+                estimate,
+                max: self.max_parameters,
+            });
         }
         Ok(())
     }
@@ -103,7 +144,7 @@ impl Limits {
 
 impl Limits {
     /// [`Limits::check_dim`] for each `(name, value)`, names prefixed with `prefix`.
-    pub fn check_dims(&self, prefix: &str, dims: &[(&str, usize)]) -> Result<(), String> {
+    pub fn check_dims(&self, prefix: &str, dims: &[(&str, usize)]) -> Result<(), LimitError> {
         dims.iter()
             .try_for_each(|(name, v)| self.check_dim(&format!("{prefix}{name}"), *v as u64))
     }
@@ -120,7 +161,12 @@ mod tests {
             max_text_bytes: 0,
             ..Default::default()
         };
-        assert!(bad.validate().unwrap_err().contains("max_text_bytes"));
+        assert_eq!(bad.validate().unwrap_err(), LimitError::Zero("max_text_bytes"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("limits.max_text_bytes"));
         assert!(Limits::default().check_dim("hidden_size", 1 << 40).is_err());
         assert!(Limits::default().check_dim("hidden_size", 768).is_ok());
     }

@@ -37,15 +37,6 @@ pub enum DataCommand {
     },
 }
 
-fn parse_task(s: &str) -> anyhow::Result<Task> {
-    match s {
-        "pairs" => Ok(Task::Pairs),
-        "images" => Ok(Task::Images),
-        "text" => Ok(Task::Text),
-        other => anyhow::bail!("unknown task `{other}` (pairs, images, text)"),
-    }
-}
-
 /// Runs the command.
 pub fn run(c: DataCommand) -> anyhow::Result<()> {
     match c {
@@ -58,7 +49,7 @@ pub fn run(c: DataCommand) -> anyhow::Result<()> {
             force,
         } => data_cmd::shards(
             &from,
-            parse_task(&task)?,
+            task.parse::<Task>()?,
             &out,
             shard_size,
             limit,

@@ -39,6 +39,6 @@ pub fn parse_limits(
         );
     }
     let limits: flava_vit::limits::Limits = table.try_into()?;
-    limits.validate().map_err(anyhow::Error::msg)?;
+    limits.validate()?;
     Ok(limits)
 }

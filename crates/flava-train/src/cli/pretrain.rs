@@ -69,8 +69,8 @@ pub struct PretrainArgs {
     init: Option<PathBuf>,
     /// Freeze a tower: image, text or multimodal (repeatable).
     #[arg(long = "freeze")]
-    freeze: Vec<String>,
-    /// Unimodal phases before joint training: image:N,text:N,joint:N.
+    freeze: Vec<flava_fusion::Tower>,
+    /// Unimodal phases before joint training: images:N,text:N,pairs:N,joint:N (or P%).
     #[arg(long)]
     phases: Option<String>,
     /// Codebook directory (HF layout); a dVAE is trained first when absent.

@@ -39,7 +39,7 @@ use crate::observer::Observer;
 use crate::run_dir::{sha256_file, RunDir};
 use crate::trainer::{Strategy, Trainer, TrainerConfig};
 pub use checkpoint::TrainState;
-use config::PretrainConfig;
+use config::{PhaseKind, PretrainConfig};
 use flava_data::stream::StreamStats;
 pub use objective::{to_pretraining, Pretraining};
 
@@ -240,16 +240,10 @@ fn save_model_dir(
 /// Sources per task.
 type TaskSources = BTreeMap<Task, Vec<Box<dyn Source>>>;
 
-fn sources(cfg: &PretrainConfig, phase: &str) -> anyhow::Result<(TaskSources, Mix)> {
+fn sources(cfg: &PretrainConfig, phase: PhaseKind) -> anyhow::Result<(TaskSources, Mix)> {
     let opts = source_options(cfg, true);
     let mut out: TaskSources = BTreeMap::new();
-    let wanted: &[Task] = match phase {
-        "image" => &[Task::Images],
-        "text" => &[Task::Text],
-        "pairs" => &[Task::Pairs],
-        _ => &[Task::Pairs, Task::Images, Task::Text],
-    };
-    for &task in wanted {
+    for &task in phase.tasks() {
         let specs = match task {
             Task::Pairs => &cfg.pairs,
             Task::Images => &cfg.images,
@@ -265,8 +259,8 @@ fn sources(cfg: &PretrainConfig, phase: &str) -> anyhow::Result<(TaskSources, Mi
         anyhow::bail!("phase `{phase}` has no data source");
     }
     let mix = match phase {
-        "joint" => Mix::parse(&cfg.mix).map_err(anyhow::Error::msg)?,
-        _ => Mix::RoundRobin,
+        PhaseKind::Joint => Mix::parse(&cfg.mix)?,
+        PhaseKind::Only(_) => Mix::RoundRobin,
     };
     Ok((out, mix))
 }
@@ -357,9 +351,7 @@ pub fn masked_accuracy(
         let (samples, _) = eval::read_samples(src.as_mut(), task, cfg.eval.masked_samples);
         let (mut hit, mut total) = (0usize, 0usize);
         for (i, chunk) in samples.chunks(eval::CHUNK).enumerate() {
-            let host = builder
-                .build(task, chunk.to_vec(), 1_000_000 + i as u64)
-                .map_err(anyhow::Error::msg)?;
+            let host = builder.build(task, chunk.to_vec(), 1_000_000 + i as u64)?;
             let batch = to_pretraining(&host, device);
             let out = model.forward(
                 &batch,
@@ -645,7 +637,7 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
         seed: cfg.seed,
         ..Default::default()
     };
-    let builder = BatchBuilder::new(batch_cfg.clone(), Some(tokenizer.clone())).map_err(anyhow::Error::msg)?;
+    let builder = BatchBuilder::new(batch_cfg.clone(), Some(tokenizer.clone()))?;
 
     let mut metrics = run_dir.metrics(state.counters.step)?;
     let metrics_path = metrics.path().to_path_buf();
@@ -676,7 +668,7 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
         }
         let resume_mixer = if state.phase == pi { state.mixer.take() } else { None };
         state.phase = pi;
-        let (srcs, mix) = sources(cfg, &phase.name)?;
+        let (srcs, mix) = sources(cfg, phase.kind)?;
         let mut loader = DataLoader::new(
             srcs,
             builder.clone(),
@@ -690,7 +682,7 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
         )?;
         if step == phase_start {
             for d in loader.describe() {
-                observer.on_message(&format!("phase {} data: {d}", phase.name));
+                observer.on_message(&format!("phase {} data: {d}", phase.kind));
             }
         }
         // Counts since this loader started, added to those of earlier phases and invocations.
@@ -784,7 +776,7 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
             train: false,
             ..batch_cfg
         };
-        let eval_builder = BatchBuilder::new(eval_cfg, Some(tokenizer.clone())).map_err(anyhow::Error::msg)?;
+        let eval_builder = BatchBuilder::new(eval_cfg, Some(tokenizer.clone()))?;
         let processor = ImageProcessor::new(proc_cfg);
         let report = evaluate(
             &valid,
