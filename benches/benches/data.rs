@@ -6,8 +6,9 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use flava_data::batch::{BatchBuilder, BatchConfig};
 use flava_data::masking::{BlockMaskConfig, BlockMaskGenerator};
 use flava_data::processor::{decode_image, to_rgb8};
-use flava_data::stream::{DecodedSample, Task};
+use flava_data::stream::DecodedSample;
 use flava_data::synthetic::{render, scene, Split};
+use flava_data::task::Task;
 use rand::SeedableRng;
 use rayon::prelude::*;
 

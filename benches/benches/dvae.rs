@@ -10,8 +10,8 @@ use flava_train::dvae::{optimizer_config, DvaeBatch, DvaeObjective};
 use flava_train::trainer::{Trainer, TrainerConfig};
 
 fn bench_dvae(c: &mut Criterion) {
-    // As the `flava` binary does (flava_vit::kernels::tune_allocator).
-    flava_vit::kernels::tune_allocator();
+    // As the `flava` binary does (flava_train::alloc::tune_allocator).
+    flava_train::alloc::tune_allocator();
     let device = Device::flex();
     let mut g = c.benchmark_group("dvae");
     let full = ImageCodebook::new(&FlavaImageCodebookConfig::default(), &device);

@@ -15,8 +15,8 @@ fn inputs(cfg: &FlavaConfig, batch: usize, seq: usize, device: &Device) -> (Tens
 }
 
 fn bench_encoders(c: &mut Criterion) {
-    // As the `flava` binary does (flava_vit::kernels::tune_allocator).
-    flava_vit::kernels::tune_allocator();
+    // As the `flava` binary does (flava_train::alloc::tune_allocator).
+    flava_train::alloc::tune_allocator();
     let device = Device::flex();
     for (name, cfg, batch, samples) in [
         ("tiny", FlavaConfig::tiny(), 8, 30),

@@ -21,8 +21,8 @@ fn states(b: usize, s: usize, d: usize, device: &Device) -> Tensor<3> {
 }
 
 fn bench_losses(c: &mut Criterion) {
-    // As the `flava` binary does (flava_vit::kernels::tune_allocator).
-    flava_vit::kernels::tune_allocator();
+    // As the `flava` binary does (flava_train::alloc::tune_allocator).
+    flava_train::alloc::tune_allocator();
     let device = Device::flex().autodiff();
     let cfg = FlavaConfig::small();
     let model = FlavaForPretraining::new(&cfg, &device);
@@ -78,8 +78,8 @@ fn bench_losses(c: &mut Criterion) {
 }
 
 fn bench_step(c: &mut Criterion) {
-    // As the `flava` binary does (flava_vit::kernels::tune_allocator).
-    flava_vit::kernels::tune_allocator();
+    // As the `flava` binary does (flava_train::alloc::tune_allocator).
+    flava_train::alloc::tune_allocator();
     let device = Device::flex().autodiff();
     for (name, cfg, samples) in [("tiny", FlavaConfig::tiny(), 20), ("small", FlavaConfig::small(), 10)] {
         let model = FlavaForPretraining::new(&cfg, &device);

@@ -88,8 +88,8 @@ fn time(iters: usize, mut f: impl FnMut()) -> Vec<f64> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    // As the `flava` binary does: reuse freed memory (flava_vit::kernels::tune_allocator).
-    flava_vit::kernels::tune_allocator();
+    // As the `flava` binary does: reuse freed memory (flava_train::alloc::tune_allocator).
+    flava_train::alloc::tune_allocator();
     let cfg = FlavaConfig::preset(&args.preset)?;
     if args.what == What::Config {
         println!("{}", cfg.to_json_pretty("FlavaForPreTraining"));

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::masking::{BlockMaskConfig, BlockMaskGenerator, MaskConfigError};
 use crate::mlm::{mask_tokens, MlmConfig};
-use crate::stream::{DecodedSample, Task};
+use crate::stream::DecodedSample;
+use crate::task::Task;
 use crate::transforms::{eval_transform, train_transform, TrainTransformConfig};
 
 /// How batches are built.

@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::{BatchBuilder, BatchError, HostBatch};
 use crate::sources::{Record, Source, SourceError};
-use crate::stream::{decode, SampleStream, StreamPosition, StreamStats, Task, UnknownTask};
+use crate::stream::{decode, SampleStream, StreamPosition, StreamStats};
+use crate::task::{Task, UnknownTask};
 
 /// How the mixer picks the task of each step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,65 +1,14 @@
-//! Streams over sources: epochs that restart, skip counting, a resumable position, and opening a
-//! source from its command-line spec.
+//! Streams over sources: epochs that restart, skip counting, a resumable position, and the
+//! decoding of a raw sample into what its task needs.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use crate::processor::{decode_image, to_rgb8};
-use crate::sources::{
-    read_coco, read_image_folder, read_manifest, read_texts, ImageData, ListSource, ManifestColumns, RawSample, Record,
-    ShardSource, SkipReason, Source, SourceError, NON_UTF8_MARKER,
-};
-use crate::synthetic::{Split, SyntheticKind, SyntheticSource};
-
-/// The three kinds of training batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Task {
-    /// Image-text pairs: contrastive, ITM, masked multimodal.
-    Pairs,
-    /// Images only: masked image modelling.
-    Images,
-    /// Text only: masked language modelling.
-    Text,
-}
-
-impl Task {
-    /// Every task, in the round-robin order.
-    pub const ALL: [Task; 3] = [Task::Pairs, Task::Images, Task::Text];
-
-    /// The one spelling of the task, in options, configs, logs and metrics.
-    pub fn name(self) -> &'static str {
-        match self {
-            Task::Pairs => "pairs",
-            Task::Images => "images",
-            Task::Text => "text",
-        }
-    }
-}
-
-impl std::fmt::Display for Task {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// A task name that is none of `pairs`, `images`, `text`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown task `{0}` (pairs, images or text)")]
-pub struct UnknownTask(pub String);
-
-impl std::str::FromStr for Task {
-    type Err = UnknownTask;
-    fn from_str(s: &str) -> Result<Self, UnknownTask> {
-        Task::ALL
-            .into_iter()
-            .find(|t| t.name() == s.trim())
-            .ok_or_else(|| UnknownTask(s.trim().to_string()))
-    }
-}
+use crate::sources::{ImageData, RawSample, Record, SkipReason, Source, SourceError, NON_UTF8_MARKER};
+use crate::task::Task;
 
 /// Where a stream stands: the epoch and how many records of it were consumed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -263,88 +212,4 @@ pub fn decode(raw: RawSample, task: Task) -> Result<DecodedSample, (SkipReason, 
         text,
         label: raw.label,
     })
-}
-
-/// Options for opening sources.
-#[derive(Debug, Clone)]
-pub struct SourceOptions {
-    /// Shuffle seed.
-    pub seed: u64,
-    /// WebDataset sample shuffle buffer (0 = in order).
-    pub shuffle_buffer: usize,
-    /// Shuffle listed sources each epoch.
-    pub shuffle: bool,
-    /// Manifest column names.
-    pub columns: ManifestColumns,
-    /// JSONL text field.
-    pub text_field: String,
-    /// Samples per epoch of the synthetic source.
-    pub synthetic_len: u64,
-    /// Side of synthetic images.
-    pub synthetic_image_size: u32,
-}
-
-impl Default for SourceOptions {
-    fn default() -> Self {
-        Self {
-            seed: 0,
-            shuffle_buffer: 1000,
-            shuffle: true,
-            columns: ManifestColumns::default(),
-            text_field: "text".into(),
-            synthetic_len: 20_000,
-            synthetic_image_size: 64,
-        }
-    }
-}
-
-/// Opens a source from its spec, for `task`:
-/// `synthetic` (or `synthetic:heldout`, `synthetic:classes`), a shard pattern (`.tar`, `.tar.gz`,
-/// braces allowed), a `.csv`/`.tsv` manifest, `coco:ANNOTATIONS.json:IMAGE_DIR`, an ImageFolder
-/// directory, a `.txt` file (one text per line) or `.jsonl`.
-pub fn open_source(spec: &str, task: Task, opts: &SourceOptions) -> Result<Box<dyn Source>, SourceError> {
-    let seed = opts.seed;
-    if let Some(rest) = spec.strip_prefix("synthetic") {
-        let kind = match task {
-            Task::Pairs => SyntheticKind::Pairs,
-            Task::Images => SyntheticKind::Images,
-            Task::Text => SyntheticKind::Text,
-        };
-        let (kind, split) = match rest {
-            "" | ":train" => (kind, Split::Train),
-            ":heldout" => (kind, Split::HeldOut),
-            ":classes" => (SyntheticKind::Classes, Split::ZeroShot),
-            _ => return Err(SourceError::Unknown(spec.into())),
-        };
-        return Ok(Box::new(SyntheticSource::new(
-            kind,
-            split,
-            seed,
-            opts.synthetic_len,
-            opts.synthetic_image_size,
-        )));
-    }
-    if let Some(rest) = spec.strip_prefix("coco:") {
-        let (ann, dir) = rest.rsplit_once(':').ok_or_else(|| SourceError::Unknown(spec.into()))?;
-        let entries = read_coco(Path::new(ann), Path::new(dir))?;
-        return Ok(Box::new(ListSource::new(spec.into(), entries, seed, opts.shuffle)?));
-    }
-    let lower = spec.to_ascii_lowercase();
-    if lower.ends_with(".tar") || lower.ends_with(".tar.gz") || lower.ends_with(".tgz") {
-        return Ok(Box::new(ShardSource::new(spec, seed, opts.shuffle_buffer)?));
-    }
-    let path = Path::new(spec);
-    if !path.exists() {
-        return Err(SourceError::NoMatch(spec.into()));
-    }
-    let entries = if path.is_dir() {
-        read_image_folder(path)?.0
-    } else if lower.ends_with(".csv") || lower.ends_with(".tsv") {
-        read_manifest(path, &opts.columns)?
-    } else if lower.ends_with(".txt") || lower.ends_with(".jsonl") {
-        read_texts(path, &opts.text_field)?
-    } else {
-        return Err(SourceError::Unknown(spec.into()));
-    };
-    Ok(Box::new(ListSource::new(spec.into(), entries, seed, opts.shuffle)?))
 }

@@ -11,7 +11,8 @@ use flava_data::loader::{DataLoader, LoaderConfig, LoaderError, Mix};
 use flava_data::masking::{BlockMaskConfig, BlockMaskGenerator, MaskConfigError};
 use flava_data::processor::{decode_image, ImageError, ImageProcessor};
 use flava_data::sources::{expand_braces, read_coco, read_texts, Record, ShardSource, SkipReason, Source, SourceError};
-use flava_data::stream::{open_source, SourceOptions, Task};
+use flava_data::spec::{open_source, SourceOptions};
+use flava_data::task::Task;
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("flava-hostile-{}-{name}", std::process::id()));

@@ -10,7 +10,8 @@ use common::{builder, tokenizer};
 use flava_data::batch::BatchBuilder;
 use flava_data::loader::{DataLoader, LoaderConfig, Mix};
 use flava_data::sources::{expand_braces, split_key, SkipReason, Source};
-use flava_data::stream::{open_source, SourceOptions, Task};
+use flava_data::spec::{open_source, SourceOptions};
+use flava_data::task::Task;
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("flava-data-{}-{name}", std::process::id()));

@@ -15,7 +15,8 @@ use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use flava_data::sources::{Record, Source};
-use flava_data::stream::{decode, SampleStream, StreamPosition, StreamStats, Task};
+use flava_data::stream::{decode, SampleStream, StreamPosition, StreamStats};
+use flava_data::task::Task;
 use flava_data::transforms::{eval_transform, train_transform, TrainTransformConfig};
 use flava_dvae::dvae::{
     batch_tensor, noise_scale, perplexity, progress, psnr, tau_at, uniform_noise, unmap_pixel, Dvae, DvaeTrainConfig,

@@ -5,7 +5,9 @@ use std::path::Path;
 use anyhow::Context;
 use burn::prelude::*;
 use flava_data::processor::{load_image, to_rgb8};
-use flava_data::stream::{open_source, SampleStream, SourceOptions, Task};
+use flava_data::spec::{open_source, SourceOptions};
+use flava_data::stream::SampleStream;
+use flava_data::task::Task;
 use flava_data::transforms::eval_transform;
 use flava_dvae::dvae::{evaluate, unmap_pixel, DvaeEval, DvaeTrainConfig};
 

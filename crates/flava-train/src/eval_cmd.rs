@@ -4,7 +4,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use burn::prelude::*;
-use flava_data::stream::{open_source, SourceOptions, Task};
+use flava_data::spec::{open_source, SourceOptions};
+use flava_data::task::Task;
 use flava_fusion::{load_flava_model, FlavaModel};
 use flava_text::Tokenizer;
 

@@ -4,6 +4,7 @@
 //! loop, checkpoints, exact resume, evaluation), `flava eval` (zero-shot, retrieval), `flava embed`,
 //! `flava codebook`, `flava dvae`, `flava data`, `flava masks` and `flava convert`.
 
+pub mod alloc;
 pub mod data_cmd;
 pub mod device;
 pub mod dvae;

@@ -82,7 +82,7 @@ fn main() -> ExitCode {
         })
         .init();
     // Reuse freed memory across training steps instead of mmap/munmap per large tensor.
-    flava_vit::kernels::tune_allocator();
+    flava_train::alloc::tune_allocator();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

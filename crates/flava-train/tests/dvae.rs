@@ -4,7 +4,8 @@
 //! the input's shape.
 
 use burn::prelude::*;
-use flava_data::stream::{open_source, SourceOptions, Task};
+use flava_data::spec::{open_source, SourceOptions};
+use flava_data::task::Task;
 use flava_dvae::decoder::DecoderConfig;
 use flava_dvae::dvae::DvaeTrainConfig;
 use flava_dvae::{load_codebook, FlavaImageCodebookConfig};

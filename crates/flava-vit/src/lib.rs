@@ -6,7 +6,8 @@
 //!   multimodal towers (HF `FlavaLayer`/`FlavaEncoder`), and the tanh [`encoder::Pooler`];
 //! - [`vit`]: the ViT image encoder (HF `FlavaImageModel`) with mask-token blending and
 //!   bicubic position-embedding interpolation;
-//! - [`kernels`]: exact GELU for the flex backend, vectorised, with its own backward pass;
+//! - [`kernels`]: exact GELU and row-wise softmax cross-entropy for the flex backend, vectorised,
+//!   each with its own backward pass;
 //! - [`limits`]: the resource limits every reader checks before it allocates; [`atomic`]:
 //!   files and directories written whole or not at all;
 //! - [`config`]: `FlavaImageConfig`, read from an HF `config.json` as it is;

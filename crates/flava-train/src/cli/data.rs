@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use flava_data::stream::{SourceOptions, Task};
+use flava_data::spec::SourceOptions;
+use flava_data::task::Task;
 use flava_train::data_cmd;
 
 /// The data commands.

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use flava_data::stream::Task;
+use flava_data::task::Task;
 use flava_fusion::Tower;
 use serde::{Deserialize, Serialize};
 

@@ -6,7 +6,7 @@ use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use flava_data::batch::HostBatch;
-use flava_data::stream::Task;
+use flava_data::task::Task;
 use flava_dvae::ImageCodebook;
 use flava_objectives::{
     accumulate_gradients, data_parallel_gradients, FlavaForPretraining, MlmTargets, PretrainingBatch, Replica,

@@ -1,5 +1,6 @@
 //! Kernels for the flex backend that Burn composes from many passes, as a Burn backend extension:
-//! exact (erf) GELU and row-wise softmax cross-entropy, each with its own backward pass.
+//! exact (erf) GELU (`gelu.rs`) and row-wise softmax cross-entropy (`cross_entropy.rs`), each with
+//! its own backward pass; `math.rs` holds the vectorisable erf and exp they share.
 //!
 //! ## GELU
 //!
@@ -16,14 +17,41 @@
 //! the 147 × 30522 logits of the MLM head. [`cross_entropy_rows`] makes one pass forward (max,
 //! then sum of exp) and one backward (`softmax − one-hot`, recomputed from the saved logits).
 //!
-//! ## Memory
-//! [`tune_allocator`] keeps freed memory in glibc's heap for reuse instead of handing large blocks
-//! back to the OS: every training step allocates the same few hundred MB of fresh tensors, and
-//! without it each large one is a new `mmap`, zero-filled page by page on first touch, then
-//! unmapped (a `small` text-only step: 430 → 280 ms). Binaries call it once at start.
-//!
 //! [`gelu`] and [`cross_entropy_rows`] are the entry points: on flex devices (with or without
 //! autodiff) they run these kernels; on every other device, Burn's own ops.
+
+/// Compiles the body three times (AVX-512, AVX2+FMA, baseline) and runs the best the CPU has.
+macro_rules! multiversion {
+    ($vis:vis $name:ident ( $($arg:ident : $ty:ty),* ) $body:block) => {
+        multiversion!($vis $name ( $($arg : $ty),* ) -> () $body);
+    };
+    ($vis:vis $name:ident ( $($arg:ident : $ty:ty),* ) -> $ret:ty $body:block) => {
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn v4($($arg: $ty),*) -> $ret $body
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $ty),*) -> $ret $body
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features `v4` is compiled for.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features `v3` is compiled for.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            $body
+        }
+    };
+}
+
+mod cross_entropy;
+mod gelu;
+mod math;
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, DispatchDevice, Flex};
@@ -51,25 +79,6 @@ pub trait FlavaKernels: Backend {
         targets: Vec<usize>,
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
-}
-
-/// Makes glibc's malloc serve every allocation from its heap (no `mmap` per large block) and never
-/// trim the heap, so that the buffers of one training step are reused by the next, as PyTorch's
-/// CPU allocator effectively does. Process-wide; a no-op on other C libraries. Returns whether
-/// both settings were taken.
-pub fn tune_allocator() -> bool {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallopt only changes allocator parameters; it is safe to call at any time.
-        let no_mmap = unsafe { libc::mallopt(libc::M_MMAP_MAX, 0) };
-        // SAFETY: as above.
-        let no_trim = unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) };
-        no_mmap == 1 && no_trim == 1
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    {
-        false
-    }
 }
 
 /// Whether `x` lives on a flex device (plain or autodiff) and is f32: where our kernels run.
@@ -119,46 +128,19 @@ fn cross_entropy_rows_composed(logits: Tensor<2>, targets: &[usize]) -> Tensor<1
 
 impl FlavaKernels for Flex {
     fn exact_gelu(x: FlexTensor) -> FlexTensor {
-        map_f32([x], |[x], out| gelu_slice(x, out))
+        map_f32([x], |[x], out| gelu::gelu_slice(x, out))
     }
 
     fn exact_gelu_backward(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
-        map_f32([x, grad], |[x, g], out| gelu_grad_slice(x, g, out))
+        map_f32([x, grad], |[x, g], out| gelu::gelu_grad_slice(x, g, out))
     }
 
     fn softmax_cross_entropy(logits: FlexTensor, targets: Vec<usize>) -> FlexTensor {
-        let logits = contiguous(logits);
-        let x = logits.as_slice::<f32>().expect("contiguous f32 tensor");
-        let n = targets.len();
-        let classes = x.len() / n.max(1);
-        let loss: Vec<f32> = (0..n)
-            .into_par_iter()
-            .map(|i| {
-                let row = &x[i * classes..(i + 1) * classes];
-                let (max, log_sum) = softmax_stats(row);
-                (max - row[targets[i]]) + log_sum
-            })
-            .collect();
-        FlexTensor::from_data(TensorData::new(loss, [n]))
+        cross_entropy::forward(logits, &targets)
     }
 
     fn softmax_cross_entropy_backward(logits: FlexTensor, targets: Vec<usize>, grad: FlexTensor) -> FlexTensor {
-        let logits = contiguous(logits);
-        let grad = contiguous(grad);
-        let x = logits.as_slice::<f32>().expect("contiguous f32 tensor");
-        let g = grad.as_slice::<f32>().expect("contiguous f32 tensor");
-        let n = targets.len();
-        let classes = x.len() / n.max(1);
-        let mut out = vec![0f32; x.len()];
-        let rows = out.par_chunks_mut(classes.max(1)).enumerate();
-        rows.for_each(|(i, o)| {
-            let row = &x[i * classes..(i + 1) * classes];
-            let (max, log_sum) = softmax_stats(row);
-            scaled_softmax_slice(row, max, log_sum, g[i], o);
-            o[targets[i]] -= g[i];
-        });
-        let shape = burn::backend::TensorMetadata::shape(&logits);
-        FlexTensor::from_data(TensorData::new(out, shape))
+        cross_entropy::backward(logits, &targets, grad)
     }
 }
 
@@ -229,7 +211,7 @@ impl<B: Backend + FlavaKernels, C: CheckpointStrategy> FlavaKernels for Autodiff
 }
 
 /// `t` itself when its f32 data is contiguous, else a contiguous copy.
-fn contiguous(t: FlexTensor) -> FlexTensor {
+pub(crate) fn contiguous(t: FlexTensor) -> FlexTensor {
     if t.as_slice::<f32>().is_some() {
         t
     } else {
@@ -253,167 +235,10 @@ fn map_f32<const N: usize>(inputs: [FlexTensor; N], f: impl Fn([&[f32]; N], &mut
     FlexTensor::from_data(TensorData::new(out, shape))
 }
 
-// erf(x) ≈ x·P(x²)/Q(x²) on [-4, 4] (±1 outside in f32): the rational approximation of Eigen's
-// `generic_fast_erf_float` (also TensorFlow's and XLA's).
-const ERF_ALPHA: [f32; 7] = [
-    -2.726_142_3e-10,
-    2.770_681_4e-8,
-    -2.101_024e-6,
-    -5.692_506_4e-5,
-    -7.349_906e-4,
-    -2.954_600_1e-3,
-    -1.609_603_3e-2,
-];
-const ERF_BETA: [f32; 5] = [
-    -1.456_607_2e-5,
-    -2.133_740_6e-4,
-    -1.682_827e-3,
-    -7.373_329_2e-3,
-    -1.426_474e-2,
-];
-
-#[inline(always)]
-fn erf(x: f32) -> f32 {
-    let x = x.clamp(-4.0, 4.0);
-    let x2 = x * x;
-    let mut p = ERF_ALPHA[0];
-    for &a in &ERF_ALPHA[1..] {
-        p = p.mul_add(x2, a);
-    }
-    let mut q = ERF_BETA[0];
-    for &b in &ERF_BETA[1..] {
-        q = q.mul_add(x2, b);
-    }
-    x * p / q
-}
-
-/// `exp(t)` for `t ≤ 0` (t below -87 gives exp(-87), ~1e-38): Cody-Waite reduction to
-/// `2^n·exp(r)`, |r| ≤ ln2/2, and a degree-7 Taylor polynomial (relative error ~1e-8 before
-/// rounding).
-#[inline(always)]
-fn exp_nonpositive(t: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // 1.5·2^23: adding and subtracting it rounds to the nearest integer.
-    const ROUND: f32 = 12_582_912.0;
-    let t = t.max(-87.0);
-    let n = (t * LOG2E + ROUND) - ROUND;
-    let r = t - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.0 / 5040.0;
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = p * r + c;
-    }
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    p * scale
-}
-
-const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
-// 1/√(2π)
-const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
-
-#[inline(always)]
-fn gelu_one(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2))
-}
-
-#[inline(always)]
-fn gelu_grad_one(x: f32, g: f32) -> f32 {
-    let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
-    let pdf = FRAC_1_SQRT_2PI * exp_nonpositive(-0.5 * x * x);
-    g * (cdf + x * pdf)
-}
-
-/// Compiles `$body` three times (AVX-512, AVX2+FMA, baseline) and runs the best the CPU has.
-macro_rules! multiversion {
-    ($name:ident ( $($arg:ident : $ty:ty),* ) $body:block) => {
-        multiversion!($name ( $($arg : $ty),* ) -> () $body);
-    };
-    ($name:ident ( $($arg:ident : $ty:ty),* ) -> $ret:ty $body:block) => {
-        fn $name($($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx2,fma")]
-                unsafe fn v4($($arg: $ty),*) -> $ret $body
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn v3($($arg: $ty),*) -> $ret $body
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has the features `v4` is compiled for.
-                    return unsafe { v4($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has the features `v3` is compiled for.
-                    return unsafe { v3($($arg),*) };
-                }
-            }
-            $body
-        }
-    };
-}
-
-multiversion!(gelu_slice(x: &[f32], out: &mut [f32]) {
-    for (o, &x) in out.iter_mut().zip(x) {
-        *o = gelu_one(x);
-    }
-});
-
-multiversion!(gelu_grad_slice(x: &[f32], g: &[f32], out: &mut [f32]) {
-    for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
-        *o = gelu_grad_one(x, g);
-    }
-});
-
-/// `(max_j row_j, log Σ_j exp(row_j − max))`: the log-sum-exp in two parts, so that callers
-/// subtract the maximum first (exactly, for nearby values) and the small log-sum second. Folded
-/// into one f32 first, it would carry an error of ulp(max): 8e-6 for contrastive logits at scale
-/// 100, which showed in the projections' gradients.
-fn softmax_stats(row: &[f32]) -> (f32, f32) {
-    let max = row_max(row);
-    if !max.is_finite() {
-        // A NaN or infinite logit: the loss is not defined (the training loop's guard skips it).
-        return (f32::NAN, f32::NAN);
-    }
-    (max, row_sum_exp(row, max).ln())
-}
-
-multiversion!(row_max(row: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    let mut chunks = row.chunks_exact(16);
-    for c in &mut chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l = l.max(v);
-        }
-    }
-    let mut m = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-    for l in lanes {
-        m = m.max(l);
-    }
-    // `max` ignores NaN; a NaN logit must give a NaN loss.
-    if row.iter().any(|v| v.is_nan()) { f32::NAN } else { m }
-});
-
-multiversion!(row_sum_exp(row: &[f32], max: f32) -> f32 {
-    let mut lanes = [0f32; 16];
-    let mut chunks = row.chunks_exact(16);
-    for c in &mut chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l += exp_nonpositive(v - max);
-        }
-    }
-    let rest: f32 = chunks.remainder().iter().map(|&v| exp_nonpositive(v - max)).sum();
-    lanes.iter().sum::<f32>() + rest
-});
-
-multiversion!(scaled_softmax_slice(row: &[f32], max: f32, log_sum: f32, g: f32, out: &mut [f32]) {
-    for (o, &v) in out.iter_mut().zip(row) {
-        *o = g * exp_nonpositive((v - max) - log_sum);
-    }
-});
-
 #[cfg(test)]
 mod tests {
+    use super::gelu::{gelu_grad_one, gelu_grad_slice, gelu_one, gelu_slice};
+    use super::math::{erf, exp_nonpositive};
     use super::*;
 
     /// The vectorised erf and exp against libm's (through f64), over the whole useful range.
@@ -539,14 +364,6 @@ mod tests {
     }
 
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    #[test]
-    fn glibc_takes_the_allocator_settings() {
-        assert!(tune_allocator());
-        // Still allocates and frees large blocks after the change.
-        let v = vec![1u8; 64 << 20];
-        assert_eq!(v.iter().map(|&b| b as usize).sum::<usize>(), 64 << 20);
-    }
-
     #[test]
     fn multiversioned_slices_agree_with_scalar_code() {
         let x: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.013).collect();
