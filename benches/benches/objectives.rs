@@ -69,7 +69,7 @@ fn bench_losses(c: &mut Criterion) {
                 flava_fusion::l2_normalize(v.clone()),
             );
             let scale = clamp_logit_scale(model.flava.logit_scale.val());
-            contrastive_loss(un.clone(), vn.clone(), un, vn, 0, scale, &rows, None)
+            contrastive_loss(un.clone(), vn.clone(), un, vn, 0, scale, &rows)
                 .loss
                 .backward()
         })

@@ -13,10 +13,9 @@
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 
-use crate::pretraining::{
-    CachedFeatures, Contrastive, Denominators, FlavaForPretraining, LossKind, ObjectiveError, PretrainingBatch,
-    StepOptions,
-};
+use crate::batch::PretrainingBatch;
+use crate::pretraining::{CachedFeatures, Contrastive, FlavaForPretraining, LossKind, ObjectiveError, StepOptions};
+use crate::scope::{scopes, BatchCounts};
 use flava_dvae::ImageCodebook;
 
 /// The result of [`accumulate_gradients`].
@@ -28,15 +27,6 @@ pub struct AccumulatedStep {
     pub losses: Vec<(&'static str, f64)>,
     /// The big batch's weighted total.
     pub total: f64,
-}
-
-/// Host-side counts of one micro-batch.
-struct Counts {
-    size: usize,
-    masked: Vec<bool>,
-    patches: usize,
-    mlm: Vec<usize>,
-    seq: usize,
 }
 
 /// One model replica for data parallelism: the model on one device (same parameter ids as the
@@ -78,65 +68,9 @@ pub fn data_parallel_gradients(
     let model = replicas[0].model;
     let assigned = |r: usize| (r..micro.len()).step_by(n_rep);
     let paired = micro[0].is_paired();
-    let counts: Vec<Counts> = micro
-        .iter()
-        .map(|m| {
-            let (masked, patches) = m.masked_patches().unwrap_or_default();
-            let seq = m
-                .input_ids_masked
-                .as_ref()
-                .or(m.input_ids.as_ref())
-                .map_or(1, |t| t.dims()[1]);
-            Counts {
-                size: m.batch_size(),
-                masked,
-                patches,
-                mlm: m.mlm.as_ref().map(|t| t.positions.clone()).unwrap_or_default(),
-                seq,
-            }
-        })
-        .collect();
-    // "No positive pair" is decided over the big batch, as for one batch.
-    let any_positive = micro
-        .iter()
-        .any(|m| m.itm_labels.as_ref().is_some_and(|l| l.iter().any(|&x| x != 0)));
-    let rows: Vec<Vec<usize>> = micro
-        .iter()
-        .map(|m| match &m.itm_labels {
-            Some(l) if any_positive => (0..l.len()).filter(|&i| l[i] != 0).collect(),
-            _ => (0..m.batch_size()).collect(),
-        })
-        .collect();
-    let in_rows = |i: usize, b: usize| rows[i].contains(&b);
-    let mut den = Denominators {
-        itm: Some(counts.iter().map(|c| c.size).sum()),
-        ..Default::default()
-    };
-    let masked_total: usize = counts.iter().map(|c| c.masked.iter().filter(|&&x| x).count()).sum();
-    let mlm_total: usize = counts.iter().map(|c| c.mlm.len()).sum();
-    if paired {
-        den.mmm_image = Some(
-            counts
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    (0..c.masked.len())
-                        .filter(|&j| c.masked[j] && in_rows(i, j / c.patches.max(1)))
-                        .count()
-                })
-                .sum(),
-        );
-        den.mmm_text = Some(
-            counts
-                .iter()
-                .enumerate()
-                .map(|(i, c)| c.mlm.iter().filter(|&&p| in_rows(i, p / c.seq)).count())
-                .sum(),
-        );
-    } else {
-        den.mim = Some(masked_total);
-        den.mlm = Some(mlm_total);
-    }
+    // Rows and denominators over the whole batch (crate::scope, as for one batch).
+    let counts: Vec<BatchCounts> = micro.iter().map(BatchCounts::of).collect();
+    let scope = scopes(&counts);
 
     // Contrastive features of every micro-batch, without autograd, each on its replica.
     let cache = if paired && model.weights.global_contrastive > 0.0 {
@@ -167,8 +101,8 @@ pub fn data_parallel_gradients(
             .unzip();
         let mut offset = 0;
         let mut global_rows = Vec::new();
-        for (i, c) in counts.iter().enumerate() {
-            global_rows.extend(rows[i].iter().map(|r| offset + r));
+        for (c, sc) in counts.iter().zip(&scope) {
+            global_rows.extend(sc.rows.iter().map(|r| offset + r));
             offset += c.size;
         }
         Some((Tensor::cat(us, 0), Tensor::cat(vs, 0), global_rows))
@@ -201,8 +135,7 @@ pub fn data_parallel_gradients(
             let opts = StepOptions {
                 codebook: rep.codebook,
                 contrastive: cached.as_ref().map_or(Contrastive::Local, Contrastive::Cached),
-                denominators: den,
-                positive_rows: Some(rows[i].clone()),
+                scope: Some(scope[i].clone()),
             };
             let out = rep.model.forward(m, &opts)?;
             losses.push((i, out.losses.values()));

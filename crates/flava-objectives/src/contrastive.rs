@@ -1,13 +1,10 @@
 //! FLAVA's global contrastive loss (HF `FlavaGlobalContrastiveHead` with
-//! `global_backprop_contrastive=True`): each rank scores its local embeddings against the
-//! embeddings of every rank, and gradients of the gathered copies flow back to their owners.
-//!
-//! The gather is an all-reduce (sum) of a zero matrix holding the local rows in this rank's slot:
-//! its backward is again an all-reduce, which hands each owner the sum of the gradients every rank
-//! computed for its rows, as `torch.distributed.nn.functional.all_gather` does.
+//! `global_backprop_contrastive=True`): local embeddings scored against the embeddings of the
+//! whole batch (every micro-batch, every device), with gradients through the local rows. The
+//! global set is assembled by the caller: gradient accumulation and in-process data
+//! parallelism build it from cached features ([`crate::pretraining::Contrastive::Cached`]).
 
 use burn::prelude::*;
-use burn::tensor::distributed::{all_reduce, ReduceOperation};
 
 use crate::losses::{cross_entropy_sum, index_tensor};
 
@@ -21,60 +18,6 @@ pub const LOGIT_SCALE_MAX: f32 = 4.6052;
 pub fn clamp_logit_scale(scale: Tensor<1>) -> Tensor<1> {
     let clamped = scale.clone().clamp(0.0, LOGIT_SCALE_MAX);
     scale.clone() + (clamped - scale).detach()
-}
-
-/// How local contrastive embeddings become the global set.
-pub trait EmbeddingGather {
-    /// Number of ranks.
-    fn world_size(&self) -> usize;
-    /// This rank's index.
-    fn rank(&self) -> usize;
-    /// Local [b, d] → global [world·b, d] in rank order, differentiable back to every owner.
-    fn gather(&self, local: Tensor<2>) -> Tensor<2>;
-}
-
-/// A single device: the global set is the local one.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LocalGather;
-
-impl EmbeddingGather for LocalGather {
-    fn world_size(&self) -> usize {
-        1
-    }
-    fn rank(&self) -> usize {
-        0
-    }
-    fn gather(&self, local: Tensor<2>) -> Tensor<2> {
-        local
-    }
-}
-
-/// Gathers across the devices of a Burn `DistributedContext` (CUDA data parallelism) with the
-/// differentiable all-reduce. Every rank must hold the same local batch size.
-#[derive(Debug, Clone)]
-pub struct AllReduceGather {
-    /// This rank's index in `devices`.
-    pub rank: usize,
-    /// Every participating device, in rank order.
-    pub devices: Vec<Device>,
-}
-
-impl EmbeddingGather for AllReduceGather {
-    fn world_size(&self) -> usize {
-        self.devices.len()
-    }
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn gather(&self, local: Tensor<2>) -> Tensor<2> {
-        let [b, d] = local.dims();
-        let w = self.devices.len();
-        let device = local.device();
-        let before = Tensor::<2>::zeros([self.rank * b, d], &device);
-        let after = Tensor::<2>::zeros([(w - self.rank - 1) * b, d], &device);
-        let slot = Tensor::cat(vec![before, local, after], 0);
-        all_reduce(slot, ReduceOperation::Sum, self.devices.clone()).resolve()
-    }
 }
 
 /// What the contrastive loss computed.
@@ -94,9 +37,8 @@ pub struct ContrastiveOutput {
 ///
 /// `image`, `text`: L2-normalised local embeddings [b, d]; `image_all`, `text_all`: the global
 /// sets [n, d] whose rows `offset..offset + b` are the local ones; `scale`: the clamped logit
-/// scale [1]; `rows`: the local rows that count (ITM positives), columns are never filtered.
-/// `denominator` overrides the number of rows averaged over (gradient accumulation).
-#[allow(clippy::too_many_arguments)]
+/// scale [1]; `rows`: the local rows that count (ITM positives), averaged over; columns are never
+/// filtered.
 pub fn contrastive_loss(
     image: Tensor<2>,
     text: Tensor<2>,
@@ -105,7 +47,6 @@ pub fn contrastive_loss(
     offset: usize,
     scale: Tensor<1>,
     rows: &[usize],
-    denominator: Option<usize>,
 ) -> ContrastiveOutput {
     let device = image.device();
     let temperature = scale.exp().reshape([1, 1]);
@@ -114,7 +55,7 @@ pub fn contrastive_loss(
     let logits_per_image = image.matmul(text_all.transpose()) * temperature.clone();
     let logits_per_text = text.matmul(image_all.transpose()) * temperature;
     let labels: Vec<usize> = rows.iter().map(|r| offset + r).collect();
-    let n = denominator.unwrap_or(rows.len()).max(1) as f64;
+    let n = rows.len().max(1) as f64;
     let loss = (cross_entropy_sum(logits_per_image.clone(), &labels)
         + cross_entropy_sum(logits_per_text.clone(), &labels))
         / (2.0 * n);

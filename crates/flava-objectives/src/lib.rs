@@ -5,25 +5,37 @@
 //! positions and equal in value and gradient to HF `FlavaForPreTraining` (fixtures in
 //! `tests/fixtures/pretraining*`, written by `scripts/make_fixtures.py`).
 //!
+//! Composed as torchmultimodal composes them: [`FlavaForPretraining::encode`] runs the towers
+//! once ([`Encodings`]); each loss is its own type returning `{loss, logits}`; [`scope`] is the
+//! one place that decides which rows count and what each mean divides by.
+//!
+//! - [`batch`]: [`PretrainingBatch`], one batch of one task, and its MLM targets.
 //! - [`heads`]: masked-prediction heads and the ITM head, HF key names.
-//! - [`losses`]: gathering masked positions and cross-entropy on them.
-//! - [`contrastive`]: the global contrastive loss, local or gathered across devices.
+//! - [`losses`]: [`MaskedPredictionLoss`] (MIM, MLM, MMM), [`ItmLoss`], cross-entropy on gathered
+//!   positions.
+//! - [`contrastive`]: the global contrastive loss against the whole batch's embeddings.
+//! - [`scope`]: positive rows and loss denominators, for one batch or its micro-batches.
 //! - [`pretraining`]: [`FlavaForPretraining`], one step's losses per task.
-//! - [`accumulate`]: contrastive-exact gradient accumulation.
+//! - [`accumulate`]: contrastive-exact gradient accumulation and in-process data parallelism.
 //! - [`checkpoint`]: loading and saving `FlavaForPreTraining` checkpoints.
 
 pub mod accumulate;
+pub mod batch;
 pub mod checkpoint;
 pub mod contrastive;
 pub mod heads;
 pub mod losses;
 pub mod pretraining;
+pub mod scope;
 
 pub use accumulate::{accumulate_gradients, data_parallel_gradients, AccumulatedStep, Replica};
+pub use batch::{MlmTargets, PretrainingBatch};
 pub use checkpoint::{load_pretraining, save_pretraining, LoadedPretraining};
-pub use contrastive::{clamp_logit_scale, contrastive_loss, AllReduceGather, EmbeddingGather, LocalGather};
+pub use contrastive::{clamp_logit_scale, contrastive_loss, ContrastiveOutput};
 pub use heads::{ItmHead, MaskedPredictionHead};
+pub use losses::{ItmLoss, ItmOutput, LossOutput, MaskedPredictionLoss};
 pub use pretraining::{
-    CachedFeatures, Contrastive, Denominators, FlavaForPretraining, LossKind, LossWeights, Losses, MlmTargets,
-    ObjectiveError, PretrainingBatch, PretrainingOutput, StepOptions,
+    CachedFeatures, Contrastive, Encodings, FlavaForPretraining, LossKind, LossWeights, Losses, ObjectiveError,
+    PretrainingOutput, StepOptions,
 };
+pub use scope::{scopes, BatchCounts, Denominators, LossScope};

@@ -1,8 +1,74 @@
-//! Cross-entropy on gathered positions, and the gathering itself. No `-100` targets: callers
+//! The losses of the heads, one type each returning `{loss, logits}` (as torchmultimodal's
+//! `MaskedPredictionLoss` and `ITMLoss`): [`MaskedPredictionLoss`] for MIM, MLM, MMM-image and
+//! MMM-text, [`ItmLoss`]; the contrastive one is in [`crate::contrastive`]. Below them,
+//! cross-entropy on gathered positions and the gathering itself. No `-100` targets: callers
 //! select the masked positions first, so the heads never see unmasked tokens.
 
 use burn::prelude::*;
 use flava_vit::kernels::cross_entropy_rows;
+
+use crate::heads::{ItmHead, MaskedPredictionHead};
+
+/// A loss and the logits it was computed from.
+#[derive(Debug, Clone)]
+pub struct LossOutput {
+    /// The mean loss, [1].
+    pub loss: Tensor<1>,
+    /// The head's logits on the counted positions, [n, classes].
+    pub logits: Tensor<2>,
+}
+
+/// Cross-entropy of a masked-prediction head on chosen positions: MIM and MMM-image (visual
+/// tokens), MLM and MMM-text (word pieces).
+#[derive(Debug, Clone, Copy)]
+pub struct MaskedPredictionLoss<'a> {
+    /// The head.
+    pub head: &'a MaskedPredictionHead,
+}
+
+impl MaskedPredictionLoss<'_> {
+    /// `states` [b, s, hidden]; `positions` flat `b·s + j` with their `targets`; the sum of the
+    /// cross-entropies over `denominator` (the whole batch's count). `None` without positions.
+    pub fn forward(
+        &self,
+        states: Tensor<3>,
+        positions: &[usize],
+        targets: &[usize],
+        denominator: usize,
+    ) -> Option<LossOutput> {
+        if positions.is_empty() {
+            return None;
+        }
+        let logits = self.head.forward(gather_positions(states, positions));
+        let loss = cross_entropy_sum(logits.clone(), targets) / denominator.max(1) as f64;
+        Some(LossOutput { loss, logits })
+    }
+}
+
+/// Image-text matching: the ITM head on the multimodal CLS, cross-entropy against the labels.
+#[derive(Debug, Clone, Copy)]
+pub struct ItmLoss<'a> {
+    /// The head.
+    pub head: &'a ItmHead,
+}
+
+/// What [`ItmLoss`] returns: the logits always, the loss when there are labels.
+#[derive(Debug, Clone)]
+pub struct ItmOutput {
+    /// Sum of cross-entropies over `denominator`, [1]; `None` without labels.
+    pub loss: Option<Tensor<1>>,
+    /// [b, 2].
+    pub logits: Tensor<2>,
+}
+
+impl ItmLoss<'_> {
+    /// `multimodal` [b, s, hidden] (CLS first); `labels` one per pair (1 = matching).
+    pub fn forward(&self, multimodal: Tensor<3>, labels: Option<&[usize]>, denominator: usize) -> ItmOutput {
+        let logits = self.head.forward(multimodal);
+        let loss = labels.map(|l| cross_entropy_sum(logits.clone(), l) / denominator.max(1) as f64);
+        ItmOutput { loss, logits }
+    }
+}
 
 /// Integer index tensor from host positions: [n].
 pub fn index_tensor(positions: &[usize], device: &Device) -> Tensor<1, Int> {

@@ -1,11 +1,12 @@
 //! `FlavaForPretraining`: the model, its five heads, and one pretraining step's losses
 //! (HF `FlavaForPreTraining.forward`), computed only on masked positions.
 //!
-//! Per batch: the unmasked towers without fusion (for the contrastive loss, paired batches only),
-//! the masked towers with fusion when both modalities are present, and the codebook for the
-//! MIM targets when none are given. Image-only batch: MIM. Text-only batch: MLM. Paired batch:
-//! ITM over all pairs; MMM-image, MMM-text and the contrastive rows over ITM-positive pairs
-//! (every pair when none is positive); contrastive columns are never filtered.
+//! Per batch: the masked towers with fusion when both modalities are present ([`Encodings`],
+//! once), the unmasked towers without fusion (for the contrastive loss, paired batches only),
+//! and the codebook for the MIM targets when none are given. Image-only batch: MIM. Text-only
+//! batch: MLM. Paired batch: ITM over all pairs; MMM-image, MMM-text and the contrastive rows
+//! over ITM-positive pairs (every pair when none is positive, [`crate::scope`]); contrastive
+//! columns are never filtered.
 
 use burn::module::Module;
 use burn::prelude::*;
@@ -13,9 +14,12 @@ use flava_dvae::ImageCodebook;
 use flava_fusion::{l2_normalize, FlavaConfig, FlavaModel};
 use serde::{Deserialize, Serialize};
 
-use crate::contrastive::{clamp_logit_scale, contrastive_loss, EmbeddingGather};
+use crate::batch::PretrainingBatch;
+use crate::contrastive::{clamp_logit_scale, contrastive_loss};
 use crate::heads::{ItmHead, MaskedPredictionHead};
-use crate::losses::{cross_entropy_sum, gather_positions};
+use crate::losses::{ItmLoss, MaskedPredictionLoss};
+use crate::scope::{BatchCounts, LossScope};
+use flava_vit::EncoderOutput;
 
 /// Weights of the six losses in the total (HF `*_weight` config fields, all 1 by default).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -134,104 +138,14 @@ pub enum ObjectiveError {
     Shape(String),
 }
 
-/// Host-side MLM targets: flat positions `b·seq + s` (row-major) and their original token ids.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct MlmTargets {
-    /// Flat positions of the masked tokens.
-    pub positions: Vec<usize>,
-    /// Original ids at those positions.
-    pub targets: Vec<usize>,
-}
-
-impl MlmTargets {
-    /// From HF-style labels (row-major [batch, seq], `ignore` where not masked).
-    pub fn from_labels(labels: &[i64], ignore: i64) -> Self {
-        let (positions, targets) = labels
-            .iter()
-            .enumerate()
-            .filter(|(_, &l)| l != ignore)
-            .map(|(i, &l)| (i, l as usize))
-            .unzip();
-        Self { positions, targets }
-    }
-}
-
-/// One batch of one task. Present fields decide the losses (see the module docs).
-#[derive(Debug, Clone, Default)]
-pub struct PretrainingBatch {
-    /// [batch, 3, H, W] normalised pixels.
-    pub pixel_values: Option<Tensor<4>>,
-    /// [batch, num_patches], `true` = masked patch.
-    pub bool_masked_pos: Option<Tensor<2, Bool>>,
-    /// [batch, 3, 8·grid, 8·grid] codebook pixels (`0.8·x + 0.1`), for targets from the codebook.
-    pub codebook_pixel_values: Option<Tensor<4>>,
-    /// [batch, num_patches] visual-token targets; computed by the codebook when absent.
-    pub mim_targets: Option<Tensor<2, Int>>,
-    /// [batch, seq] unmasked token ids (contrastive pass).
-    pub input_ids: Option<Tensor<2, Int>>,
-    /// [batch, seq] token ids with MLM masking applied (masked pass); `input_ids` when absent.
-    pub input_ids_masked: Option<Tensor<2, Int>>,
-    /// [batch, seq], 1 = token, 0 = padding.
-    pub attention_mask: Option<Tensor<2, Int>>,
-    /// [batch, seq] segment ids.
-    pub token_type_ids: Option<Tensor<2, Int>>,
-    /// Masked token positions and targets.
-    pub mlm: Option<MlmTargets>,
-    /// Per pair: 1 = matching, 0 = ITM negative.
-    pub itm_labels: Option<Vec<usize>>,
-}
-
-impl PretrainingBatch {
-    /// Number of samples.
-    pub fn batch_size(&self) -> usize {
-        if let Some(px) = &self.pixel_values {
-            return px.dims()[0];
-        }
-        self.input_ids
-            .as_ref()
-            .or(self.input_ids_masked.as_ref())
-            .map_or(0, |t| t.dims()[0])
-    }
-
-    /// Whether both modalities are present.
-    pub fn is_paired(&self) -> bool {
-        self.pixel_values.is_some() && (self.input_ids.is_some() || self.input_ids_masked.is_some())
-    }
-
-    /// Host copy of the patch mask: (flat `b·P + p` → masked, P).
-    pub fn masked_patches(&self) -> Option<(Vec<bool>, usize)> {
-        self.bool_masked_pos.as_ref().map(|m| {
-            let p = m.dims()[1];
-            let v = m
-                .clone()
-                .into_data()
-                .convert::<bool>()
-                .try_to_vec::<bool>()
-                .unwrap_or_default();
-            (v, p)
-        })
-    }
-
-    /// Rows that count for MMM and contrastive: ITM positives, or all when none is positive or
-    /// there are no labels.
-    pub fn positive_rows(&self) -> Vec<usize> {
-        let b = self.batch_size();
-        match &self.itm_labels {
-            Some(l) if l.iter().any(|&x| x != 0) => (0..b).filter(|&i| l[i] != 0).collect(),
-            _ => (0..b).collect(),
-        }
-    }
-}
-
 /// How the contrastive loss sees other samples.
 #[derive(Clone, Copy, Default)]
 pub enum Contrastive<'a> {
     /// This batch only.
     #[default]
     Local,
-    /// Every rank's batch (global contrastive across devices).
-    Gather(&'a dyn EmbeddingGather),
-    /// Features of the other micro-batches, cached without autograd (gradient accumulation).
+    /// Features of the other micro-batches (and devices), cached without autograd: gradient
+    /// accumulation and in-process data parallelism.
     Cached(&'a CachedFeatures),
 }
 
@@ -250,34 +164,28 @@ pub struct CachedFeatures {
     pub live_scale: bool,
 }
 
-/// Denominators of the mean losses; `None` = this batch's own count. Gradient accumulation sets
-/// them to the counts of the whole accumulated batch so that the sum of micro-batch losses is
-/// the big batch's mean.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Denominators {
-    /// Masked patches (MIM).
-    pub mim: Option<usize>,
-    /// Masked tokens (MLM).
-    pub mlm: Option<usize>,
-    /// Pairs (ITM).
-    pub itm: Option<usize>,
-    /// Masked patches of positive pairs (MMM-image).
-    pub mmm_image: Option<usize>,
-    /// Masked tokens of positive pairs (MMM-text).
-    pub mmm_text: Option<usize>,
-}
-
 /// Everything a step needs besides the batch.
 #[derive(Clone, Default)]
 pub struct StepOptions<'a> {
     /// Frozen codebook for MIM targets (keep it on a device without autodiff).
     pub codebook: Option<&'a ImageCodebook>,
-    /// Local, gathered or cached contrastive.
+    /// Local or cached contrastive.
     pub contrastive: Contrastive<'a>,
-    /// Loss denominators (gradient accumulation).
-    pub denominators: Denominators,
-    /// Rows counting for MMM/contrastive, overriding the batch's own rule.
-    pub positive_rows: Option<Vec<usize>>,
+    /// The rows and denominators of a micro-batch within its whole batch ([`crate::scope`]);
+    /// `None` = the batch's own.
+    pub scope: Option<LossScope>,
+}
+
+/// The masked pass of one batch, encoded once and shared by the losses.
+#[derive(Debug, Clone)]
+pub struct Encodings {
+    /// Image tower over the masked image: [b, 1 + patches, hidden].
+    pub image: Option<EncoderOutput>,
+    /// Text tower over the masked text: [b, seq, hidden].
+    pub text: Option<EncoderOutput>,
+    /// Multimodal encoder over both (paired batches): [b, 2 + patches + seq, hidden]
+    /// (CLS_M, CLS_I, patches, text).
+    pub multimodal: Option<Tensor<3>>,
 }
 
 /// The losses of one step (unweighted; `total` applies the weights). Absent = not computed
@@ -514,6 +422,34 @@ impl FlavaForPretraining {
         Ok(v.into_iter().map(|t| t.max(0) as usize).collect())
     }
 
+    /// The masked towers, and the multimodal encoder when both modalities are present: run once
+    /// per step, shared by every loss.
+    pub fn encode(&self, batch: &PretrainingBatch) -> Encodings {
+        let image = batch.pixel_values.clone().map(|px| {
+            self.flava
+                .image_model
+                .forward(px, batch.bool_masked_pos.as_ref(), false, false)
+        });
+        let text = batch.input_ids_masked.clone().or(batch.input_ids.clone()).map(|ids| {
+            self.flava
+                .text_model
+                .forward(ids, batch.attention_mask.as_ref(), batch.token_type_ids.clone(), false)
+        });
+        let multimodal = match (&image, &text) {
+            (Some(img), Some(txt)) => Some(
+                self.flava
+                    .fuse(img, txt, batch.attention_mask.as_ref(), false)
+                    .last_hidden_state,
+            ),
+            _ => None,
+        };
+        Encodings {
+            image,
+            text,
+            multimodal,
+        }
+    }
+
     /// One step's losses on `batch` (see the module docs for which losses each task gets).
     pub fn forward(
         &self,
@@ -522,24 +458,26 @@ impl FlavaForPretraining {
     ) -> Result<PretrainingOutput, ObjectiveError> {
         let w = self.weights;
         let has_image = batch.pixel_values.is_some();
-        let text_ids = batch.input_ids_masked.clone().or(batch.input_ids.clone());
-        let has_text = text_ids.is_some();
+        let has_text = batch.input_ids_masked.is_some() || batch.input_ids.is_some();
         if !has_image && !has_text {
             return Err(ObjectiveError::EmptyBatch);
         }
         self.check_targets(batch)?;
         let paired = has_image && has_text;
         let b = batch.batch_size();
+        let counts = BatchCounts::of(batch);
+        let scope = opts.scope.clone().unwrap_or_else(|| LossScope::of(&counts));
+        let den = scope.denominators;
         let mut losses = Losses::default();
         let mut logits = Logits::default();
 
-        let masked = batch.masked_patches();
+        let masked = &counts.masked;
         let needs_targets = has_image && ((paired && w.mmm_image > 0.0) || (!paired && w.mim > 0.0));
-        let mim_targets = match (&masked, needs_targets) {
+        let mim_targets = match (masked, needs_targets) {
             (Some(_), true) => Some(self.image_targets(batch, opts.codebook)?),
             _ => None,
         };
-        if let (Some((m, p)), Some(t)) = (&masked, &mim_targets) {
+        if let (Some((m, p)), Some(t)) = (masked, &mim_targets) {
             if m.len() != t.len() || m.len() != b * p {
                 return Err(ObjectiveError::Shape(format!(
                     "{} mask entries, {} image targets, batch {b} x {p} patches",
@@ -548,76 +486,41 @@ impl FlavaForPretraining {
                 )));
             }
         }
+        // Masked positions (flat `b·P + p`) and their visual tokens, of the rows `keep` accepts.
+        let image_positions = |keep: &dyn Fn(usize) -> bool| -> Option<(Vec<usize>, Vec<usize>)> {
+            let ((m, p), t) = (masked.as_ref()?, mim_targets.as_ref()?);
+            let pos: Vec<usize> = (0..m.len()).filter(|&i| m[i] && keep(i / p)).collect();
+            let tgt = pos.iter().map(|&i| t[i]).collect();
+            Some((pos, tgt))
+        };
 
-        // Masked pass.
-        let img_m = batch.pixel_values.clone().map(|px| {
-            self.flava
-                .image_model
-                .forward(px, batch.bool_masked_pos.as_ref(), false, false)
-        });
-        let txt_m = text_ids.map(|ids| {
-            self.flava
-                .text_model
-                .forward(ids, batch.attention_mask.as_ref(), batch.token_type_ids.clone(), false)
-        });
-
-        let ce =
-            |head: &MaskedPredictionHead, states: Tensor<3>, pos: &[usize], tgt: &[usize], denom: Option<usize>| {
-                let logits = head.forward(gather_positions(states, pos));
-                let n = denom.unwrap_or(pos.len()).max(1) as f64;
-                (cross_entropy_sum(logits.clone(), tgt) / n, logits)
-            };
-
+        let enc = self.encode(batch);
         if !paired {
-            if let (Some(img), Some((m, p)), Some(t)) = (&img_m, &masked, &mim_targets) {
-                let pos: Vec<usize> = (0..m.len()).filter(|&i| m[i]).collect();
-                if !pos.is_empty() && w.mim > 0.0 {
-                    let [_, s, _] = img.last_hidden_state.dims();
-                    let states = img.last_hidden_state.clone().slice(s![.., s - p..s, ..]);
-                    let tgt: Vec<usize> = pos.iter().map(|&i| t[i]).collect();
-                    let (loss, lg) = ce(&self.mim_head, states, &pos, &tgt, opts.denominators.mim);
-                    losses.mim = Some(loss);
-                    logits.mim = Some(lg);
+            if let (Some(img), Some((pos, tgt)), true) = (&enc.image, image_positions(&|_| true), w.mim > 0.0) {
+                let [_, s, _] = img.last_hidden_state.dims();
+                let p = masked.as_ref().map_or(0, |(_, p)| *p);
+                let states = img.last_hidden_state.clone().slice(s![.., s - p..s, ..]);
+                let head = MaskedPredictionLoss { head: &self.mim_head };
+                if let Some(o) = head.forward(states, &pos, &tgt, den.mim) {
+                    losses.mim = Some(o.loss);
+                    logits.mim = Some(o.logits);
                 }
             }
-            if let (Some(txt), Some(mlm)) = (&txt_m, &batch.mlm) {
-                if !mlm.positions.is_empty() && w.mlm > 0.0 {
-                    let (loss, lg) = ce(
-                        &self.mlm_head,
-                        txt.last_hidden_state.clone(),
-                        &mlm.positions,
-                        &mlm.targets,
-                        opts.denominators.mlm,
-                    );
-                    losses.mlm = Some(loss);
-                    logits.mlm = Some(lg);
+            if let (Some(txt), Some(mlm), true) = (&enc.text, &batch.mlm, w.mlm > 0.0) {
+                let head = MaskedPredictionLoss { head: &self.mlm_head };
+                let states = txt.last_hidden_state.clone();
+                if let Some(o) = head.forward(states, &mlm.positions, &mlm.targets, den.mlm) {
+                    losses.mlm = Some(o.loss);
+                    logits.mlm = Some(o.logits);
                 }
             }
         }
 
         let (mut image_embeddings, mut text_embeddings) = (None, None);
-        if paired {
-            let (Some(img), Some(txt)) = (img_m.as_ref(), txt_m.as_ref()) else {
-                return Err(ObjectiveError::EmptyBatch);
-            };
-            let mm = self
-                .flava
-                .fuse(img, txt, batch.attention_mask.as_ref(), false)
-                .last_hidden_state;
+        if let (Some(mm), Some(txt)) = (&enc.multimodal, &enc.text) {
             let [_, s_mm, _] = mm.dims();
             let l = txt.last_hidden_state.dims()[1];
-            let rows = opts.positive_rows.clone().unwrap_or_else(|| batch.positive_rows());
-            let in_rows = {
-                let mut keep = vec![false; b];
-                for &r in &rows {
-                    if r < b {
-                        keep[r] = true;
-                    }
-                }
-                keep
-            };
             if w.itm > 0.0 {
-                let lg = self.itm_head.forward(mm.clone());
                 if let Some(labels) = &batch.itm_labels {
                     if labels.len() != b {
                         return Err(ObjectiveError::Shape(format!(
@@ -625,19 +528,20 @@ impl FlavaForPretraining {
                             labels.len()
                         )));
                     }
-                    let n = opts.denominators.itm.unwrap_or(b).max(1) as f64;
-                    losses.itm = Some(cross_entropy_sum(lg.clone(), labels) / n);
                 }
-                logits.itm = Some(lg);
+                let o = ItmLoss { head: &self.itm_head }.forward(mm.clone(), batch.itm_labels.as_deref(), den.itm);
+                losses.itm = o.loss;
+                logits.itm = Some(o.logits);
             }
-            if let (Some((m, p)), Some(t), true) = (&masked, &mim_targets, w.mmm_image > 0.0) {
-                let pos: Vec<usize> = (0..m.len()).filter(|&i| m[i] && in_rows[i / p]).collect();
-                if !pos.is_empty() {
-                    let states = mm.clone().slice(s![.., 2..2 + p, ..]);
-                    let tgt: Vec<usize> = pos.iter().map(|&i| t[i]).collect();
-                    let (loss, lg) = ce(&self.mmm_image_head, states, &pos, &tgt, opts.denominators.mmm_image);
-                    losses.mmm_image = Some(loss);
-                    logits.mmm_image = Some(lg);
+            if let (Some((pos, tgt)), true) = (image_positions(&|r| scope.counts_row(r)), w.mmm_image > 0.0) {
+                let p = masked.as_ref().map_or(0, |(_, p)| *p);
+                let states = mm.clone().slice(s![.., 2..2 + p, ..]);
+                let head = MaskedPredictionLoss {
+                    head: &self.mmm_image_head,
+                };
+                if let Some(o) = head.forward(states, &pos, &tgt, den.mmm_image) {
+                    losses.mmm_image = Some(o.loss);
+                    logits.mmm_image = Some(o.logits);
                 }
             }
             if let (Some(mlm), true) = (&batch.mlm, w.mmm_text > 0.0) {
@@ -645,30 +549,28 @@ impl FlavaForPretraining {
                     .positions
                     .iter()
                     .zip(&mlm.targets)
-                    .filter(|(&i, _)| in_rows[i / l])
+                    .filter(|(&i, _)| scope.counts_row(i / l))
                     .map(|(&i, &t)| (i, t))
                     .unzip();
-                if !pos.is_empty() {
-                    let states = mm.clone().slice(s![.., s_mm - l..s_mm, ..]);
-                    let (loss, lg) = ce(&self.mmm_text_head, states, &pos, &tgt, opts.denominators.mmm_text);
-                    losses.mmm_text = Some(loss);
-                    logits.mmm_text = Some(lg);
+                let states = mm.clone().slice(s![.., s_mm - l..s_mm, ..]);
+                let head = MaskedPredictionLoss {
+                    head: &self.mmm_text_head,
+                };
+                if let Some(o) = head.forward(states, &pos, &tgt, den.mmm_text) {
+                    losses.mmm_text = Some(o.loss);
+                    logits.mmm_text = Some(o.logits);
                 }
             }
             let contrastive_rows = match opts.contrastive {
                 Contrastive::Cached(c) => c.rows.len(),
-                _ => rows.len(),
+                Contrastive::Local => scope.rows.len(),
             };
             if w.global_contrastive > 0.0 && contrastive_rows > 0 {
                 let (u, v) = self.contrastive_embeddings(batch)?;
                 let scale = clamp_logit_scale(self.flava.logit_scale.val());
                 let out = match opts.contrastive {
                     Contrastive::Local => {
-                        contrastive_loss(u.clone(), v.clone(), u.clone(), v.clone(), 0, scale, &rows, None)
-                    }
-                    Contrastive::Gather(g) => {
-                        let (ua, va) = (g.gather(u.clone()), g.gather(v.clone()));
-                        contrastive_loss(u.clone(), v.clone(), ua, va, g.rank() * b, scale, &rows, None)
+                        contrastive_loss(u.clone(), v.clone(), u.clone(), v.clone(), 0, scale, &scope.rows)
                     }
                     Contrastive::Cached(c) => {
                         let mix = |cache: &Tensor<2>, live: Tensor<2>| {
@@ -687,7 +589,7 @@ impl FlavaForPretraining {
                         };
                         let (ua, va) = (mix(&c.image, u.clone()), mix(&c.text, v.clone()));
                         let scale = if c.live_scale { scale } else { scale.detach() };
-                        contrastive_loss(ua.clone(), va.clone(), ua, va, 0, scale, &c.rows, None)
+                        contrastive_loss(ua.clone(), va.clone(), ua, va, 0, scale, &c.rows)
                     }
                 };
                 losses.global_contrastive = Some(out.loss);

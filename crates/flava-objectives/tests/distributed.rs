@@ -118,7 +118,6 @@ fn global_contrastive_over_simulated_ranks_equals_the_full_batch() {
                     r * local,
                     scale.clone(),
                     &rows,
-                    None,
                 );
                 assert_eq!(out.logits_per_image.dims(), [local, b], "rows local, columns global");
                 out.loss
