@@ -10,12 +10,17 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
-use burn::store::{bridge, pytorch_reader, ApplyError, BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter};
+#[cfg(feature = "pytorch")]
+use burn::store::pytorch_reader;
+use burn::store::{bridge, ApplyError, BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter};
 use burn::tensor::DType;
 
 /// Errors from reading, applying or writing checkpoints.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
+    /// A PyTorch file, in a build without the `pytorch` feature.
+    #[error("{0}: this build reads safetensors only; enable the `pytorch` feature of flava-vit (or flava-fusion), or convert the file with `flava convert`")]
+    PytorchDisabled(PathBuf),
     /// The file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -190,7 +195,16 @@ impl StateDict {
     }
 
     /// Reads a PyTorch checkpoint without executing any pickled code. A top-level
+    /// `state_dict`/`model` entry (training checkpoints) is unwrapped. Needs the `pytorch`
+    /// feature; without it, an error that says so.
+    #[cfg(not(feature = "pytorch"))]
+    pub fn from_pytorch(path: &Path) -> Result<Self, WeightsError> {
+        Err(WeightsError::PytorchDisabled(path.into()))
+    }
+
+    /// Reads a PyTorch checkpoint without executing any pickled code. A top-level
     /// `state_dict`/`model` entry (training checkpoints) is unwrapped.
+    #[cfg(feature = "pytorch")]
     pub fn from_pytorch(path: &Path) -> Result<Self, WeightsError> {
         if let Err(source) = std::fs::metadata(path) {
             return Err(WeightsError::Io {
