@@ -80,6 +80,12 @@ pub struct DvaeState {
     pub train_seconds: f64,
 }
 
+impl crate::run_dir::RunState for DvaeState {
+    fn set_counters(&mut self, counters: crate::trainer::Counters) {
+        self.counters = counters;
+    }
+}
+
 /// One dVAE step's input: mapped pixels [B, 3, S, S] on the autodiff device.
 #[derive(Debug, Clone)]
 pub struct DvaeBatch {
@@ -324,15 +330,7 @@ pub fn train(
     let mut metrics = run.metrics(state.counters.step)?;
     let keep = 2;
     let save = |trainer: &Trainer<DvaeObjective>, state: &DvaeState, observer: &mut dyn Observer| {
-        let mut state = state.clone();
-        state.counters = trainer.counters;
-        run.save_checkpoint(
-            state.counters.step,
-            &state,
-            keep,
-            |dir| trainer.save_records(dir),
-            observer,
-        )
+        run.save_trainer(trainer, state, keep, observer)
     };
     observer.on_train_start("dvae", trainer.step_count(), cfg.steps);
     let mut last = None;
@@ -373,12 +371,7 @@ pub fn train(
             save(&trainer, &state, observer)?;
         }
     }
-    observer.on_train_end();
-    metrics.flush()?;
-    state.counters = trainer.counters;
-    if run.latest_step() != Some(state.counters.step) {
-        save(&trainer, &state, observer)?;
-    }
+    run.finish(&trainer, &mut state, keep, &mut metrics, observer)?;
     let valid = trainer.model().valid();
     let codebook_dir = flava_vit::atomic::AtomicDir::new(out.join("codebook"))?;
     flava_dvae::save_codebook(&valid.encoder, &cfg.codebook, codebook_dir.path())?;

@@ -1,19 +1,24 @@
 //! Evaluation: zero-shot classification, image-text retrieval, MLM and MIM accuracy
-//! (`flava eval`, and the end of `flava pretrain`).
+//! (`flava eval`, and the end of `flava pretrain`); fine-tuning adds its task metrics here.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 
 use burn::prelude::*;
+use flava_data::batch::BatchBuilder;
 use flava_data::processor::ImageProcessor;
 use flava_data::sources::{Record, SkipReason, Source};
 use flava_data::stream::{decode, DecodedSample};
 use flava_data::task::Task;
+use flava_dvae::ImageCodebook;
 use flava_fusion::{l2_normalize, FlavaModel};
+use flava_objectives::{FlavaForPretraining, StepOptions};
 use flava_text::Tokenizer;
 use image::DynamicImage;
 use serde::{Deserialize, Serialize};
+
+use crate::pretrain::to_pretraining;
 
 /// Images or texts embedded per forward pass.
 pub const CHUNK: usize = 64;
@@ -370,6 +375,52 @@ pub fn render_report(r: &EvalReport) -> String {
         s += &format!("{name:<48} {:>8.2}% {c:>9}\n", 100.0 * v);
     }
     s
+}
+
+/// Masked-prediction accuracy (argmax equals the target, over the masked positions) on
+/// `samples` of `task`: MLM for text, MIM for images (targets from `codebook`), batched by
+/// `builder` with its training masking (batch seeds apart from training's).
+pub fn masked_accuracy(
+    model: &FlavaForPretraining,
+    codebook: &ImageCodebook,
+    builder: &BatchBuilder,
+    samples: &[DecodedSample],
+    task: Task,
+    device: &Device,
+) -> anyhow::Result<f64> {
+    let (mut hit, mut total) = (0usize, 0usize);
+    for (i, chunk) in samples.chunks(CHUNK).enumerate() {
+        let host = builder.build(task, chunk.to_vec(), 1_000_000 + i as u64)?;
+        let batch = to_pretraining(&host, device);
+        let opts = StepOptions {
+            codebook: Some(codebook),
+            ..Default::default()
+        };
+        let out = model.forward(&batch, &opts)?;
+        let (logits, targets): (Option<Tensor<2>>, Vec<usize>) = match task {
+            Task::Text => (out.logits.mlm, batch.mlm.map(|m| m.targets).unwrap_or_default()),
+            _ => {
+                let t = out.mim_targets.unwrap_or_default();
+                let mask = &host.bool_masked_pos;
+                let targets = (0..mask.len().min(t.len()))
+                    .filter(|&j| mask[j])
+                    .map(|j| t[j])
+                    .collect();
+                (out.logits.mim, targets)
+            }
+        };
+        if let Some(l) = logits {
+            let pred: Vec<i64> = l
+                .argmax(1)
+                .into_data()
+                .convert::<i64>()
+                .try_into_vec::<i64>()
+                .unwrap_or_default();
+            hit += pred.iter().zip(&targets).filter(|(p, t)| **p as usize == **t).count();
+            total += targets.len();
+        }
+    }
+    Ok(hit as f64 / total.max(1) as f64)
 }
 
 #[cfg(test)]

@@ -1,8 +1,16 @@
 //! # flava-train
 //!
-//! Thin wiring around the FLAVA crates: the `flava` command line. `flava pretrain` (the training
-//! loop, checkpoints, exact resume, evaluation), `flava eval` (zero-shot, retrieval), `flava embed`,
-//! `flava codebook`, `flava dvae`, `flava data`, `flava masks` and `flava convert`.
+//! The training library and the thin `flava` command line over it:
+//! - [`trainer`]: [`Trainer`], one step of any [`Objective`] under a [`Strategy`] (single,
+//!   accumulated, data-parallel), with the non-finite guard; [`optim`]: parameter groups,
+//!   decoupled AdamW, clipping, warmup + cosine; [`run_dir`]: atomic checkpoints, resume,
+//!   metrics; [`observer`]: progress bars, metrics and fault injection hooks.
+//! - [`pretrain`]: FLAVA pretraining (tokenizer, codebook, phases, checkpoints, evaluation);
+//!   [`dvae`]: dVAE training; [`eval`]: zero-shot, retrieval and masked accuracy; [`embed`]:
+//!   image/text embeddings.
+//! - `data_cmd`, `dvae_cmd`, `eval_cmd` and `src/cli/` implement the commands of the binary
+//!   (`flava pretrain`, `eval`, `embed`, `codebook`, `dvae`, `data`, `masks`, `convert`);
+//!   [`alloc`]: the allocator setting binaries make at start.
 
 pub mod alloc;
 pub mod data_cmd;

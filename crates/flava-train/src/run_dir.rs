@@ -17,6 +17,14 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::observer::Observer;
+use crate::trainer::{Counters, Objective, Trainer};
+
+/// What a run saves in each checkpoint beside the trainer's records (`state.json`): serialisable,
+/// and carrying the trainer's [`Counters`].
+pub trait RunState: Serialize + Clone {
+    /// Sets the counters (to the trainer's, before a save).
+    fn set_counters(&mut self, counters: Counters);
+}
 
 /// The SHA-256 of a file, hex.
 pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
@@ -246,6 +254,47 @@ impl RunDir {
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
         Ok(MetricsLog { file, path })
+    }
+}
+
+impl RunDir {
+    /// Writes checkpoint `step-N` of `trainer` with `state` (its counters set from the trainer),
+    /// keeping the newest `keep`.
+    pub fn save_trainer<O: Objective, S: RunState>(
+        &self,
+        trainer: &Trainer<O>,
+        state: &S,
+        keep: usize,
+        observer: &mut dyn Observer,
+    ) -> anyhow::Result<PathBuf> {
+        let mut state = state.clone();
+        state.set_counters(trainer.counters);
+        self.save_checkpoint(
+            trainer.step_count(),
+            &state,
+            keep,
+            |dir| trainer.save_records(dir),
+            observer,
+        )
+    }
+
+    /// The end of a training loop: the observer told, the metrics flushed, `state`'s counters set
+    /// from the trainer, and a checkpoint of the last step unless the newest one is that step.
+    pub fn finish<O: Objective, S: RunState>(
+        &self,
+        trainer: &Trainer<O>,
+        state: &mut S,
+        keep: usize,
+        metrics: &mut MetricsLog,
+        observer: &mut dyn Observer,
+    ) -> anyhow::Result<()> {
+        observer.on_train_end();
+        metrics.flush()?;
+        state.set_counters(trainer.counters);
+        if self.latest_step() != Some(trainer.step_count()) {
+            self.save_trainer(trainer, state, keep, observer)?;
+        }
+        Ok(())
     }
 }
 

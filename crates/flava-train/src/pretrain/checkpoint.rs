@@ -31,3 +31,9 @@ pub struct TrainState {
     #[serde(default)]
     pub fingerprints: BTreeMap<String, String>,
 }
+
+impl crate::run_dir::RunState for TrainState {
+    fn set_counters(&mut self, counters: crate::trainer::Counters) {
+        self.counters = counters;
+    }
+}

@@ -129,10 +129,8 @@ pub struct PretrainConfig {
     /// Phases in order: `images`, `text` (unimodal), `pairs` (paired only) and `joint` (the mix),
     /// each `NAME:STEPS` or `NAME:P%` of `steps`; one may omit its count to take the rest, e.g.
     /// `images:100,text:100,joint`. The default gives the first half to paired batches only: the
-    /// contrastive loss leaves its initial plateau before the unimodal losses share the towers,
-    /// and within the default run's ten minutes zero-shot accuracy rose from 61% (20% paired-only
-    /// steps of 1050) to 75% (40%) and 94% (50% of 1300); with the informative codebook of the
-    /// current dVAE recipe, 83% at 1300 steps and 96% at 1700 (the default).
+    /// contrastive loss leaves its initial plateau before the unimodal losses share the towers
+    /// (the README's "default run" section has the measurements behind this choice).
     pub phases: Option<String>,
     /// Codebook directory (HF layout); trained first when absent.
     pub codebook: Option<PathBuf>,

@@ -9,8 +9,10 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod evaluate;
 pub mod objective;
 pub mod plot;
+mod setup;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,29 +22,27 @@ use anyhow::Context;
 use burn::module::Module;
 use burn::prelude::*;
 use flava_data::batch::{BatchBuilder, BatchConfig};
-use flava_data::loader::{DataLoader, LoaderConfig, Mix};
+use flava_data::loader::{DataLoader, LoaderConfig};
 use flava_data::masking::BlockMaskConfig;
-use flava_data::processor::{ImageProcessor, ImageProcessorConfig, SizeSpec};
-use flava_data::sources::Source;
-use flava_data::spec::{open_source, SourceOptions};
-use flava_data::task::Task;
+use flava_data::processor::ImageProcessor;
 use flava_data::transforms::TrainTransformConfig;
-use flava_dvae::ImageCodebook;
 use flava_fusion::checkpoint::read_config;
 use flava_fusion::FlavaConfig;
-use flava_objectives::checkpoint::{load_pretraining, save_pretraining};
-use flava_objectives::{FlavaForPretraining, StepOptions};
-use flava_text::Tokenizer;
+use flava_objectives::checkpoint::load_pretraining;
+use flava_objectives::FlavaForPretraining;
 use serde_json::json;
 
-use crate::eval::{self, EvalReport};
+use crate::eval::EvalReport;
 use crate::observer::Observer;
 use crate::run_dir::{sha256_file, RunDir};
 use crate::trainer::{Strategy, Trainer, TrainerConfig};
 pub use checkpoint::TrainState;
-use config::{PhaseKind, PretrainConfig};
+use config::PretrainConfig;
+pub use evaluate::evaluate;
 use flava_data::stream::StreamStats;
 pub use objective::{to_pretraining, Pretraining};
+use setup::{model_config, prepare_codebook, prepare_tokenizer, save_model_dir, sources};
+pub use setup::{previous_run, processor_config, RUN_FILES};
 
 /// What a finished run reports.
 #[derive(Debug)]
@@ -59,230 +59,6 @@ pub struct RunSummary {
     pub train_seconds: f64,
     /// Samples and skips per source over the whole run.
     pub data: BTreeMap<String, StreamStats>,
-}
-
-fn source_options(cfg: &PretrainConfig, shuffle: bool) -> SourceOptions {
-    SourceOptions {
-        seed: cfg.seed,
-        shuffle,
-        shuffle_buffer: if shuffle { 1000 } else { 0 },
-        synthetic_image_size: 64,
-        ..Default::default()
-    }
-}
-
-/// The tokenizer: given, already in the run directory, from `--init`, or trained on the run's texts.
-fn prepare_tokenizer(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Result<(Tokenizer, PathBuf)> {
-    if let Some(p) = &cfg.tokenizer {
-        return Ok((
-            Tokenizer::from_file(p).with_context(|| format!("loading {}", p.display()))?,
-            p.clone(),
-        ));
-    }
-    let path = cfg.out.join("tokenizer.json");
-    if path.is_file() {
-        return Ok((Tokenizer::from_file(&path)?, path));
-    }
-    if let Some(init) = &cfg.init {
-        for name in ["tokenizer.json", "vocab.txt"] {
-            let p = init.join(name);
-            if p.is_file() {
-                return Ok((Tokenizer::from_file(&p)?, p));
-            }
-        }
-        anyhow::bail!(
-            "{} has no tokenizer.json or vocab.txt; pass --tokenizer",
-            init.display()
-        );
-    }
-    let mut texts = Vec::new();
-    let opts = source_options(cfg, false);
-    for (spec, task) in cfg
-        .text
-        .iter()
-        .map(|s| (s, Task::Text))
-        .chain(cfg.pairs.iter().map(|s| (s, Task::Pairs)))
-    {
-        let mut src = open_source(spec, task, &opts)?;
-        let (samples, _) = eval::read_samples(src.as_mut(), Task::Text, 20_000);
-        texts.extend(samples.into_iter().filter_map(|s| s.text));
-    }
-    if texts.is_empty() {
-        anyhow::bail!("no text to train the tokenizer on (give --text or --pairs sources, or --tokenizer)");
-    }
-    let t0 = Instant::now();
-    let tmp = flava_vit::atomic::tmp_path(&path);
-    let n = flava_text::train::train_wordpiece(texts.clone().into_iter(), cfg.tokenizer_vocab_size, &tmp)?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    observer.on_message(&format!(
-        "tokenizer: WordPiece with {n} tokens trained on {} texts in {:.1}s -> {}",
-        texts.len(),
-        t0.elapsed().as_secs_f64(),
-        path.display()
-    ));
-    Ok((Tokenizer::from_file(&path)?, path))
-}
-
-/// The codebook: given, from `--init`, already trained in the run directory, or trained now.
-fn prepare_codebook(
-    cfg: &PretrainConfig,
-    codebook_side: u32,
-    device: &Device,
-    observer: &mut dyn Observer,
-) -> anyhow::Result<(ImageCodebook, flava_dvae::FlavaImageCodebookConfig, PathBuf)> {
-    let dir = match (&cfg.codebook, &cfg.init) {
-        (Some(d), _) => d.clone(),
-        (None, Some(init)) => init.clone(),
-        (None, None) => {
-            let dvae_dir = cfg.out.join("dvae");
-            let cb = dvae_dir.join("codebook");
-            if !cb.join("config.json").is_file() {
-                let mut dc = flava_dvae::dvae::DvaeTrainConfig::default();
-                dc.codebook.vocab_size = cfg.dvae.vocab_size;
-                dc.codebook.hidden_size = cfg.dvae.hidden_size;
-                dc.image_size = codebook_side;
-                dc.steps = cfg.dvae.steps;
-                dc.time_limit_s = Some(cfg.dvae.time_limit_s);
-                dc.seed = cfg.seed;
-                let images = cfg
-                    .images
-                    .first()
-                    .or(cfg.pairs.first())
-                    .context("no image source for the dVAE")?;
-                observer.on_message(&format!(
-                    "dVAE: training a {}-code image tokenizer for up to {:.0}s on {images}",
-                    dc.codebook.vocab_size, cfg.dvae.time_limit_s
-                ));
-                // The run's own dVAE: continue one that an interrupted run left unfinished.
-                crate::dvae_cmd::train_cmd(images, &cfg.eval.images, &dvae_dir, dc, true, device, observer)?;
-            }
-            cb
-        }
-    };
-    let (codebook, cb_cfg, _) = flava_dvae::load_codebook(&dir, device)
-        .with_context(|| format!("loading the codebook of {}", dir.display()))?;
-    Ok((codebook, cb_cfg, dir))
-}
-
-/// The FLAVA configuration: from `--init` or the preset, sized to the tokenizer and codebook.
-fn model_config(
-    cfg: &PretrainConfig,
-    tokenizer: &Tokenizer,
-    cb: &flava_dvae::FlavaImageCodebookConfig,
-) -> anyhow::Result<FlavaConfig> {
-    let mut mc = match &cfg.init {
-        Some(dir) => read_config(dir)?,
-        None => FlavaConfig::preset(&cfg.preset)?,
-    };
-    let vocab = tokenizer.vocab_size();
-    if cfg.init.is_some() && mc.text_config.vocab_size != vocab {
-        anyhow::bail!(
-            "the tokenizer has {vocab} tokens but the --init model's text vocabulary is {}",
-            mc.text_config.vocab_size
-        );
-    }
-    mc.text_config.vocab_size = vocab;
-    mc.text_config.max_position_embeddings = mc.text_config.max_position_embeddings.max(cfg.max_length);
-    mc.image_config.vocab_size = cb.vocab_size;
-    mc.image_codebook_config = cb.clone();
-    let (i, t, m) = (
-        mc.image_config.hidden_size,
-        mc.text_config.hidden_size,
-        mc.multimodal_config.hidden_size,
-    );
-    if i != t || t != m {
-        anyhow::bail!(
-            "pretraining needs equal image/text/multimodal widths (the MMM heads read fused states); got {i}/{t}/{m}"
-        );
-    }
-    mc.validate()?;
-    Ok(mc)
-}
-
-/// The `preprocessor_config.json` that reproduces the training-time evaluation transform.
-pub fn processor_config(image_size: u32, codebook_side: u32) -> ImageProcessorConfig {
-    let hw = |s| SizeSpec::HeightWidth { height: s, width: s };
-    ImageProcessorConfig {
-        size: hw(image_size),
-        crop_size: hw(image_size),
-        codebook_size: hw(codebook_side),
-        codebook_crop_size: hw(codebook_side),
-        ..Default::default()
-    }
-}
-
-/// Writes the final model directory in the HF layout.
-fn save_model_dir(
-    dir: &Path,
-    model: &FlavaForPretraining,
-    codebook: &ImageCodebook,
-    mc: &FlavaConfig,
-    tokenizer_path: &Path,
-    processor: &ImageProcessorConfig,
-) -> anyhow::Result<()> {
-    // Written whole into `model.tmp/` and swapped in: a crash never leaves a mixed directory.
-    let target = dir;
-    let staged = flava_vit::atomic::AtomicDir::new(target)?;
-    let dir = staged.path();
-    save_pretraining(model, Some(codebook), mc, dir)?;
-    let tok_dst = dir.join("tokenizer.json");
-    if tokenizer_path.extension().is_some_and(|e| e == "json") {
-        std::fs::copy(tokenizer_path, &tok_dst)?;
-    } else {
-        std::fs::copy(tokenizer_path, dir.join("vocab.txt"))?;
-    }
-    let mut v = serde_json::to_value(processor)?;
-    v["image_processor_type"] = json!("FlavaImageProcessor");
-    std::fs::write(dir.join("preprocessor_config.json"), serde_json::to_string_pretty(&v)?)?;
-    staged.commit()?;
-    Ok(())
-}
-
-/// Sources per task.
-type TaskSources = BTreeMap<Task, Vec<Box<dyn Source>>>;
-
-fn sources(cfg: &PretrainConfig, phase: PhaseKind) -> anyhow::Result<(TaskSources, Mix)> {
-    let opts = source_options(cfg, true);
-    let mut out: TaskSources = BTreeMap::new();
-    for &task in phase.tasks() {
-        let specs = match task {
-            Task::Pairs => &cfg.pairs,
-            Task::Images => &cfg.images,
-            Task::Text => &cfg.text,
-        };
-        for s in specs {
-            out.entry(task)
-                .or_default()
-                .push(open_source(s, task, &opts).with_context(|| format!("opening {} source `{s}`", task.name()))?);
-        }
-    }
-    if out.is_empty() {
-        anyhow::bail!("phase `{phase}` has no data source");
-    }
-    let mix = match phase {
-        PhaseKind::Joint => Mix::parse(&cfg.mix)?,
-        PhaseKind::Only(_) => Mix::RoundRobin,
-    };
-    Ok((out, mix))
-}
-
-/// Files a finished or interrupted run leaves in its directory; a new run refuses to start
-/// over them without `--resume` or `--force`.
-pub const RUN_FILES: [&str; 9] = [
-    "checkpoints",
-    "model",
-    "metrics.jsonl",
-    "eval.json",
-    "config.toml",
-    "loss_curves.png",
-    "dvae",
-    "tokenizer.json",
-    "model.tmp",
-];
-
-/// The first file of a previous run found in `out`.
-pub fn previous_run(out: &Path) -> Option<&'static str> {
-    RUN_FILES.iter().copied().find(|f| out.join(f).exists())
 }
 
 /// Adds `b` to `a`, source by source.
@@ -331,117 +107,6 @@ fn write_curves(metrics: &Path, png: &Path) -> anyhow::Result<()> {
     plot::plot_losses(&series, &tmp)?;
     std::fs::rename(&tmp, png)?;
     Ok(())
-}
-
-/// Masked-prediction accuracy on held-out data: MLM on texts, MIM on images (targets from the
-/// codebook), with the same masking as training.
-pub fn masked_accuracy(
-    model: &FlavaForPretraining,
-    codebook: &ImageCodebook,
-    builder: &BatchBuilder,
-    cfg: &PretrainConfig,
-    device: &Device,
-) -> anyhow::Result<(f64, f64)> {
-    let opts = source_options(cfg, false);
-    let mut result = [0.0f64; 2];
-    for (k, (spec, task)) in [(&cfg.eval.text, Task::Text), (&cfg.eval.images, Task::Images)]
-        .into_iter()
-        .enumerate()
-    {
-        let mut src = open_source(spec, task, &opts)?;
-        let (samples, _) = eval::read_samples(src.as_mut(), task, cfg.eval.masked_samples);
-        let (mut hit, mut total) = (0usize, 0usize);
-        for (i, chunk) in samples.chunks(eval::CHUNK).enumerate() {
-            let host = builder.build(task, chunk.to_vec(), 1_000_000 + i as u64)?;
-            let batch = to_pretraining(&host, device);
-            let out = model.forward(
-                &batch,
-                &StepOptions {
-                    codebook: Some(codebook),
-                    ..Default::default()
-                },
-            )?;
-            let (logits, targets): (Option<Tensor<2>>, Vec<usize>) = match task {
-                Task::Text => (out.logits.mlm, batch.mlm.map(|m| m.targets).unwrap_or_default()),
-                _ => {
-                    let t = out.mim_targets.unwrap_or_default();
-                    let mask = &host.bool_masked_pos;
-                    let targets = (0..mask.len().min(t.len()))
-                        .filter(|&j| mask[j])
-                        .map(|j| t[j])
-                        .collect();
-                    (out.logits.mim, targets)
-                }
-            };
-            if let Some(l) = logits {
-                let pred: Vec<i64> = l
-                    .argmax(1)
-                    .into_data()
-                    .convert::<i64>()
-                    .try_into_vec::<i64>()
-                    .unwrap_or_default();
-                hit += pred.iter().zip(&targets).filter(|(p, t)| **p as usize == **t).count();
-                total += targets.len();
-            }
-        }
-        result[k] = hit as f64 / total.max(1) as f64;
-    }
-    Ok((result[0], result[1]))
-}
-
-/// The evaluation of a trained model (zero-shot, retrieval, MLM/MIM accuracy).
-#[allow(clippy::too_many_arguments)]
-pub fn evaluate(
-    model: &FlavaForPretraining,
-    codebook: &ImageCodebook,
-    tokenizer: &Tokenizer,
-    processor: &ImageProcessor,
-    builder: &BatchBuilder,
-    mc: &FlavaConfig,
-    cfg: &PretrainConfig,
-    device: &Device,
-) -> anyhow::Result<EvalReport> {
-    let opts = source_options(cfg, false);
-    let mut zs_src = open_source(&cfg.eval.zero_shot, Task::Images, &opts)?;
-    let (zs_samples, skipped) = eval::read_samples(zs_src.as_mut(), Task::Images, cfg.eval.zero_shot_images);
-    if zs_samples.is_empty() {
-        anyhow::bail!(
-            "evaluation: {} has no usable image ({skipped} skipped)",
-            cfg.eval.zero_shot
-        );
-    }
-    let zero_shot = eval::zero_shot(
-        &model.flava,
-        tokenizer,
-        processor,
-        &zs_samples,
-        &cfg.eval.templates,
-        cfg.max_length,
-        device,
-    )?;
-    let mut r_src = open_source(&cfg.eval.retrieval, Task::Pairs, &opts)?;
-    let (pairs, skipped) = eval::read_samples(r_src.as_mut(), Task::Pairs, cfg.eval.retrieval_pairs);
-    if pairs.is_empty() {
-        anyhow::bail!(
-            "evaluation: {} has no usable pair ({skipped} skipped)",
-            cfg.eval.retrieval
-        );
-    }
-    let retrieval = eval::retrieval(&model.flava, tokenizer, processor, &pairs, cfg.max_length, device)?;
-    let (mlm, mim) = masked_accuracy(model, codebook, builder, cfg, device)?;
-    let chance = eval::chance_levels(
-        Some(zero_shot.classes.len()),
-        Some(&retrieval),
-        mc.text_config.vocab_size,
-        mc.image_config.vocab_size,
-    );
-    Ok(EvalReport {
-        zero_shot: Some(zero_shot),
-        retrieval: Some(retrieval),
-        mlm_accuracy: Some(mlm),
-        mim_accuracy: Some(mim),
-        chance,
-    })
 }
 
 /// Runs `flava pretrain` with `cfg`, messages printed to stderr.
@@ -649,15 +314,7 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
     observer.on_train_start("flava", trainer.step_count(), total);
     let started = Instant::now();
     let save = |trainer: &Trainer<Pretraining>, state: &TrainState, observer: &mut dyn Observer| {
-        let mut state = state.clone();
-        state.counters = trainer.counters;
-        run_dir.save_checkpoint(
-            state.counters.step,
-            &state,
-            cfg.keep_checkpoints,
-            |dir| trainer.save_records(dir),
-            observer,
-        )
+        run_dir.save_trainer(trainer, state, cfg.keep_checkpoints, observer)
     };
     let mut phase_start = 0;
     for (pi, phase) in phases.iter().enumerate() {
@@ -734,12 +391,7 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
         drop(loader);
         phase_start = phase_end;
     }
-    observer.on_train_end();
-    metrics.flush()?;
-    state.counters = trainer.counters;
-    if run_dir.latest_step() != Some(state.counters.step) {
-        save(&trainer, &state, observer)?;
-    }
+    run_dir.finish(&trainer, &mut state, cfg.keep_checkpoints, &mut metrics, observer)?;
     let train_seconds = started.elapsed().as_secs_f64();
     let counters = state.counters;
     if counters.step < total {
