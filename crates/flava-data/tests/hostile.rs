@@ -36,15 +36,7 @@ fn jpeg(w: u32, h: u32) -> Vec<u8> {
 }
 
 fn write_tar(path: &Path, members: &[(&str, Vec<u8>)]) {
-    let mut b = tar::Builder::new(Vec::new());
-    for (name, data) in members {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, name, data.as_slice()).unwrap();
-    }
-    std::fs::write(path, b.into_inner().unwrap()).unwrap();
+    common::write_tar(path, members, None)
 }
 
 fn loader(task: Task, source: Box<dyn Source>) -> DataLoader {

@@ -2,9 +2,10 @@
 //! counted skips, on files built here.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 mod common;
+use common::write_tar;
 
 use common::{builder, tokenizer};
 use flava_data::batch::BatchBuilder;
@@ -130,22 +131,6 @@ fn weighted_mix_follows_weights() {
     assert!(!tasks.contains(&Task::Text));
     assert!((pairs as f64 / 200.0 - 0.75).abs() < 0.1, "{pairs}");
     assert!(Mix::parse("pairs=0").is_err() && Mix::parse("cats=1").is_err());
-}
-
-fn write_tar(path: &Path, members: &[(&str, Vec<u8>)], cut: Option<usize>) {
-    let mut b = tar::Builder::new(Vec::new());
-    for (name, data) in members {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, name, data.as_slice()).unwrap();
-    }
-    let mut bytes = b.into_inner().unwrap();
-    if let Some(n) = cut {
-        bytes.truncate(bytes.len() - n);
-    }
-    std::fs::write(path, bytes).unwrap();
 }
 
 #[test]

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use flava_data::masking::{BlockMaskConfig, BlockMaskGenerator};
-use flava_data::shards::{inspect, write_shards};
+use flava_data::shards::{write_shards, ShardReport};
 use flava_data::spec::{open_source, SourceOptions};
 use flava_data::task::Task;
 use image::{Rgb, RgbImage};
@@ -85,7 +85,7 @@ pub fn shards(
     limit: Option<u64>,
     force: bool,
     opts: &SourceOptions,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<ShardReport> {
     if shard_size == 0 {
         anyhow::bail!("--shard-size must be at least 1");
     }
@@ -121,35 +121,5 @@ pub fn shards(
     );
     let report = write_shards(src.as_mut(), out, shard_size, limit, |n| bar.set_position(n))?;
     bar.finish_and_clear();
-    println!(
-        "wrote {} samples in {} shards to {} ({} skipped)",
-        report.samples,
-        report.shards.len(),
-        out.display(),
-        report.skipped
-    );
-    Ok(())
-}
-
-/// `flava data inspect`.
-pub fn inspect_cmd(pattern: &str) -> anyhow::Result<()> {
-    let (summaries, first) = inspect(pattern)?;
-    let mut total = 0;
-    for s in &summaries {
-        println!(
-            "{}: {} samples ({} with image, {} with text, {} with label), {} skipped",
-            s.path.display(),
-            s.samples,
-            s.with_image,
-            s.with_text,
-            s.with_label,
-            s.skipped
-        );
-        total += s.samples;
-    }
-    println!("total: {total} samples in {} shards", summaries.len());
-    if let Some(f) = first {
-        println!("first sample: {f}");
-    }
-    Ok(())
+    Ok(report)
 }

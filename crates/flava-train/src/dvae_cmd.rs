@@ -94,6 +94,5 @@ pub fn reconstruct_cmd(model_dir: &Path, image: &Path, out: &Path, force: bool, 
         image::Rgb([px(src, unmap, i, 0), px(src, unmap, i, 1), px(src, unmap, i, 2)])
     });
     crate::save_image_file(&side, out, force)?;
-    println!("wrote {} (original | reconstruction)", out.display());
     Ok(())
 }

@@ -56,8 +56,8 @@ pub fn find_processor(dir: &Path) -> anyhow::Result<ImageProcessor> {
     if p.is_file() {
         Ok(ImageProcessor::from_file(&p)?)
     } else {
-        eprintln!(
-            "note: {} has no preprocessor_config.json; using FlavaImageProcessor defaults",
+        log::info!(
+            "{} has no preprocessor_config.json; using FlavaImageProcessor defaults",
             dir.display()
         );
         Ok(ImageProcessor::default())
@@ -150,7 +150,7 @@ pub fn embed_with(
             .map(|(i, _)| i)
             .collect();
         for &i in &out.truncated_texts {
-            eprintln!("warning: text {i} is longer than {max_length} tokens and was truncated");
+            log::warn!("text {i} is longer than {max_length} tokens and was truncated");
         }
         let (ids, mask, _) = batch.to_tensors(device);
         ids_t = Some((ids.clone(), mask.clone()));
@@ -206,8 +206,8 @@ pub fn run(
     } else {
         let loaded = load_flava_model(model_dir, device).with_context(|| format!("loading {}", model_dir.display()))?;
         if !loaded.report.unexpected.is_empty() {
-            eprintln!(
-                "note: {} checkpoint tensors not used by FlavaModel (pretraining heads, codebook)",
+            log::info!(
+                "{} checkpoint tensors not used by FlavaModel (pretraining heads, codebook)",
                 loaded.report.unexpected.len()
             );
         }
@@ -215,9 +215,7 @@ pub fn run(
     };
     let max_positions = config.text_config.max_position_embeddings;
     let max_length = if max_length > max_positions {
-        eprintln!(
-            "note: --max-length {max_length} exceeds the model's {max_positions} positions; using {max_positions}"
-        );
+        log::info!("--max-length {max_length} exceeds the model's {max_positions} positions; using {max_positions}");
         max_positions
     } else {
         max_length

@@ -47,7 +47,7 @@ pub fn zero_shot(
     let mut src = open_source(data, Task::Images, &no_shuffle()).with_context(|| format!("opening {data}"))?;
     let (samples, skipped) = eval::read_samples(src.as_mut(), Task::Images, max_images);
     if skipped > 0 {
-        eprintln!("{skipped} image(s) skipped");
+        log::warn!("{skipped} image(s) skipped");
     }
     if samples.is_empty() {
         anyhow::bail!("{data}: no usable image ({skipped} skipped)");
@@ -69,7 +69,7 @@ pub fn retrieval(dir: &Path, pairs: &str, max_pairs: usize, device: &Device) -> 
     let mut src = open_source(pairs, Task::Pairs, &no_shuffle()).with_context(|| format!("opening {pairs}"))?;
     let (samples, skipped) = eval::read_samples(src.as_mut(), Task::Pairs, max_pairs);
     if skipped > 0 {
-        eprintln!("{skipped} pair(s) skipped");
+        log::warn!("{skipped} pair(s) skipped");
     }
     if samples.is_empty() {
         anyhow::bail!("{pairs}: no usable pair ({skipped} skipped)");

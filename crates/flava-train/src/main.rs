@@ -69,7 +69,7 @@ fn run(c: Cli) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     // Library warnings (skipped records, ...) on stderr as `warning: ...`; RUST_LOG overrides.
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(
-        "error,flava_vit=warn,flava_text=warn,flava_fusion=warn,flava_dvae=warn,flava_objectives=warn,flava_data=warn,flava_train=warn",
+        "error,flava_vit=warn,flava_text=warn,flava_fusion=warn,flava_dvae=warn,flava_objectives=warn,flava_data=warn,flava_train=info",
     ))
         .format(|f, r| {
             use std::io::Write;

@@ -3,7 +3,7 @@
 // Each test binary uses a part of these.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use flava_data::batch::{BatchBuilder, BatchConfig};
 use flava_data::masking::BlockMaskConfig;
@@ -38,4 +38,22 @@ pub fn builder(batch: usize) -> BatchBuilder {
         ..Default::default()
     };
     BatchBuilder::new(cfg, Some(tokenizer())).unwrap()
+}
+
+/// Writes a tar of `members` (name, bytes) to `path`, its last `cut` bytes cut off (a truncated
+/// shard) when given.
+pub fn write_tar(path: &Path, members: &[(&str, Vec<u8>)], cut: Option<usize>) {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in members {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data.as_slice()).unwrap();
+    }
+    let mut bytes = b.into_inner().unwrap();
+    if let Some(n) = cut {
+        bytes.truncate(bytes.len() - n);
+    }
+    std::fs::write(path, bytes).unwrap();
 }

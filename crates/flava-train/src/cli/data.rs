@@ -48,16 +48,37 @@ pub fn run(c: DataCommand) -> anyhow::Result<()> {
             task,
             limit,
             force,
-        } => data_cmd::shards(
-            &from,
-            task.parse::<Task>()?,
-            &out,
-            shard_size,
-            limit,
-            force,
-            &SourceOptions::default(),
-        )?,
-        DataCommand::Inspect { shards } => data_cmd::inspect_cmd(&shards)?,
+        } => {
+            let task = task.parse::<Task>()?;
+            let report = data_cmd::shards(&from, task, &out, shard_size, limit, force, &SourceOptions::default())?;
+            println!(
+                "wrote {} samples in {} shards to {} ({} skipped)",
+                report.samples,
+                report.shards.len(),
+                out.display(),
+                report.skipped
+            );
+        }
+        DataCommand::Inspect { shards } => {
+            let (summaries, first) = flava_data::shards::inspect(&shards)?;
+            let mut total = 0;
+            for s in &summaries {
+                println!(
+                    "{}: {} samples ({} with image, {} with text, {} with label), {} skipped",
+                    s.path.display(),
+                    s.samples,
+                    s.with_image,
+                    s.with_text,
+                    s.with_label,
+                    s.skipped
+                );
+                total += s.samples;
+            }
+            println!("total: {total} samples in {} shards", summaries.len());
+            if let Some(f) = first {
+                println!("first sample: {f}");
+            }
+        }
     }
     Ok(())
 }

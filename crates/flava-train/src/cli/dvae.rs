@@ -99,7 +99,10 @@ pub fn run(c: DvaeCommand) -> anyhow::Result<()> {
             image,
             out,
             force,
-        } => dvae_cmd::reconstruct_cmd(&model, &image, &out, force, &burn::prelude::Device::flex())?,
+        } => {
+            dvae_cmd::reconstruct_cmd(&model, &image, &out, force, &burn::prelude::Device::flex())?;
+            println!("wrote {} (original | reconstruction)", out.display());
+        }
     }
     Ok(())
 }
