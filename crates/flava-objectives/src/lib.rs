@@ -16,12 +16,14 @@
 //! - [`contrastive`]: the global contrastive loss against the whole batch's embeddings.
 //! - [`scope`]: positive rows and loss denominators, for one batch or its micro-batches.
 //! - [`pretraining`]: [`FlavaForPretraining`], one step's losses per task.
+//! - [`classification`]: downstream task heads ([`FlavaForClassification`]) and their losses.
 //! - [`accumulate`]: contrastive-exact gradient accumulation and in-process data parallelism.
 //! - [`checkpoint`]: loading and saving `FlavaForPreTraining` checkpoints.
 
 pub mod accumulate;
 pub mod batch;
 pub mod checkpoint;
+pub mod classification;
 pub mod contrastive;
 pub mod heads;
 pub mod losses;
@@ -31,6 +33,7 @@ pub mod scope;
 pub use accumulate::{accumulate_gradients, data_parallel_gradients, AccumulatedStep, Replica};
 pub use batch::{MlmTargets, PretrainingBatch};
 pub use checkpoint::{load_pretraining, save_pretraining, LoadedPretraining};
+pub use classification::{ClassificationError, ClassifierConfig, ClassifierHead, FlavaForClassification, TaskTargets};
 pub use contrastive::{clamp_logit_scale, contrastive_loss, ContrastiveOutput};
 pub use heads::{ItmHead, MaskedPredictionHead};
 pub use losses::{ItmLoss, ItmOutput, LossOutput, MaskedPredictionLoss};

@@ -159,7 +159,9 @@ fn a_previous_run_is_not_overwritten_and_resume_refuses_other_settings() {
     // run's codebook is left as it was.
     for garbage in ["{\"codebook\": {\"hidden_size\": ", "not json", "{\"lr\": \"fast\"}"] {
         std::fs::write(out.join("dvae_config.json"), garbage).unwrap();
-        let e = train(&tiny(4), source(), &out, true, &device, &mut Quiet).err().unwrap();
+        let e = train(&tiny(4), source(), &out, true, &device, &mut Quiet)
+            .err()
+            .unwrap();
         let e = format!("{e:#}");
         assert!(e.contains("dvae_config.json"), "{garbage}: {e}");
         assert_eq!(std::fs::read(out.join("codebook/model.safetensors")).unwrap(), codebook);

@@ -1,0 +1,312 @@
+//! Downstream task heads on a [`FlavaModel`]: torchmultimodal's classifier layout
+//! (`Linear(d, 768) -> ReLU -> Dropout(0.5) -> Linear(768, C)`, checkpoint keys
+//! `classifier.model.0.*` and `classifier.model.3.*`), fed by `last_hidden_state[:, 0]` of the
+//! image encoder, the text encoder, or the multimodal encoder's own CLS (text padding masked in
+//! fusion), and the task losses: cross-entropy on classes, binary cross-entropy on soft scores
+//! (VQA), mean squared error (STS-B).
+
+use burn::module::Module;
+use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::prelude::*;
+use flava_fusion::{FlavaConfig, FlavaInput, FlavaModel, Tower};
+use flava_vit::encoder::linear;
+use flava_vit::weights::{load_module, module_state_dict, LoadReport, StateDict, WeightsError};
+use serde::{Deserialize, Serialize};
+
+use crate::losses::cross_entropy;
+
+/// The head's shape (torchmultimodal `flava_model_for_classification` defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClassifierConfig {
+    /// Which encoder's CLS feeds the head.
+    pub tower: Tower,
+    /// Outputs: classes, answers (VQA) or 1 (regression).
+    pub num_classes: usize,
+    /// Width of the hidden layer.
+    pub hidden_size: usize,
+    /// Dropout after the ReLU (active in training only).
+    pub dropout: f64,
+}
+
+impl Default for ClassifierConfig {
+    fn default() -> Self {
+        Self {
+            tower: Tower::Multimodal,
+            num_classes: 2,
+            hidden_size: 768,
+            dropout: 0.5,
+        }
+    }
+}
+
+/// `Linear(d, hidden) -> ReLU -> Dropout -> Linear(hidden, C)`. Checkpoint keys: `hidden` is
+/// `classifier.model.0`, `output` is `classifier.model.3` (torchmultimodal's `MLP` indices).
+#[derive(Module, Debug)]
+pub struct ClassifierHead {
+    /// d → hidden (`model.0`).
+    pub hidden: Linear,
+    /// After the ReLU (`model.2`, no parameters).
+    pub dropout: Dropout,
+    /// hidden → classes (`model.3`).
+    pub output: Linear,
+}
+
+impl ClassifierHead {
+    /// A head for `in_dim` features, initialised as PyTorch's `nn.Linear` is not: N(0, std)
+    /// weights and zero biases, as HF initialises FLAVA's own heads.
+    pub fn new(in_dim: usize, cfg: &ClassifierConfig, std: f64, device: &Device) -> Self {
+        Self {
+            hidden: linear(in_dim, cfg.hidden_size, true, std, device),
+            dropout: DropoutConfig::new(cfg.dropout).init(),
+            output: linear(cfg.hidden_size, cfg.num_classes, true, std, device),
+        }
+    }
+
+    /// [b, d] → [b, classes].
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let h = burn::tensor::activation::relu(self.hidden.forward(x));
+        self.output.forward(self.dropout.forward(h))
+    }
+}
+
+/// What a task is trained against, one row per sample.
+#[derive(Debug, Clone)]
+pub enum TaskTargets {
+    /// Class indices (cross-entropy).
+    Classes(Vec<usize>),
+    /// Soft scores in [0, 1] per output, row-major [b, classes] (binary cross-entropy with
+    /// logits, summed over outputs and averaged over samples, as MMF's VQA loss).
+    Soft(Vec<f32>),
+    /// Real values (mean squared error on the single output).
+    Values(Vec<f32>),
+}
+
+/// FLAVA with a task head: HF `FlavaModel` keys for the backbone, `classifier.model.{0,3}.*`
+/// for the head.
+#[derive(Module, Debug)]
+pub struct FlavaForClassification {
+    /// The backbone.
+    pub flava: FlavaModel,
+    /// The head.
+    pub classifier: ClassifierHead,
+    /// Which encoder feeds the head.
+    #[module(skip)]
+    pub tower: Tower,
+}
+
+/// Errors of a classification step.
+#[derive(Debug, thiserror::Error)]
+pub enum ClassificationError {
+    /// The input lacks what the tower needs.
+    #[error("the {tower} head needs {needs}")]
+    MissingInput {
+        /// The head's tower.
+        tower: Tower,
+        /// What is missing.
+        needs: &'static str,
+    },
+    /// Targets that do not fit the logits.
+    #[error("targets: {0}")]
+    Targets(String),
+}
+
+impl FlavaForClassification {
+    /// A head on `flava` (the backbone's hidden size for the tower's CLS).
+    pub fn new(flava: FlavaModel, config: &FlavaConfig, head: &ClassifierConfig, device: &Device) -> Self {
+        let in_dim = match head.tower {
+            Tower::Image => config.image_config.hidden_size,
+            Tower::Text => config.text_config.hidden_size,
+            Tower::Multimodal => config.multimodal_config.hidden_size,
+        };
+        Self {
+            flava,
+            classifier: ClassifierHead::new(in_dim, head, config.initializer_range, device),
+            tower: head.tower,
+        }
+    }
+
+    /// The CLS of the chosen encoder (after its final LayerNorm): [b, d].
+    pub fn features(&self, input: FlavaInput) -> Result<Tensor<2>, ClassificationError> {
+        let missing = |needs| ClassificationError::MissingInput {
+            tower: self.tower,
+            needs,
+        };
+        let states = match self.tower {
+            Tower::Image => {
+                let px = input.pixel_values.ok_or_else(|| missing("pixel_values"))?;
+                self.flava.image_model.forward(px, None, false, false).last_hidden_state
+            }
+            Tower::Text => {
+                let ids = input.input_ids.ok_or_else(|| missing("input_ids"))?;
+                let out =
+                    self.flava
+                        .text_model
+                        .forward(ids, input.attention_mask.as_ref(), input.token_type_ids, false);
+                out.last_hidden_state
+            }
+            Tower::Multimodal => {
+                if input.pixel_values.is_none() || input.input_ids.is_none() {
+                    return Err(missing("pixel_values and input_ids"));
+                }
+                let out = self.flava.forward(FlavaInput {
+                    skip_multimodal_encoder: false,
+                    output_hidden_states: false,
+                    ..input
+                });
+                let mm = out.multimodal.ok_or_else(|| missing("pixel_values and input_ids"))?;
+                mm.last_hidden_state
+            }
+        };
+        let [b, _, d] = states.dims();
+        Ok(states.slice(s![.., 0..1, ..]).reshape([b, d]))
+    }
+
+    /// Logits [b, classes].
+    pub fn forward(&self, input: FlavaInput) -> Result<Tensor<2>, ClassificationError> {
+        Ok(self.classifier.forward(self.features(input)?))
+    }
+
+    /// The task loss of `logits` [b, classes] against `targets`, [1].
+    pub fn loss(logits: Tensor<2>, targets: &TaskTargets) -> Result<Tensor<1>, ClassificationError> {
+        let [b, c] = logits.dims();
+        let bad = |m: String| ClassificationError::Targets(m);
+        match targets {
+            TaskTargets::Classes(t) => {
+                if t.len() != b {
+                    return Err(bad(format!("{} labels for {b} rows", t.len())));
+                }
+                if let Some(x) = t.iter().find(|&&x| x >= c) {
+                    return Err(bad(format!("label {x} is not below the {c} classes")));
+                }
+                Ok(cross_entropy(logits, t))
+            }
+            TaskTargets::Soft(y) => {
+                if y.len() != b * c {
+                    return Err(bad(format!("{} soft scores for logits [{b}, {c}]", y.len())));
+                }
+                if let Some(v) = y.iter().find(|v| !(0.0..=1.0).contains(*v)) {
+                    return Err(bad(format!("soft score {v} is not in [0, 1]")));
+                }
+                // PyTorch's stable form: max(x, 0) − x·y + log(1 + exp(−|x|)), summed over
+                // outputs, mean over rows.
+                let x = logits;
+                let y = Tensor::<2>::from_data(TensorData::new(y.clone(), [b, c]), &x.device());
+                let loss = x.clone().clamp_min(0.0) - x.clone() * y + (x.abs().neg().exp() + 1.0).log();
+                Ok(loss.sum() / b.max(1) as f64)
+            }
+            TaskTargets::Values(v) => {
+                if v.len() != b || c != 1 {
+                    return Err(bad(format!("{} values for logits [{b}, {c}] (one output)", v.len())));
+                }
+                let y = Tensor::<1>::from_floats(v.as_slice(), &logits.device());
+                let diff = logits.reshape([b]) - y;
+                Ok((diff.clone() * diff).mean())
+            }
+        }
+    }
+
+    /// The checkpoint: the backbone under HF `FlavaModel` keys, the head as
+    /// `classifier.model.0.*` / `classifier.model.3.*`.
+    pub fn state_dict(&self) -> StateDict {
+        let mut sd = module_state_dict(&self.flava, "", &["logit_scale"]);
+        let head = module_state_dict(&self.classifier, "", &[]);
+        for (k, t) in head.tensors {
+            sd.tensors
+                .insert(format!("classifier.{}", head_key_to_checkpoint(&k)), t);
+        }
+        sd
+    }
+
+    /// Loads [`Self::state_dict`]'s layout (a backbone may also carry `flava.` prefixes, as a
+    /// pretraining checkpoint does). Without `classifier.*` keys the head keeps its initial
+    /// weights and the report lists them missing.
+    pub fn load_state_dict(&mut self, sd: &StateDict) -> Result<(LoadReport, LoadReport), WeightsError> {
+        let backbone = if sd.tensors.keys().any(|k| k.starts_with("flava.")) {
+            sd.strip_prefix("flava.")
+        } else {
+            sd.clone()
+        };
+        let mut head = StateDict::default();
+        for (k, t) in &sd.tensors {
+            if let Some(rest) = k.strip_prefix("classifier.") {
+                head.tensors.insert(checkpoint_key_to_head(rest), t.clone());
+            }
+        }
+        let backbone_report = load_module(&mut self.flava, &backbone, false)?;
+        let head_report = load_module(&mut self.classifier, &head, true)?;
+        Ok((backbone_report, head_report))
+    }
+}
+
+/// `hidden.weight` → `model.0.weight`, `output.bias` → `model.3.bias`.
+fn head_key_to_checkpoint(k: &str) -> String {
+    if let Some(rest) = k.strip_prefix("hidden.") {
+        format!("model.0.{rest}")
+    } else if let Some(rest) = k.strip_prefix("output.") {
+        format!("model.3.{rest}")
+    } else {
+        k.to_string()
+    }
+}
+
+/// The inverse of [`head_key_to_checkpoint`].
+fn checkpoint_key_to_head(k: &str) -> String {
+    if let Some(rest) = k.strip_prefix("model.0.") {
+        format!("hidden.{rest}")
+    } else if let Some(rest) = k.strip_prefix("model.3.") {
+        format!("output.{rest}")
+    } else {
+        k.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_keys_follow_torchmultimodal() {
+        for (ours, theirs) in [
+            ("hidden.weight", "model.0.weight"),
+            ("hidden.bias", "model.0.bias"),
+            ("output.weight", "model.3.weight"),
+        ] {
+            assert_eq!(head_key_to_checkpoint(ours), theirs);
+            assert_eq!(checkpoint_key_to_head(theirs), ours);
+        }
+    }
+
+    #[test]
+    fn task_losses_match_hand_computation() {
+        let device = Device::flex();
+        let logits = Tensor::<2>::from_floats([[2.0, 0.0], [0.0, 1.0]], &device);
+        // Cross-entropy: mean of −log softmax at the labels.
+        let ce = FlavaForClassification::loss(logits.clone(), &TaskTargets::Classes(vec![0, 0]))
+            .unwrap()
+            .into_scalar::<f64>();
+        let lse = |a: f64, b: f64| (a.exp() + b.exp()).ln();
+        let want = ((lse(2.0, 0.0) - 2.0) + (lse(0.0, 1.0) - 0.0)) / 2.0;
+        assert!((ce - want).abs() < 1e-6, "{ce} vs {want}");
+        // Soft BCE: Σ_j [log(1 + e^x) − x·y] per row, mean over rows.
+        let y = vec![1.0, 0.0, 0.3, 0.6];
+        let bce = FlavaForClassification::loss(logits.clone(), &TaskTargets::Soft(y))
+            .unwrap()
+            .into_scalar::<f64>();
+        let sp = |x: f64| (1.0 + x.exp()).ln();
+        let want = ((sp(2.0) - 2.0) + sp(0.0) + (sp(0.0) - 0.0) + (sp(1.0) - 0.6)) / 2.0;
+        assert!((bce - want).abs() < 1e-6, "{bce} vs {want}");
+        // MSE on one output.
+        let one = Tensor::<2>::from_floats([[1.5], [-0.5]], &device);
+        let mse = FlavaForClassification::loss(one, &TaskTargets::Values(vec![1.0, 0.5]))
+            .unwrap()
+            .into_scalar::<f64>();
+        assert!((mse - (0.25 + 1.0) / 2.0).abs() < 1e-6, "{mse}");
+        // Bad targets are errors, not panics.
+        assert!(FlavaForClassification::loss(logits.clone(), &TaskTargets::Classes(vec![0, 2])).is_err());
+        assert!(FlavaForClassification::loss(logits.clone(), &TaskTargets::Classes(vec![0])).is_err());
+        assert!(FlavaForClassification::loss(logits.clone(), &TaskTargets::Soft(vec![1.5, 0.0, 0.0, 0.0])).is_err());
+        assert!(FlavaForClassification::loss(logits.clone(), &TaskTargets::Soft(vec![0.5; 3])).is_err());
+        assert!(FlavaForClassification::loss(logits, &TaskTargets::Values(vec![1.0, 2.0])).is_err());
+    }
+}
