@@ -12,8 +12,10 @@ gradients of the head and of backbone weights; for the multimodal head also the 
 
 Run from the repository root with the venv made by scripts/setup_python.sh:
     .venv/bin/python scripts/make_classification_fixtures.py
-It writes tests/fixtures/classification_io.safetensors.
+It writes tests/fixtures/classification_io.safetensors, and tests/fixtures/tokenizer/
+expected_pairs.json (sentence pairs as BertTokenizerFast encodes them for GLUE-style tasks).
 """
+import json
 import os
 
 import torch
@@ -104,5 +106,21 @@ def main():
     print("wrote", len(t), "tensors")
 
 
+def pair_fixtures():
+    from transformers import BertTokenizerFast
+    d = os.path.join(ROOT, "tokenizer")
+    tok = BertTokenizerFast.from_pretrained(d)
+    pairs = [["a red circle", "the circle is red"], ["is it big?", "a small blue square left of a cross"],
+             ["one", "two three four five six seven eight nine ten eleven twelve"]]
+    max_length = 12
+    enc = tok([a for a, _ in pairs], [b for _, b in pairs], padding="max_length", truncation=True,
+              max_length=max_length)
+    out = {"pairs": pairs, "max_length": max_length, "input_ids": enc["input_ids"],
+           "attention_mask": enc["attention_mask"], "token_type_ids": enc["token_type_ids"]}
+    with open(os.path.join(d, "expected_pairs.json"), "w") as f:
+        json.dump(out, f)
+
+
 if __name__ == "__main__":
     main()
+    pair_fixtures()

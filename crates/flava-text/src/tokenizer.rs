@@ -168,6 +168,18 @@ impl Tokenizer {
     /// truncation=True`: `[CLS] … [SEP]`, padded with `[PAD]` (mask 0) to `max_length`; texts that
     /// do not fit are cut and flagged in [`TokenizedBatch::truncated`].
     pub fn encode_batch(&self, texts: &[impl AsRef<str>], max_length: usize) -> Result<TokenizedBatch, TokenizerError> {
+        let pairs: Vec<(&str, Option<&str>)> = texts.iter().map(|t| (t.as_ref(), None)).collect();
+        self.encode_pairs(&pairs, max_length)
+    }
+
+    /// [`Self::encode_batch`] for sentence pairs: `[CLS] a [SEP] b [SEP]` with token type 1 on
+    /// `b` (BERT's pair layout, as GLUE and SNLI-VE fine-tuning use); a `None` second sentence
+    /// is a single sentence. Pairs that do not fit are cut longest-first and flagged.
+    pub fn encode_pairs(
+        &self,
+        texts: &[(&str, Option<&str>)],
+        max_length: usize,
+    ) -> Result<TokenizedBatch, TokenizerError> {
         let mut tk = self.inner.clone();
         let invalid = |e: &dyn std::fmt::Display| TokenizerError::Invalid {
             path: self.source.clone(),
@@ -193,8 +205,12 @@ impl Tokenizer {
             token_type_ids: vec![],
             truncated: vec![],
         };
-        for text in texts {
-            let enc = tk.encode(text.as_ref(), true).map_err(|e| invalid(&e))?;
+        for &(a, b) in texts {
+            let enc = match b {
+                Some(b) => tk.encode((a, b), true),
+                None => tk.encode(a, true),
+            }
+            .map_err(|e| invalid(&e))?;
             out.truncated.push(!enc.get_overflowing().is_empty());
             out.input_ids.push(enc.get_ids().to_vec());
             out.attention_mask.push(enc.get_attention_mask().to_vec());

@@ -59,3 +59,27 @@ fn missing_file_is_a_clear_error() {
     ));
     std::fs::remove_file(bad).ok();
 }
+
+#[derive(serde::Deserialize)]
+struct ExpectedPairs {
+    pairs: Vec<(String, String)>,
+    max_length: usize,
+    input_ids: Vec<Vec<u32>>,
+    attention_mask: Vec<Vec<u32>>,
+    token_type_ids: Vec<Vec<u32>>,
+}
+
+/// Sentence pairs (GLUE, SNLI-VE) as `BertTokenizerFast(a, b, padding="max_length",
+/// truncation=True)` encodes them: `[CLS] a [SEP] b [SEP]`, type 1 on `b`, longest-first cuts.
+#[test]
+fn sentence_pairs_match_hf() {
+    let e: ExpectedPairs =
+        serde_json::from_str(&std::fs::read_to_string(dir().join("expected_pairs.json")).unwrap()).unwrap();
+    let tok = Tokenizer::from_file(dir().join("tokenizer.json")).unwrap();
+    let pairs: Vec<(&str, Option<&str>)> = e.pairs.iter().map(|(a, b)| (a.as_str(), Some(b.as_str()))).collect();
+    let got = tok.encode_pairs(&pairs, e.max_length).unwrap();
+    assert_eq!(got.input_ids, e.input_ids);
+    assert_eq!(got.attention_mask, e.attention_mask);
+    assert_eq!(got.token_type_ids, e.token_type_ids);
+    assert_eq!(got.truncated, [false, true, true]);
+}
