@@ -24,6 +24,7 @@ pub mod spec;
 pub mod stream;
 pub mod synthetic;
 pub mod task;
+pub mod tasks;
 pub mod transforms;
 
 pub use masking::{BlockMaskConfig, BlockMaskGenerator};
