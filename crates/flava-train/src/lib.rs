@@ -20,6 +20,8 @@ pub mod dvae_cmd;
 pub mod embed;
 pub mod eval;
 pub mod eval_cmd;
+pub mod finetune;
+pub mod metrics;
 pub mod observer;
 pub mod optim;
 pub mod pretrain;

@@ -26,6 +26,9 @@ enum Command {
     /// Pretrain FLAVA (all six losses, round-robin over image, text and paired data). With no
     /// arguments: a tiny model on the built-in synthetic data, ending with an evaluation.
     Pretrain(Box<cli::pretrain::PretrainArgs>),
+    /// Fine-tune FLAVA with a task head (VQA, GLUE, image classification, CSV/JSONL tasks),
+    /// validating and keeping the best model.
+    Finetune(Box<cli::finetune::FinetuneArgs>),
     /// Evaluate a model directory (ours or an HF FLAVA one).
     Eval {
         #[command(subcommand)]
@@ -56,6 +59,7 @@ fn run(c: Cli) -> anyhow::Result<()> {
     flava_vit::limits::set(cli::parse_limits(Default::default(), &c.limits)?);
     match c.command {
         Command::Pretrain(args) => cli::pretrain::run(*args, &c.limits),
+        Command::Finetune(a) => cli::finetune::run(*a),
         Command::Eval { command } => cli::eval::run(command),
         Command::Embed(a) => cli::embed::run(a),
         Command::Codebook(a) => cli::codebook::run(a),

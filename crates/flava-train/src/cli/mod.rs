@@ -6,6 +6,7 @@ pub mod data;
 pub mod dvae;
 pub mod embed;
 pub mod eval;
+pub mod finetune;
 pub mod masks;
 pub mod pretrain;
 

@@ -1,0 +1,149 @@
+//! Fine-tuning through the library (`flava_train::finetune`), tiny models: a VQA run from a
+//! model directory writes eval.json and a model/ that loads as a FlavaModel with the head's
+//! keys beside it, resumes with each step once in metrics.jsonl, and refuses to overwrite a
+//! run; a GLUE text task from scratch (`init = none`, tokenizer trained on the task) and an
+//! ImageFolder task run end to end; bad options are errors.
+
+use std::path::PathBuf;
+
+use burn::prelude::*;
+use flava_fusion::checkpoint::load_flava_model;
+use flava_train::finetune::{run, FinetuneConfig};
+use flava_train::observer::Quiet;
+use flava_vit::weights::StateDict;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("flava-finetune-{name}-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    d
+}
+
+fn tiny(out: PathBuf, steps: usize) -> FinetuneConfig {
+    FinetuneConfig {
+        init: fixtures().join("embed_model").display().to_string(),
+        data: "synthetic:vqa".into(),
+        val: Some("synthetic:vqa:heldout".into()),
+        steps,
+        batch_size: 8,
+        lr: 1e-3,
+        warmup: 1,
+        val_every: 3,
+        checkpoint_every: 3,
+        head_hidden: 16,
+        synthetic_len: 48,
+        max_length: 16,
+        out,
+        ..Default::default()
+    }
+}
+
+fn metric_steps(out: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("val").is_none())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn vqa_from_a_model_directory_saves_evaluates_and_resumes() {
+    let out = scratch("vqa");
+    let first = run(&tiny(out.clone(), 3), &mut Quiet).unwrap();
+    assert_eq!(first.steps, 3);
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(eval["task"], "vqa");
+    assert_eq!(eval["metric"], "vqa_accuracy");
+    let acc = eval["vqa_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc) && eval["n"].as_u64() == Some(12), "{eval}");
+    // model/ loads as a FlavaModel (flava eval / embed), the head's keys beside the backbone's.
+    let device = Device::flex();
+    let loaded = load_flava_model(out.join("model"), &device).unwrap();
+    assert!(loaded.report.missing.is_empty());
+    assert!(
+        loaded
+            .report
+            .unexpected
+            .iter()
+            .any(|k| k == "classifier.model.3.weight"),
+        "{}",
+        loaded.report
+    );
+    let sd = StateDict::from_file(out.join("model/model.safetensors")).unwrap();
+    let answers = sd.get("classifier.model.3.bias").unwrap().shape[0];
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model/config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["task"]["labels"].as_array().unwrap().len(), answers);
+    assert_eq!(cfg["id2label"].as_object().unwrap().len(), answers);
+    // Without --resume the run is not overwritten; with it, steps 4..6 follow 1..3, each once.
+    let e = run(&tiny(out.clone(), 6), &mut Quiet).unwrap_err().to_string();
+    assert!(e.contains("already holds a fine-tuning run"), "{e}");
+    let mut more = tiny(out.clone(), 6);
+    more.resume = true;
+    let second = run(&more, &mut Quiet).unwrap();
+    assert_eq!(second.steps, 6);
+    assert_eq!(metric_steps(&out), [1, 2, 3, 4, 5, 6]);
+    std::fs::remove_dir_all(out).ok();
+}
+
+#[test]
+fn glue_from_scratch_and_an_image_folder_run_end_to_end() {
+    let out = scratch("glue");
+    let cfg = FinetuneConfig {
+        init: "none".into(),
+        data: format!("glue:qnli:{}", fixtures().join("tasks/qnli.tsv").display()),
+        val: Some(format!("glue:qnli:{}", fixtures().join("tasks/qnli.tsv").display())),
+        steps: 2,
+        batch_size: 2,
+        val_every: 2,
+        checkpoint_every: 2,
+        head_hidden: 8,
+        max_length: 16,
+        out: out.clone(),
+        ..Default::default()
+    };
+    let s = run(&cfg, &mut Quiet).unwrap();
+    assert_eq!((s.best.task.as_str(), s.best.n), ("qnli", 2));
+    assert!(s.best.accuracy.is_some() && s.best.f1.is_some() && s.best.auroc.is_some());
+    assert!(
+        out.join("tokenizer.json").is_file(),
+        "a tokenizer trained on the task's text"
+    );
+    std::fs::remove_dir_all(&out).ok();
+    let out = scratch("folder");
+    let folder = fixtures().join("tasks/imagefolder").display().to_string();
+    let cfg = FinetuneConfig {
+        data: format!("imagefolder:{folder}"),
+        val: Some(folder),
+        steps: 2,
+        batch_size: 4,
+        val_every: 1,
+        head_hidden: 8,
+        ..tiny(out.clone(), 2)
+    };
+    let s = run(&cfg, &mut Quiet).unwrap();
+    assert_eq!((s.best.task.as_str(), s.best.n), ("imagefolder", 4));
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn bad_options_are_errors() {
+    for edit in [
+        (|c: &mut FinetuneConfig| c.lr = 0.0) as fn(&mut FinetuneConfig),
+        |c| c.batch_size = 0,
+        |c| c.val_every = 0,
+        |c| c.head_dropout = 1.0,
+        |c| c.data = "synthetic:nothing".into(),
+        |c| c.init = "/nonexistent/model".into(),
+    ] {
+        let mut c = tiny(scratch("bad"), 2);
+        edit(&mut c);
+        assert!(run(&c, &mut Quiet).is_err());
+    }
+}
