@@ -4,7 +4,9 @@
 //! set), all in memory (images stay undecoded until a batch needs them).
 //!
 //! Specs: `synthetic:vqa[:heldout]`, `synthetic:classes[:heldout]`, `imagefolder:DIR` (or a
-//! plain directory), `csv:FILE`, `jsonl:FILE`, `glue:TASK:FILE.tsv`.
+//! plain directory), `csv:FILE`, `jsonl:FILE`, `glue:TASK:FILE.tsv`, `memes:FILE.jsonl`
+//! (Hateful Memes), `snli-ve:FILE.jsonl:IMAGE_DIR`, `vqa:QUESTIONS.json:ANNOTATIONS.json:IMAGE_DIR`
+//! (VQAv2; `-` for the test split's missing annotations).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -137,6 +139,20 @@ pub fn open_task(spec: &str, opts: &TaskOptions) -> Result<TaskSet, SourceError>
     }
     if let Some(file) = spec.strip_prefix("jsonl:") {
         return read_table(spec, Path::new(file), true);
+    }
+    if let Some(file) = spec.strip_prefix("memes:") {
+        return read_memes(spec, Path::new(file));
+    }
+    if let Some(rest) = spec.strip_prefix("snli-ve:") {
+        let (file, images) = rest.rsplit_once(':').ok_or_else(|| SourceError::Unknown(spec.into()))?;
+        return read_snli_ve(spec, Path::new(file), Path::new(images));
+    }
+    if let Some(rest) = spec.strip_prefix("vqa:") {
+        let mut parts = rest.splitn(3, ':');
+        let (Some(q), Some(a), Some(images)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(SourceError::Unknown(spec.into()));
+        };
+        return read_vqa(spec, Path::new(q), Path::new(a), Path::new(images));
     }
     let dir = spec.strip_prefix("imagefolder:").unwrap_or(spec);
     if Path::new(dir).is_dir() {
@@ -414,6 +430,160 @@ fn read_table(spec: &str, path: &Path, jsonl: bool) -> Result<TaskSet, SourceErr
         task: if jsonl { "jsonl" } else { "csv" }.into(),
         kind,
         metric: Metric::Accuracy,
+        labels: None,
+        examples,
+        skipped,
+    })
+}
+
+/// Hateful Memes (`{"id", "img": "img/ID.png", "label", "text"}` per line, `img` relative to
+/// the file; the test split has no label): binary, AUROC.
+fn read_memes(spec: &str, path: &Path) -> Result<TaskSet, SourceError> {
+    let (rows, mut skipped) = rows(path, true)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut examples = Vec::new();
+    for (id, r) in rows {
+        let (Some(img), Some(text)) = (text_of(&r, "img"), text_of(&r, "text")) else {
+            *skipped.entry(SkipReason::MissingImage).or_default() += 1;
+            continue;
+        };
+        examples.push(Example {
+            id: text_of(&r, "id").unwrap_or(id),
+            image: Some(ImageRef::File(base.join(img))),
+            text: Some(text),
+            text_pair: None,
+            target: text_of(&r, "label").map(Target::Label),
+        });
+    }
+    if examples.is_empty() {
+        return Err(SourceError::NoRecords(format!("{} has no usable meme", path.display())));
+    }
+    Ok(TaskSet {
+        spec: spec.into(),
+        task: "memes".into(),
+        kind: TaskKind::Multimodal,
+        metric: Metric::Auroc,
+        labels: Some(vec!["0".into(), "1".into()]),
+        examples,
+        skipped,
+    })
+}
+
+/// SNLI-VE (`Flickr30K_ID`, `sentence2`, `gold_label` per line; images `IMAGE_DIR/ID.jpg`):
+/// 3-way accuracy.
+fn read_snli_ve(spec: &str, path: &Path, images: &Path) -> Result<TaskSet, SourceError> {
+    let names = ["entailment", "neutral", "contradiction"];
+    let (rows, mut skipped) = rows(path, true)?;
+    let mut examples = Vec::new();
+    for (id, r) in rows {
+        let (Some(image), Some(text)) = (text_of(&r, "Flickr30K_ID"), text_of(&r, "sentence2")) else {
+            *skipped.entry(SkipReason::MissingCaption).or_default() += 1;
+            continue;
+        };
+        let label = text_of(&r, "gold_label");
+        if label.as_deref().is_some_and(|l| !names.contains(&l)) {
+            *skipped.entry(SkipReason::BadJson).or_default() += 1;
+            continue;
+        }
+        examples.push(Example {
+            id: text_of(&r, "pairID").unwrap_or(id),
+            image: Some(ImageRef::File(images.join(format!("{image}.jpg")))),
+            text: Some(text),
+            text_pair: None,
+            target: label.map(Target::Label),
+        });
+    }
+    if examples.is_empty() {
+        return Err(SourceError::NoRecords(format!("{} has no usable pair", path.display())));
+    }
+    Ok(TaskSet {
+        spec: spec.into(),
+        task: "snli-ve".into(),
+        kind: TaskKind::Multimodal,
+        metric: Metric::Accuracy,
+        labels: Some(names.map(String::from).to_vec()),
+        examples,
+        skipped,
+    })
+}
+
+/// VQAv2 as distributed: the questions file (`{"questions": [{"image_id", "question",
+/// "question_id"}]}`), the annotations file (`{"annotations": [{"question_id", "answers":
+/// [{"answer"}, …]}]}`, absent for test: pass `-`) and the COCO image directory
+/// (`COCO_{split}2014_{image_id:012}.jpg`, the split taken from the directory name, or any file
+/// ending in `_{image_id:012}.jpg`).
+fn read_vqa(spec: &str, questions: &Path, annotations: &Path, images: &Path) -> Result<TaskSet, SourceError> {
+    #[derive(Deserialize)]
+    struct Q {
+        image_id: u64,
+        question: String,
+        question_id: u64,
+    }
+    #[derive(Deserialize)]
+    struct Qs {
+        questions: Vec<Q>,
+    }
+    #[derive(Deserialize)]
+    struct Ans {
+        answer: String,
+    }
+    #[derive(Deserialize)]
+    struct A {
+        question_id: u64,
+        answers: Vec<Ans>,
+    }
+    #[derive(Deserialize)]
+    struct As {
+        annotations: Vec<A>,
+    }
+    let read = |p: &Path| -> Result<String, SourceError> {
+        check_size(p)?;
+        std::fs::read_to_string(p).map_err(|e| read_err(p, e))
+    };
+    let qs: Qs = serde_json::from_str(&read(questions)?).map_err(|e| read_err(questions, e))?;
+    let answers: BTreeMap<u64, Vec<String>> = if annotations == Path::new("-") {
+        BTreeMap::new()
+    } else {
+        let a: As = serde_json::from_str(&read(annotations)?).map_err(|e| read_err(annotations, e))?;
+        a.annotations
+            .into_iter()
+            .map(|a| (a.question_id, a.answers.into_iter().map(|x| x.answer).collect()))
+            .collect()
+    };
+    // COCO_{split}2014_{id:012}.jpg: the split from the directory name (train2014 → train2014).
+    let split = images
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut skipped = BTreeMap::new();
+    let mut examples = Vec::new();
+    for q in qs.questions {
+        let target = answers.get(&q.question_id).cloned().map(Target::Answers);
+        if annotations != Path::new("-") && target.is_none() {
+            *skipped.entry(SkipReason::MissingCaption).or_default() += 1;
+            continue;
+        }
+        examples.push(Example {
+            id: q.question_id.to_string(),
+            image: Some(ImageRef::File(
+                images.join(format!("COCO_{split}_{:012}.jpg", q.image_id)),
+            )),
+            text: Some(q.question),
+            text_pair: None,
+            target,
+        });
+    }
+    if examples.is_empty() {
+        return Err(SourceError::NoRecords(format!(
+            "{} has no question",
+            questions.display()
+        )));
+    }
+    Ok(TaskSet {
+        spec: spec.into(),
+        task: "vqa".into(),
+        kind: TaskKind::Multimodal,
+        metric: Metric::VqaAccuracy,
         labels: None,
         examples,
         skipped,

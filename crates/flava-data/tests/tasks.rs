@@ -80,3 +80,59 @@ fn glue_files_as_distributed() {
     let e = open_task(&spec("glue:qnli:", "sst2.tsv"), &TaskOptions::default()).unwrap_err();
     assert!(e.to_string().contains("no column `question`"), "{e}");
 }
+
+#[test]
+fn memes_snli_ve_and_vqa_as_distributed() {
+    let m = open_task(&spec("memes:", "memes.jsonl"), &TaskOptions::default()).unwrap();
+    assert_eq!(
+        (m.kind, m.metric, m.examples.len()),
+        (TaskKind::Multimodal, Metric::Auroc, 3)
+    );
+    assert_eq!(
+        (m.examples[0].id.as_str(), label(&m.examples[1].target)),
+        ("42953", "1")
+    );
+    assert!(m.examples[2].target.is_none(), "the test split has no label");
+    assert!(matches!(&m.examples[0].image, Some(ImageRef::File(p)) if p.is_file()));
+    let d = dir();
+    let s = open_task(
+        &format!(
+            "snli-ve:{}:{}",
+            d.join("snli_ve.jsonl").display(),
+            d.join("flickr30k").display()
+        ),
+        &TaskOptions::default(),
+    )
+    .unwrap();
+    assert_eq!((s.examples.len(), s.skipped.get(&SkipReason::BadJson)), (2, Some(&1)));
+    assert_eq!(label(&s.examples[1].target), "neutral");
+    assert!(matches!(&s.examples[0].image, Some(ImageRef::File(p)) if p.is_file()));
+    let v = d.join("vqa");
+    let q = v.join("v2_OpenEnded_mscoco_val2014_questions.json");
+    let a = v.join("v2_mscoco_val2014_annotations.json");
+    let t = open_task(
+        &format!("vqa:{}:{}:{}", q.display(), a.display(), v.join("val2014").display()),
+        &TaskOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        (t.metric, t.examples.len()),
+        (Metric::VqaAccuracy, 2),
+        "the unannotated question is skipped"
+    );
+    let Some(Target::Answers(ans)) = &t.examples[0].target else {
+        panic!("answers")
+    };
+    assert_eq!((ans.len(), flava_data::tasks::vqa_score("grey", ans)), (10, 0.6));
+    assert!(
+        matches!(&t.examples[0].image, Some(ImageRef::File(p)) if p.is_file()),
+        "COCO file names"
+    );
+    let test = open_task(
+        &format!("vqa:{}:-:{}", q.display(), v.join("val2014").display()),
+        &TaskOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(test.examples.len(), 3);
+    assert!(test.examples.iter().all(|e| e.target.is_none()));
+}

@@ -20,7 +20,8 @@ pub struct FinetuneArgs {
     #[arg(long)]
     init: Option<String>,
     /// Training data: synthetic:vqa, synthetic:classes, imagefolder:DIR, csv:FILE, jsonl:FILE,
-    /// glue:TASK:FILE.tsv.
+    /// glue:TASK:FILE.tsv, memes:FILE.jsonl, snli-ve:FILE.jsonl:IMAGE_DIR,
+    /// vqa:QUESTIONS.json:ANNOTATIONS.json:IMAGE_DIR.
     #[arg(long)]
     data: Option<String>,
     /// Validation data (same forms); default: 10% of the training data held out.
