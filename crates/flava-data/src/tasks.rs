@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::sources::{read_image_folder, SkipReason, SourceError};
+use crate::sources::{check_file_size, read_err, read_image_folder, SkipReason, SourceError};
 use crate::synthetic::{render, scene, Object, Split, COLOURS, PATTERNS, SHAPES};
 
 /// What an example is trained against.
@@ -102,6 +102,16 @@ pub struct TaskSet {
     pub examples: Vec<Example>,
     /// Records that could not be used, by reason.
     pub skipped: BTreeMap<SkipReason, u64>,
+}
+
+impl TaskSet {
+    /// `self`, or `NoRecords` naming `path` when no example was usable.
+    fn non_empty(self, path: &Path, what: &str) -> Result<Self, SourceError> {
+        if self.examples.is_empty() {
+            return Err(SourceError::NoRecords(format!("{} has no {what}", path.display())));
+        }
+        Ok(self)
+    }
 }
 
 /// Options for [`open_task`].
@@ -311,25 +321,6 @@ fn synthetic_task(spec: &str, rest: &str, opts: &TaskOptions) -> Result<TaskSet,
 // ---------------------------------------------------------------------------------------------
 // Files
 
-fn read_err(path: &Path, e: impl std::fmt::Display) -> SourceError {
-    SourceError::Read {
-        path: path.into(),
-        message: e.to_string(),
-    }
-}
-
-fn check_size(path: &Path) -> Result<(), SourceError> {
-    let max = flava_vit::limits::current().max_file_bytes;
-    let len = std::fs::metadata(path).map_err(|e| read_err(path, e))?.len();
-    if len > max {
-        return Err(read_err(
-            path,
-            format!("{len} bytes, over the limit of {max} (limits.max_file_bytes)"),
-        ));
-    }
-    Ok(())
-}
-
 /// One row of a table as column → value.
 type Row = BTreeMap<String, serde_json::Value>;
 
@@ -337,7 +328,7 @@ type Row = BTreeMap<String, serde_json::Value>;
 type Rows = (Vec<(String, Row)>, BTreeMap<SkipReason, u64>);
 
 fn rows(path: &Path, jsonl: bool) -> Result<Rows, SourceError> {
-    check_size(path)?;
+    check_file_size(path)?;
     let mut out = Vec::new();
     let mut skipped = BTreeMap::new();
     if jsonl {
@@ -422,10 +413,7 @@ fn read_table(spec: &str, path: &Path, jsonl: bool) -> Result<TaskSet, SourceErr
             target: text_of(&r, "label").map(Target::Label),
         });
     }
-    if examples.is_empty() {
-        return Err(SourceError::NoRecords(format!("{} has no usable row", path.display())));
-    }
-    Ok(TaskSet {
+    TaskSet {
         spec: spec.into(),
         task: if jsonl { "jsonl" } else { "csv" }.into(),
         kind,
@@ -433,7 +421,8 @@ fn read_table(spec: &str, path: &Path, jsonl: bool) -> Result<TaskSet, SourceErr
         labels: None,
         examples,
         skipped,
-    })
+    }
+    .non_empty(path, "usable row")
 }
 
 /// Hateful Memes (`{"id", "img": "img/ID.png", "label", "text"}` per line, `img` relative to
@@ -455,10 +444,7 @@ fn read_memes(spec: &str, path: &Path) -> Result<TaskSet, SourceError> {
             target: text_of(&r, "label").map(Target::Label),
         });
     }
-    if examples.is_empty() {
-        return Err(SourceError::NoRecords(format!("{} has no usable meme", path.display())));
-    }
-    Ok(TaskSet {
+    TaskSet {
         spec: spec.into(),
         task: "memes".into(),
         kind: TaskKind::Multimodal,
@@ -466,7 +452,8 @@ fn read_memes(spec: &str, path: &Path) -> Result<TaskSet, SourceError> {
         labels: Some(vec!["0".into(), "1".into()]),
         examples,
         skipped,
-    })
+    }
+    .non_empty(path, "usable meme")
 }
 
 /// SNLI-VE (`Flickr30K_ID`, `sentence2`, `gold_label` per line; images `IMAGE_DIR/ID.jpg`):
@@ -493,10 +480,7 @@ fn read_snli_ve(spec: &str, path: &Path, images: &Path) -> Result<TaskSet, Sourc
             target: label.map(Target::Label),
         });
     }
-    if examples.is_empty() {
-        return Err(SourceError::NoRecords(format!("{} has no usable pair", path.display())));
-    }
-    Ok(TaskSet {
+    TaskSet {
         spec: spec.into(),
         task: "snli-ve".into(),
         kind: TaskKind::Multimodal,
@@ -504,7 +488,8 @@ fn read_snli_ve(spec: &str, path: &Path, images: &Path) -> Result<TaskSet, Sourc
         labels: Some(names.map(String::from).to_vec()),
         examples,
         skipped,
-    })
+    }
+    .non_empty(path, "usable pair")
 }
 
 /// VQAv2 as distributed: the questions file (`{"questions": [{"image_id", "question",
@@ -537,7 +522,7 @@ fn read_vqa(spec: &str, questions: &Path, annotations: &Path, images: &Path) -> 
         annotations: Vec<A>,
     }
     let read = |p: &Path| -> Result<String, SourceError> {
-        check_size(p)?;
+        check_file_size(p)?;
         std::fs::read_to_string(p).map_err(|e| read_err(p, e))
     };
     let qs: Qs = serde_json::from_str(&read(questions)?).map_err(|e| read_err(questions, e))?;
@@ -573,13 +558,7 @@ fn read_vqa(spec: &str, questions: &Path, annotations: &Path, images: &Path) -> 
             target,
         });
     }
-    if examples.is_empty() {
-        return Err(SourceError::NoRecords(format!(
-            "{} has no question",
-            questions.display()
-        )));
-    }
-    Ok(TaskSet {
+    TaskSet {
         spec: spec.into(),
         task: "vqa".into(),
         kind: TaskKind::Multimodal,
@@ -587,7 +566,8 @@ fn read_vqa(spec: &str, questions: &Path, annotations: &Path, images: &Path) -> 
         labels: None,
         examples,
         skipped,
-    })
+    }
+    .non_empty(questions, "question")
 }
 
 /// The GLUE tasks: (name, first sentence, second sentence, label column, label names, metric).
@@ -662,7 +642,7 @@ fn read_glue(spec: &str, task: &str, path: &Path) -> Result<TaskSet, SourceError
             "{spec}: unknown GLUE task `{task}` (sst2, cola, mrpc, qqp, stsb, mnli, qnli, rte, wnli)"
         ))
     })?;
-    check_size(path)?;
+    check_file_size(path)?;
     let text = std::fs::read_to_string(path).map_err(|e| read_err(path, e))?;
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap_or("").split('\t').collect();
@@ -717,10 +697,7 @@ fn read_glue(spec: &str, task: &str, path: &Path) -> Result<TaskSet, SourceError
             target,
         });
     }
-    if examples.is_empty() {
-        return Err(SourceError::NoRecords(format!("{} has no usable row", path.display())));
-    }
-    Ok(TaskSet {
+    TaskSet {
         spec: spec.into(),
         task: name.into(),
         kind: TaskKind::Text,
@@ -728,7 +705,8 @@ fn read_glue(spec: &str, task: &str, path: &Path) -> Result<TaskSet, SourceError
         labels: (!names.is_empty()).then(|| names.iter().map(|s| s.to_string()).collect()),
         examples,
         skipped,
-    })
+    }
+    .non_empty(path, "usable row")
 }
 
 /// The VQA soft score of `answer` given the annotators' `answers`: the mean over the ten

@@ -14,7 +14,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 use burn::module::Module;
-use burn::optim::GradientsParams;
 use burn::prelude::*;
 use flava_data::processor::{load_image, to_rgb8, ImageProcessor, ImageProcessorConfig};
 use flava_data::tasks::{
@@ -346,15 +345,7 @@ impl Objective for Finetuning {
     ) -> anyhow::Result<Computed> {
         let logits = model.forward(batch.input.clone())?;
         let loss = FlavaForClassification::loss(logits, &batch.targets)?;
-        let v = loss.clone().into_scalar::<f64>();
-        let grads = v
-            .is_finite()
-            .then(|| GradientsParams::from_grads(loss.backward(), model));
-        Ok(Computed {
-            loss: v,
-            terms: vec![],
-            grads,
-        })
+        Ok(Computed::backward(loss, model, vec![]))
     }
 
     fn task(&self, _batch: &Self::Batch) -> String {
@@ -722,10 +713,15 @@ pub fn run(cfg: &FinetuneConfig, observer: &mut dyn Observer) -> anyhow::Result<
         }
         Ok(())
     };
+    let (mut order, mut order_epoch) = (Vec::new(), None);
     while trainer.step_count() < steps {
         let step = trainer.step_count();
         let (epoch, k) = (step / per_epoch, step % per_epoch);
-        let order = order_of(epoch);
+        // The epoch's order, shuffled once when the epoch starts (or the run resumes in it).
+        if order_epoch != Some(epoch) {
+            order = order_of(epoch);
+            order_epoch = Some(epoch);
+        }
         let idx = &order[k * cfg.batch_size..((k + 1) * cfg.batch_size).min(order.len())];
         let examples: Vec<&Example> = idx.iter().map(|&i| &train.examples[i]).collect();
         let t0 = Instant::now();

@@ -58,6 +58,18 @@ pub struct Computed {
     pub grads: Option<GradientsParams>,
 }
 
+impl Computed {
+    /// The loss's value and, when it is finite, the gradients of `model`'s parameters from
+    /// one backward pass (a non-finite loss is left to the trainer's guard, never backpropagated).
+    pub fn backward<M: Module>(loss: Tensor<1>, model: &M, terms: Vec<(String, f64)>) -> Self {
+        let v = loss.clone().into_scalar::<f64>();
+        let grads = v
+            .is_finite()
+            .then(|| GradientsParams::from_grads(loss.backward(), model));
+        Self { loss: v, terms, grads }
+    }
+}
+
 /// What a model learns from a batch.
 pub trait Objective {
     /// The model being trained (on an autodiff device).

@@ -147,3 +147,68 @@ fn bad_options_are_errors() {
         assert!(run(&c, &mut Quiet).is_err());
     }
 }
+
+/// A JSONL task (image + text + label) whose images are `good` readable copies and then a
+/// truncated PNG, a text file named `.jpg`, an empty `.png` and a missing file.
+fn corrupt_images_task(dir: &std::path::Path, good: usize) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let png = std::fs::read(fixtures().join("tasks/img/0.png")).unwrap();
+    let mut lines = vec![];
+    for i in 0..good {
+        std::fs::write(dir.join(format!("good{i}.png")), &png).unwrap();
+        lines.push(format!(
+            r#"{{"image": "good{i}.png", "text": "a picture", "label": "{}"}}"#,
+            i % 2
+        ));
+    }
+    std::fs::write(dir.join("cut.png"), &png[..png.len() / 3]).unwrap();
+    std::fs::write(dir.join("text.jpg"), b"this is not a jpeg").unwrap();
+    std::fs::write(dir.join("empty.png"), b"").unwrap();
+    for (i, name) in ["cut.png", "text.jpg", "empty.png", "missing.png"].iter().enumerate() {
+        lines.push(format!(
+            r#"{{"image": "{name}", "text": "a picture", "label": "{}"}}"#,
+            i % 2
+        ));
+    }
+    let file = dir.join("task.jsonl");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    format!("jsonl:{}", file.display())
+}
+
+#[test]
+fn unreadable_images_are_skipped_and_counted_and_a_batch_of_none_stops_the_run() {
+    // Two readable images among four unreadable ones: training and validation go on, the four
+    // counted as skipped in eval.json.
+    let data_dir = scratch("corrupt-data");
+    let spec = corrupt_images_task(&data_dir, 2);
+    let out = scratch("corrupt");
+    let cfg = FinetuneConfig {
+        data: spec.clone(),
+        val: Some(spec),
+        steps: 1,
+        batch_size: 8,
+        val_every: 1,
+        ..tiny(out.clone(), 1)
+    };
+    let s = run(&cfg, &mut Quiet).unwrap();
+    assert_eq!((s.best.n, s.best.skipped), (2, 4), "{:?}", s.best);
+    std::fs::remove_dir_all(&out).ok();
+    std::fs::remove_dir_all(&data_dir).ok();
+    // Every image unreadable: a clear error at the first step, not a panic or a NaN run.
+    let data_dir = scratch("corrupt-all");
+    let spec = corrupt_images_task(&data_dir, 0);
+    let out = scratch("corrupt-all-out");
+    let cfg = FinetuneConfig {
+        data: spec.clone(),
+        val: Some(spec),
+        ..cfg
+    };
+    let cfg = FinetuneConfig {
+        out: out.clone(),
+        ..cfg
+    };
+    let err = format!("{:#}", run(&cfg, &mut Quiet).unwrap_err());
+    assert!(err.contains("no usable example"), "{err}");
+    std::fs::remove_dir_all(&out).ok();
+    std::fs::remove_dir_all(&data_dir).ok();
+}

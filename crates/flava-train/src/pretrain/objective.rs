@@ -3,7 +3,6 @@
 //! pass, contrastive-exact accumulation over micro-batches, or data parallelism over devices.
 
 use burn::module::Module;
-use burn::optim::GradientsParams;
 use burn::prelude::*;
 use flava_data::batch::HostBatch;
 use flava_data::task::Task;
@@ -138,15 +137,7 @@ impl Objective for Pretraining {
                 )?;
                 let losses = terms(o.losses.values());
                 Ok(match o.total {
-                    Some(t) => {
-                        let v = t.clone().into_scalar::<f64>();
-                        let grads = v.is_finite().then(|| GradientsParams::from_grads(t.backward(), model));
-                        Computed {
-                            loss: v,
-                            terms: losses,
-                            grads,
-                        }
-                    }
+                    Some(t) => Computed::backward(t, model, losses),
                     None => Computed {
                         loss: 0.0,
                         terms: losses,
