@@ -17,7 +17,10 @@ allocator's pools hold at the end).
 Configurations (random weights, same shapes and masks on both sides, see benches/src/inputs.rs):
 `small` (64 px, patch 8, hidden 256, 4/4/2 layers): image and text embedding and the pretraining
 step (forward, backward, AdamW) on paired, image-only and text-only batches of 32; `full`
-(flava-full sizes): image and text embedding and the paired pretraining forward, batch 8.
+(flava-full sizes): image and text embedding and the paired pretraining forward, batch 8. The
+fine-tuning step (`small`, batch 32) is transformers' `FlavaModel` with torchmultimodal's head
+(`Linear(d, 768) -> ReLU -> Dropout(0.5) -> Linear(768, 3)`) on the multimodal CLS, cross-entropy,
+forward, backward and AdamW, against `flava_objectives::FlavaForClassification` on the Trainer.
 PyTorch runs eager with `torch.get_num_threads()` threads (all cores) and
 `skip_unmasked_multimodal_encoder=True` (pretraining needs no unmasked fusion; flava-rs skips it).
 """
@@ -40,6 +43,7 @@ CONFIGS = [
     ("step", "small", 32, "pairs", 4),
     ("step", "small", 32, "images", 4),
     ("step", "small", 32, "text", 4),
+    ("finetune", "small", 32, "pairs", 4),
     ("image", "full", 8, "pairs", 3),
     ("text", "full", 8, "pairs", 5),
     ("forward", "full", 8, "pairs", 2),
@@ -92,7 +96,8 @@ def worker(args):
     with open(args.config) as f:
         cfg = FlavaConfig(**json.load(f))
     dev = torch.device("cuda" if args.device == "cuda" else "cpu")
-    model = FlavaForPreTraining(cfg).to(dev)
+    # The fine-tuning step builds its own FlavaModel + head (no pretraining heads in memory).
+    model = FlavaForPreTraining(cfg).to(dev) if args.what != "finetune" else None
     x = {k: v.to(dev) for k, v in inputs(cfg, args.batch, args.task).items()}
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     phases = []  # [forward, backward, optimizer] ms of each step
@@ -117,6 +122,30 @@ def worker(args):
                 times = timed(lambda: model.flava.text_model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]))
             else:
                 times = timed(lambda: model(**x, skip_unmasked_multimodal_encoder=True, return_loss=True))
+    elif args.what == "finetune":
+        from transformers import FlavaModel
+
+        torch.manual_seed(0)
+        flava = FlavaModel(cfg).to(dev)
+        d = cfg.multimodal_config.hidden_size
+        head = torch.nn.Sequential(torch.nn.Linear(d, 768), torch.nn.ReLU(), torch.nn.Dropout(0.5),
+                                   torch.nn.Linear(768, 3)).to(dev)
+        params = list(flava.parameters()) + list(head.parameters())
+        flava.train()
+        head.train()
+        opt = torch.optim.AdamW(params, lr=1e-4, eps=1e-8, weight_decay=0.01)
+        labels = torch.tensor([k % 3 for k in range(args.batch)], device=dev)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            out = flava(pixel_values=x["pixel_values"], input_ids=x["input_ids"], attention_mask=x["attention_mask"])
+            logits = head(out.multimodal_output.last_hidden_state[:, 0])
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+            loss.backward()
+            opt.step()
+            sync()
+
+        times = timed(step)
     else:
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-8, weight_decay=0.01)
@@ -223,7 +252,8 @@ def main():
     for (what, preset, b, task), acc in results.items():
         o, t = statistics.median(acc["ours"]), statistics.median(acc["torch"])
         work = {"image": "image embedding", "text": "text embedding",
-                "step": f"pretraining step ({task})", "forward": "pretraining forward (pairs)"}[what]
+                "step": f"pretraining step ({task})", "forward": "pretraining forward (pairs)",
+                "finetune": "fine-tuning step (multimodal classification)"}[what]
         gpu_mem = (f" GPU {acc.get('ours_gpu', 0):.0f} / {acc.get('torch_gpu', 0):.0f} MB |" if gpu else "")
         print(f"| {preset} | {b} | {work} | {o:.1f} ms | {t:.1f} ms | {o / t:.2f} | "
               f"{acc['ours_rss']:.0f} MB | {acc['torch_rss']:.0f} MB |{gpu_mem}")

@@ -8,6 +8,7 @@
 //! flava-bench text   --preset small --batch 32 --iters 10
 //! flava-bench step   --preset small --batch 32 --task pairs --iters 5   # Trainer::step
 //! flava-bench forward --preset full --batch 8 --iters 3  # paired pretraining forward, no autograd
+//! flava-bench finetune --preset small --batch 32 --iters 5   # multimodal classification step
 //! ```
 //! The first iteration warms up and is not reported. Inputs are random with fixed seeds; shapes
 //! and masking follow `flava_benches::inputs` (the Python side builds the same ones).
@@ -19,7 +20,10 @@ use clap::{Parser, ValueEnum};
 use flava_benches::inputs::{pretraining_batch, BenchTask, SEQ};
 use flava_benches::step::training_step;
 use flava_fusion::{FlavaConfig, FlavaModel};
-use flava_objectives::{FlavaForPretraining, StepOptions};
+use flava_fusion::{FlavaInput, Tower};
+use flava_objectives::{ClassifierConfig, FlavaForClassification, FlavaForPretraining, StepOptions, TaskTargets};
+use flava_train::finetune::{FinetuneBatch, Finetuning};
+use flava_train::trainer::{Trainer, TrainerConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum What {
@@ -33,6 +37,9 @@ enum What {
     Step,
     /// Paired pretraining forward without autograd.
     Forward,
+    /// Fine-tuning step: FlavaModel + classifier head on the multimodal CLS (3 classes,
+    /// cross-entropy), forward, backward, AdamW.
+    Finetune,
 }
 
 #[derive(Debug, Parser)]
@@ -57,6 +64,9 @@ struct Args {
     #[arg(long, default_value = "flex")]
     device: String,
 }
+
+/// Classes of the fine-tuning bench (SNLI-VE's three).
+const FINETUNE_CLASSES: usize = 3;
 
 /// Waits for the device's queued work (GPU backends run asynchronously; flex is eager).
 fn sync(device: &Device) {
@@ -146,6 +156,52 @@ fn main() -> anyhow::Result<()> {
             // Drop the warm-up's phases.
             phases.remove(0);
             times
+        }
+        What::Finetune => {
+            let ad = device.clone().autodiff();
+            let head = ClassifierConfig {
+                tower: Tower::Multimodal,
+                num_classes: FINETUNE_CLASSES,
+                ..Default::default()
+            };
+            let model = FlavaForClassification::new(FlavaModel::new(&cfg, &ad), &cfg, &head, &ad);
+            let mut trainer = Trainer::new(
+                model,
+                Finetuning,
+                TrainerConfig {
+                    optimizer: flava_train::OptimizerConfig {
+                        lr: 1e-4,
+                        min_lr_ratio: 1.0,
+                        ..Default::default()
+                    },
+                    steps: usize::MAX,
+                    max_nonfinite: usize::MAX,
+                },
+            );
+            let p = pretraining_batch(&cfg, b, BenchTask::Pairs, &ad);
+            let gold: Vec<usize> = (0..b).map(|k| k % FINETUNE_CLASSES).collect();
+            let batch = FinetuneBatch {
+                input: FlavaInput {
+                    pixel_values: p.pixel_values,
+                    input_ids: p.input_ids,
+                    attention_mask: p.attention_mask,
+                    ..Default::default()
+                },
+                targets: TaskTargets::Classes(gold.clone()),
+                size: b,
+                ids: (0..b).map(|k| k.to_string()).collect(),
+                labelled: vec![true; b],
+                soft: vec![vec![]; b],
+                gold,
+                values: vec![0.0; b],
+            };
+            time(args.iters, || {
+                let m = trainer
+                    .step(&batch, &mut flava_train::observer::Quiet)
+                    .expect("a fine-tuning step");
+                sync(&ad);
+                assert!(m.updated, "the bench batch must train");
+            })
         }
     };
     let median = |i: usize| {

@@ -3,7 +3,8 @@
 //! `classifier.model.0.*` and `classifier.model.3.*`), fed by `last_hidden_state[:, 0]` of the
 //! image encoder, the text encoder, or the multimodal encoder's own CLS (text padding masked in
 //! fusion), and the task losses: cross-entropy on classes, binary cross-entropy on soft scores
-//! (VQA), mean squared error (STS-B).
+//! (VQA), mean squared error (STS-B). A `hidden_size` of 0 gives a single `Linear(d, C)`
+//! (`classifier.model.0.*`), the layout of a linear probe.
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear};
@@ -23,7 +24,7 @@ pub struct ClassifierConfig {
     pub tower: Tower,
     /// Outputs: classes, answers (VQA) or 1 (regression).
     pub num_classes: usize,
-    /// Width of the hidden layer.
+    /// Width of the hidden layer; 0 for none (a linear head, `Linear(d, C)`).
     pub hidden_size: usize,
     /// Dropout after the ReLU (active in training only).
     pub dropout: f64,
@@ -42,13 +43,14 @@ impl Default for ClassifierConfig {
 
 /// `Linear(d, hidden) -> ReLU -> Dropout -> Linear(hidden, C)`. Checkpoint keys: `hidden` is
 /// `classifier.model.0`, `output` is `classifier.model.3` (torchmultimodal's `MLP` indices).
+/// Without the hidden layer, `output` alone is `classifier.model.0`.
 #[derive(Module, Debug)]
 pub struct ClassifierHead {
-    /// d → hidden (`model.0`).
-    pub hidden: Linear,
+    /// d → hidden (`model.0`); `None` for a linear head.
+    pub hidden: Option<Linear>,
     /// After the ReLU (`model.2`, no parameters).
     pub dropout: Dropout,
-    /// hidden → classes (`model.3`).
+    /// hidden (or d) → classes (`model.3`, or `model.0` without a hidden layer).
     pub output: Linear,
 }
 
@@ -56,17 +58,24 @@ impl ClassifierHead {
     /// A head for `in_dim` features, initialised as PyTorch's `nn.Linear` is not: N(0, std)
     /// weights and zero biases, as HF initialises FLAVA's own heads.
     pub fn new(in_dim: usize, cfg: &ClassifierConfig, std: f64, device: &Device) -> Self {
+        let hidden = (cfg.hidden_size > 0).then(|| linear(in_dim, cfg.hidden_size, true, std, device));
+        let width = if cfg.hidden_size > 0 { cfg.hidden_size } else { in_dim };
         Self {
-            hidden: linear(in_dim, cfg.hidden_size, true, std, device),
+            hidden,
             dropout: DropoutConfig::new(cfg.dropout).init(),
-            output: linear(cfg.hidden_size, cfg.num_classes, true, std, device),
+            output: linear(width, cfg.num_classes, true, std, device),
         }
     }
 
     /// [b, d] → [b, classes].
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let h = burn::tensor::activation::relu(self.hidden.forward(x));
-        self.output.forward(self.dropout.forward(h))
+        match &self.hidden {
+            Some(hidden) => {
+                let h = burn::tensor::activation::relu(hidden.forward(x));
+                self.output.forward(self.dropout.forward(h))
+            }
+            None => self.output.forward(x),
+        }
     }
 }
 
@@ -128,38 +137,7 @@ impl FlavaForClassification {
 
     /// The CLS of the chosen encoder (after its final LayerNorm): [b, d].
     pub fn features(&self, input: FlavaInput) -> Result<Tensor<2>, ClassificationError> {
-        let missing = |needs| ClassificationError::MissingInput {
-            tower: self.tower,
-            needs,
-        };
-        let states = match self.tower {
-            Tower::Image => {
-                let px = input.pixel_values.ok_or_else(|| missing("pixel_values"))?;
-                self.flava.image_model.forward(px, None, false, false).last_hidden_state
-            }
-            Tower::Text => {
-                let ids = input.input_ids.ok_or_else(|| missing("input_ids"))?;
-                let out =
-                    self.flava
-                        .text_model
-                        .forward(ids, input.attention_mask.as_ref(), input.token_type_ids, false);
-                out.last_hidden_state
-            }
-            Tower::Multimodal => {
-                if input.pixel_values.is_none() || input.input_ids.is_none() {
-                    return Err(missing("pixel_values and input_ids"));
-                }
-                let out = self.flava.forward(FlavaInput {
-                    skip_multimodal_encoder: false,
-                    output_hidden_states: false,
-                    ..input
-                });
-                let mm = out.multimodal.ok_or_else(|| missing("pixel_values and input_ids"))?;
-                mm.last_hidden_state
-            }
-        };
-        let [b, _, d] = states.dims();
-        Ok(states.slice(s![.., 0..1, ..]).reshape([b, d]))
+        cls_features(&self.flava, self.tower, input)
     }
 
     /// Logits [b, classes].
@@ -209,11 +187,12 @@ impl FlavaForClassification {
     /// The checkpoint: the backbone under HF `FlavaModel` keys, the head as
     /// `classifier.model.0.*` / `classifier.model.3.*`.
     pub fn state_dict(&self) -> StateDict {
+        let linear_head = self.classifier.hidden.is_none();
         let mut sd = module_state_dict(&self.flava, "", &["logit_scale"]);
         let head = module_state_dict(&self.classifier, "", &[]);
         for (k, t) in head.tensors {
             sd.tensors
-                .insert(format!("classifier.{}", head_key_to_checkpoint(&k)), t);
+                .insert(format!("classifier.{}", head_key_to_checkpoint(&k, linear_head)), t);
         }
         sd
     }
@@ -227,10 +206,12 @@ impl FlavaForClassification {
         } else {
             sd.clone()
         };
+        let linear_head = self.classifier.hidden.is_none();
         let mut head = StateDict::default();
         for (k, t) in &sd.tensors {
             if let Some(rest) = k.strip_prefix("classifier.") {
-                head.tensors.insert(checkpoint_key_to_head(rest), t.clone());
+                head.tensors
+                    .insert(checkpoint_key_to_head(rest, linear_head), t.clone());
             }
         }
         let backbone_report = load_module(&mut self.flava, &backbone, false)?;
@@ -239,21 +220,55 @@ impl FlavaForClassification {
     }
 }
 
-/// `hidden.weight` → `model.0.weight`, `output.bias` → `model.3.bias`.
-fn head_key_to_checkpoint(k: &str) -> String {
+/// `last_hidden_state[:, 0]` of `tower` (after the encoder's final LayerNorm): [b, d]; the
+/// features of a task head and of a linear probe. The multimodal CLS runs the whole model.
+pub fn cls_features(flava: &FlavaModel, tower: Tower, input: FlavaInput) -> Result<Tensor<2>, ClassificationError> {
+    let missing = |needs| ClassificationError::MissingInput { tower, needs };
+    let states = match tower {
+        Tower::Image => {
+            let px = input.pixel_values.ok_or_else(|| missing("pixel_values"))?;
+            flava.image_model.forward(px, None, false, false).last_hidden_state
+        }
+        Tower::Text => {
+            let ids = input.input_ids.ok_or_else(|| missing("input_ids"))?;
+            let out = flava
+                .text_model
+                .forward(ids, input.attention_mask.as_ref(), input.token_type_ids, false);
+            out.last_hidden_state
+        }
+        Tower::Multimodal => {
+            if input.pixel_values.is_none() || input.input_ids.is_none() {
+                return Err(missing("pixel_values and input_ids"));
+            }
+            let out = flava.forward(FlavaInput {
+                skip_multimodal_encoder: false,
+                output_hidden_states: false,
+                ..input
+            });
+            let mm = out.multimodal.ok_or_else(|| missing("pixel_values and input_ids"))?;
+            mm.last_hidden_state
+        }
+    };
+    let [b, _, d] = states.dims();
+    Ok(states.slice(s![.., 0..1, ..]).reshape([b, d]))
+}
+
+/// `hidden.weight` → `model.0.weight`, `output.bias` → `model.3.bias` (`model.0.bias` for a
+/// linear head).
+fn head_key_to_checkpoint(k: &str, linear_head: bool) -> String {
     if let Some(rest) = k.strip_prefix("hidden.") {
         format!("model.0.{rest}")
     } else if let Some(rest) = k.strip_prefix("output.") {
-        format!("model.3.{rest}")
+        format!("model.{}.{rest}", if linear_head { 0 } else { 3 })
     } else {
         k.to_string()
     }
 }
 
 /// The inverse of [`head_key_to_checkpoint`].
-fn checkpoint_key_to_head(k: &str) -> String {
+fn checkpoint_key_to_head(k: &str, linear_head: bool) -> String {
     if let Some(rest) = k.strip_prefix("model.0.") {
-        format!("hidden.{rest}")
+        format!("{}.{rest}", if linear_head { "output" } else { "hidden" })
     } else if let Some(rest) = k.strip_prefix("model.3.") {
         format!("output.{rest}")
     } else {
@@ -272,9 +287,41 @@ mod tests {
             ("hidden.bias", "model.0.bias"),
             ("output.weight", "model.3.weight"),
         ] {
-            assert_eq!(head_key_to_checkpoint(ours), theirs);
-            assert_eq!(checkpoint_key_to_head(theirs), ours);
+            assert_eq!(head_key_to_checkpoint(ours, false), theirs);
+            assert_eq!(checkpoint_key_to_head(theirs, false), ours);
         }
+        // A linear head (a probe) is `nn.Sequential(nn.Linear(d, C))`.
+        for (ours, theirs) in [("output.weight", "model.0.weight"), ("output.bias", "model.0.bias")] {
+            assert_eq!(head_key_to_checkpoint(ours, true), theirs);
+            assert_eq!(checkpoint_key_to_head(theirs, true), ours);
+        }
+    }
+
+    #[test]
+    fn a_linear_head_saves_and_loads_as_model_0() {
+        let device = Device::flex();
+        let config = FlavaConfig::preset("tiny").unwrap();
+        let head = ClassifierConfig {
+            tower: Tower::Image,
+            num_classes: 3,
+            hidden_size: 0,
+            dropout: 0.0,
+        };
+        let m = FlavaForClassification::new(FlavaModel::new(&config, &device), &config, &head, &device);
+        assert!(m.classifier.hidden.is_none());
+        let sd = m.state_dict();
+        let w = sd.get("classifier.model.0.weight").expect("linear head key");
+        assert_eq!(w.shape, vec![3, config.image_config.hidden_size], "PyTorch [out, in]");
+        assert!(sd.get("classifier.model.3.weight").is_none());
+        let mut other = FlavaForClassification::new(FlavaModel::new(&config, &device), &config, &head, &device);
+        let (_, report) = other.load_state_dict(&sd).unwrap();
+        assert!(report.missing.is_empty() && report.unexpected.is_empty(), "{report}");
+        let x = Tensor::<2>::ones([2, config.image_config.hidden_size], &device);
+        let (a, b) = (m.classifier.forward(x.clone()), other.classifier.forward(x));
+        assert_eq!(
+            a.into_data().try_to_vec::<f32>().unwrap(),
+            b.into_data().try_to_vec::<f32>().unwrap()
+        );
     }
 
     #[test]

@@ -33,7 +33,9 @@ pub mod scope;
 pub use accumulate::{accumulate_gradients, data_parallel_gradients, AccumulatedStep, Replica};
 pub use batch::{MlmTargets, PretrainingBatch};
 pub use checkpoint::{load_pretraining, save_pretraining, LoadedPretraining};
-pub use classification::{ClassificationError, ClassifierConfig, ClassifierHead, FlavaForClassification, TaskTargets};
+pub use classification::{
+    cls_features, ClassificationError, ClassifierConfig, ClassifierHead, FlavaForClassification, TaskTargets,
+};
 pub use contrastive::{clamp_logit_scale, contrastive_loss, ContrastiveOutput};
 pub use heads::{ItmHead, MaskedPredictionHead};
 pub use losses::{ItmLoss, ItmOutput, LossOutput, MaskedPredictionLoss};

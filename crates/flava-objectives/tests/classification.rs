@@ -136,7 +136,7 @@ fn every_tower_head_matches_the_pytorch_reference() {
         check_grad(
             &fx,
             &format!("{p}grad.classifier.model.0.weight"),
-            linear_grad(&c.hidden, &g),
+            linear_grad(c.hidden.as_ref().expect("hidden layer"), &g),
         );
         let bias = c.output.bias.as_ref().expect("bias");
         check_grad(

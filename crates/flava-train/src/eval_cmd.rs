@@ -76,3 +76,56 @@ pub fn retrieval(dir: &Path, pairs: &str, max_pairs: usize, device: &Device) -> 
     }
     eval::retrieval(&model, &tok, &proc, &samples, max_len, device)
 }
+
+/// What `flava eval classify` measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Classified {
+    /// The task's metrics over the labelled examples.
+    #[serde(flatten)]
+    pub eval: crate::task_model::TaskEval,
+    /// Predictions written (labelled or not).
+    pub predictions: usize,
+}
+
+/// A task model (`flava finetune`'s or a linear probe's `model/`) on task data: the task's
+/// metrics, and with `predictions` one JSON line per example (id, label or answer, score).
+pub fn classify(
+    dir: &Path,
+    data: &str,
+    opts: &flava_data::tasks::TaskOptions,
+    batch_size: usize,
+    predictions: Option<&Path>,
+    device: &Device,
+    observer: &mut dyn crate::observer::Observer,
+) -> anyhow::Result<Classified> {
+    let tm = crate::task_model::load_task_model(dir, device)?;
+    let set = flava_data::tasks::open_task(data, opts).with_context(|| format!("--data {data}"))?;
+    for (reason, n) in &set.skipped {
+        log::warn!("{data}: {n} record(s) skipped ({reason:?})");
+    }
+    if set.kind != tm.batcher.head.kind {
+        anyhow::bail!(
+            "{data} is a {:?} task but the model's head reads the {} encoder",
+            set.kind,
+            tm.classifier.tower
+        );
+    }
+    let scored = crate::task_model::predict(&tm.model, &tm.batcher, &set.examples, batch_size, device, observer)?;
+    let preds = scored.predictions(&tm.batcher.head);
+    if let Some(path) = predictions {
+        let mut out = String::new();
+        for p in &preds {
+            out.push_str(&serde_json::to_string(p)?);
+            out.push('\n');
+        }
+        flava_vit::atomic::write_file(path, out.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let eval = scored.eval(&tm.batcher.head);
+    if eval.n == 0 && preds.is_empty() {
+        anyhow::bail!("{data}: no usable example ({} skipped)", eval.skipped);
+    }
+    Ok(Classified {
+        eval,
+        predictions: preds.len(),
+    })
+}

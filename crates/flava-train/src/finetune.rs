@@ -15,25 +15,23 @@ use std::time::Instant;
 use anyhow::Context;
 use burn::module::Module;
 use burn::prelude::*;
-use flava_data::processor::{load_image, to_rgb8, ImageProcessor, ImageProcessorConfig};
-use flava_data::tasks::{
-    answer_vocabulary, open_task, vqa_score, Example, ImageRef, Metric, Target, TaskKind, TaskOptions, TaskSet,
-};
+use flava_data::processor::{ImageProcessor, ImageProcessorConfig};
+use flava_data::tasks::{open_task, Example, TaskOptions, TaskSet};
 use flava_fusion::checkpoint::load_flava_model;
-use flava_fusion::{FlavaConfig, FlavaInput, FlavaModel, Tower};
-use flava_objectives::{ClassifierConfig, FlavaForClassification, TaskTargets};
+use flava_fusion::{FlavaConfig, FlavaModel, Tower};
+use flava_objectives::{ClassifierConfig, FlavaForClassification};
 use flava_text::Tokenizer;
-use image::DynamicImage;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::metrics;
-use crate::observer::Observer;
+use crate::observer::{Observer, Quiet};
 use crate::optim::OptimizerConfig;
 use crate::run_dir::{RunDir, RunState};
+use crate::task_model::{evaluate, save_task_model};
+pub use crate::task_model::{Batcher, FinetuneBatch, TaskEval, TaskHead};
 use crate::trainer::{Computed, Counters, Objective, Trainer, TrainerConfig};
 
 /// Every option of a fine-tuning run (`flava finetune --print-config` shows them as TOML).
@@ -145,190 +143,6 @@ impl FinetuneConfig {
     }
 }
 
-/// The task's outputs: class names (or answers), or one value.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaskHead {
-    /// Task name (`vqa`, `sst2`, ...).
-    pub task: String,
-    /// Its metric.
-    pub metric: Metric,
-    /// The encoder read.
-    pub kind: TaskKind,
-    /// Output names in index order (empty for regression).
-    pub labels: Vec<String>,
-}
-
-impl TaskHead {
-    /// Outputs of the head.
-    pub fn outputs(&self) -> usize {
-        self.labels.len().max(1)
-    }
-
-    fn tower(&self) -> Tower {
-        match self.kind {
-            TaskKind::Image => Tower::Image,
-            TaskKind::Text => Tower::Text,
-            TaskKind::Multimodal => Tower::Multimodal,
-        }
-    }
-
-    /// The head for a training set: its fixed labels, the top answers (VQA), the sorted labels
-    /// seen, or one output for values.
-    pub fn of(train: &TaskSet, num_answers: usize) -> anyhow::Result<Self> {
-        let first = train.examples.iter().find_map(|e| e.target.as_ref());
-        let labels = match (first, &train.labels) {
-            (None, _) => anyhow::bail!("{}: no example has a label", train.spec),
-            (Some(Target::Value(_)), _) => vec![],
-            (Some(Target::Answers(_)), _) => answer_vocabulary(&train.examples, num_answers),
-            (_, Some(l)) => l.clone(),
-            (Some(Target::Label(_)), None) => {
-                let mut l: Vec<String> = train
-                    .examples
-                    .iter()
-                    .filter_map(|e| match &e.target {
-                        Some(Target::Label(l)) => Some(l.clone()),
-                        _ => None,
-                    })
-                    .collect();
-                l.sort();
-                l.dedup();
-                l
-            }
-        };
-        let metric = match (train.metric, first) {
-            (Metric::Accuracy, Some(Target::Answers(_))) => Metric::VqaAccuracy,
-            (Metric::Accuracy, Some(Target::Value(_))) => Metric::Pearson,
-            (m, _) => m,
-        };
-        Ok(Self {
-            task: train.task.clone(),
-            metric,
-            kind: train.kind,
-            labels,
-        })
-    }
-}
-
-/// One batch: the model's input on the training device and the targets.
-#[derive(Debug, Clone)]
-pub struct FinetuneBatch {
-    /// Pixels and tokens.
-    pub input: FlavaInput,
-    /// What the head is trained against.
-    pub targets: TaskTargets,
-    /// Examples.
-    pub size: usize,
-    /// Per example: the soft score of every output (VQA) for the metric.
-    pub soft: Vec<Vec<f32>>,
-    /// Per example: the gold output (classes), for the metric.
-    pub gold: Vec<usize>,
-    /// Per example: the value (regression).
-    pub values: Vec<f32>,
-}
-
-/// Turns examples into batches: images through the model's processor, texts (and pairs)
-/// through its tokenizer, targets against the head's outputs.
-pub struct Batcher {
-    /// The head's outputs.
-    pub head: TaskHead,
-    /// The tokenizer.
-    pub tokenizer: Tokenizer,
-    /// The image processor (the checkpoint's own configuration).
-    pub processor: ImageProcessor,
-    /// Text length.
-    pub max_length: usize,
-}
-
-impl Batcher {
-    fn image(e: &Example) -> anyhow::Result<DynamicImage> {
-        match &e.image {
-            Some(ImageRef::Pixels(p)) => Ok(DynamicImage::ImageRgb8(p.clone())),
-            Some(ImageRef::File(path)) => Ok(DynamicImage::ImageRgb8(to_rgb8(&load_image(path)?))),
-            None => anyhow::bail!("{}: no image", e.id),
-        }
-    }
-
-    /// The batch of `examples` on `device`; an example whose image cannot be read, or whose
-    /// label is not one of the head's, is left out and counted in the second value.
-    pub fn batch(&self, examples: &[&Example], device: &Device) -> anyhow::Result<(Option<FinetuneBatch>, usize)> {
-        let needs_image = matches!(self.head.kind, TaskKind::Image | TaskKind::Multimodal);
-        let needs_text = matches!(self.head.kind, TaskKind::Text | TaskKind::Multimodal);
-        let c = self.head.outputs();
-        let (mut images, mut texts, mut gold, mut soft, mut values) = (vec![], vec![], vec![], vec![], vec![]);
-        let mut skipped = 0;
-        for e in examples {
-            let target = match &e.target {
-                Some(Target::Label(l)) => match self.head.labels.iter().position(|x| x == l) {
-                    Some(i) => (i, vec![], 0.0),
-                    None => {
-                        skipped += 1;
-                        continue;
-                    }
-                },
-                Some(Target::Answers(a)) => {
-                    let s: Vec<f32> = self.head.labels.iter().map(|x| vqa_score(x, a)).collect();
-                    let best = (0..c).max_by(|&i, &j| s[i].total_cmp(&s[j])).unwrap_or(0);
-                    (best, s, 0.0)
-                }
-                Some(Target::Value(v)) => (0, vec![], *v),
-                None => {
-                    skipped += 1;
-                    continue;
-                }
-            };
-            let img = if needs_image {
-                match Self::image(e) {
-                    Ok(i) => Some(i),
-                    Err(err) => {
-                        log::warn!("skipped {}: {err:#}", e.id);
-                        skipped += 1;
-                        continue;
-                    }
-                }
-            } else {
-                None
-            };
-            images.extend(img);
-            texts.push((e.text.clone().unwrap_or_default(), e.text_pair.clone()));
-            gold.push(target.0);
-            soft.push(target.1);
-            values.push(target.2);
-        }
-        let n = gold.len();
-        if n == 0 {
-            return Ok((None, skipped));
-        }
-        let mut input = FlavaInput::default();
-        if needs_image {
-            input.pixel_values = Some(self.processor.pixel_values(&images, device));
-        }
-        if needs_text {
-            let pairs: Vec<(&str, Option<&str>)> = texts.iter().map(|(a, b)| (a.as_str(), b.as_deref())).collect();
-            let enc = self.tokenizer.encode_pairs(&pairs, self.max_length)?;
-            let (ids, mask, types) = enc.to_tensors(device);
-            input.input_ids = Some(ids);
-            input.attention_mask = Some(mask);
-            input.token_type_ids = Some(types);
-        }
-        let targets = match self.head.metric {
-            Metric::VqaAccuracy => TaskTargets::Soft(soft.iter().flatten().copied().collect()),
-            Metric::Pearson => TaskTargets::Values(values.clone()),
-            _ => TaskTargets::Classes(gold.clone()),
-        };
-        Ok((
-            Some(FinetuneBatch {
-                input,
-                targets,
-                size: n,
-                soft,
-                gold,
-                values,
-            }),
-            skipped,
-        ))
-    }
-}
-
 /// The fine-tuning objective: the head's task loss.
 pub struct Finetuning;
 
@@ -355,118 +169,6 @@ impl Objective for Finetuning {
     fn samples(&self, batch: &Self::Batch) -> usize {
         batch.size
     }
-}
-
-/// A task's evaluation (`eval.json`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaskEval {
-    /// Task name.
-    pub task: String,
-    /// The metric that chooses the best model.
-    pub metric: Metric,
-    /// Its value.
-    pub score: f64,
-    /// Top-1 accuracy (classification tasks).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub accuracy: Option<f64>,
-    /// VQA accuracy.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub vqa_accuracy: Option<f64>,
-    /// AUROC of class 1 (binary tasks).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub auroc: Option<f64>,
-    /// F1 of class 1 (binary tasks).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub f1: Option<f64>,
-    /// Matthews correlation (binary tasks).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub matthews: Option<f64>,
-    /// Pearson correlation (regression).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pearson: Option<f64>,
-    /// Mean per-class recall (classification tasks).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mean_per_class_recall: Option<f64>,
-    /// Examples scored.
-    pub n: usize,
-    /// Examples left out (unreadable image, unknown label).
-    pub skipped: usize,
-}
-
-/// Scores `model` (on a device without autodiff) on `examples`, in batches of `batch_size`.
-pub fn evaluate(
-    model: &FlavaForClassification,
-    batcher: &Batcher,
-    examples: &[Example],
-    batch_size: usize,
-    device: &Device,
-) -> anyhow::Result<TaskEval> {
-    let c = batcher.head.outputs();
-    let (mut pred, mut gold, mut soft, mut values, mut out, mut pos) = (vec![], vec![], vec![], vec![], vec![], vec![]);
-    let mut skipped = 0;
-    let refs: Vec<&Example> = examples.iter().collect();
-    for chunk in refs.chunks(batch_size.max(1)) {
-        let (b, s) = batcher.batch(chunk, device)?;
-        skipped += s;
-        let Some(b) = b else { continue };
-        let logits = model.forward(b.input.clone())?;
-        let host: Vec<f32> = logits
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .unwrap_or_default();
-        for row in host.chunks(c) {
-            let best = (0..row.len()).max_by(|&i, &j| row[i].total_cmp(&row[j])).unwrap_or(0);
-            pred.push(best);
-            out.push(row[0]);
-            // P(class 1) for binary tasks: softmax of the two logits.
-            if row.len() == 2 {
-                pos.push(1.0 / (1.0 + (row[0] - row[1]).exp()));
-            }
-        }
-        gold.extend(b.gold);
-        soft.extend(b.soft);
-        values.extend(b.values);
-    }
-    let n = pred.len();
-    let h = &batcher.head;
-    let mut e = TaskEval {
-        task: h.task.clone(),
-        metric: h.metric,
-        score: 0.0,
-        accuracy: None,
-        vqa_accuracy: None,
-        auroc: None,
-        f1: None,
-        matthews: None,
-        pearson: None,
-        mean_per_class_recall: None,
-        n,
-        skipped,
-    };
-    match h.metric {
-        Metric::VqaAccuracy => e.vqa_accuracy = Some(metrics::vqa_accuracy(&pred, &soft)),
-        Metric::Pearson => e.pearson = Some(metrics::pearson(&out, &values)),
-        _ => {
-            e.accuracy = Some(metrics::accuracy(&pred, &gold));
-            e.mean_per_class_recall = Some(metrics::mean_per_class_recall(&pred, &gold, c));
-            if c == 2 {
-                e.f1 = Some(metrics::f1(&pred, &gold));
-                e.matthews = Some(metrics::matthews(&pred, &gold));
-                e.auroc = Some(metrics::auroc(&pos, &gold));
-            }
-        }
-    }
-    e.score = match h.metric {
-        Metric::Accuracy => e.accuracy,
-        Metric::VqaAccuracy => e.vqa_accuracy,
-        Metric::F1 => e.f1,
-        Metric::Auroc => e.auroc,
-        Metric::Pearson => e.pearson,
-        Metric::Matthews => e.matthews,
-    }
-    .unwrap_or(0.0);
-    Ok(e)
 }
 
 /// Where a fine-tuning run stands (saved with each checkpoint).
@@ -550,40 +252,6 @@ fn backbone(
     Ok((FlavaModel::new(&config, device), config, tokenizer, processor))
 }
 
-/// Writes `model/`: config (with the head and its labels), weights, tokenizer, processor.
-fn save_model(
-    dir: &Path,
-    model: &FlavaForClassification,
-    config: &FlavaConfig,
-    head: &TaskHead,
-    classifier: &ClassifierConfig,
-    batcher: &Batcher,
-) -> anyhow::Result<()> {
-    let staged = flava_vit::atomic::AtomicDir::new(dir)?;
-    let d = staged.path();
-    let mut cfg: serde_json::Value = serde_json::from_str(&config.to_json_pretty("FlavaForClassification"))?;
-    cfg["classifier"] = serde_json::to_value(classifier)?;
-    cfg["task"] = serde_json::to_value(head)?;
-    cfg["id2label"] = json!(head
-        .labels
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (i.to_string(), json!(l)))
-        .collect::<serde_json::Map<_, _>>());
-    std::fs::write(d.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
-    model.state_dict().save_safetensors(d.join("model.safetensors"))?;
-    batcher
-        .tokenizer
-        .inner()
-        .save(d.join("tokenizer.json"), false)
-        .map_err(|e| anyhow::anyhow!("writing the tokenizer: {e}"))?;
-    let mut p = serde_json::to_value(&batcher.processor.config)?;
-    p["image_processor_type"] = json!("FlavaImageProcessor");
-    std::fs::write(d.join("preprocessor_config.json"), serde_json::to_string_pretty(&p)?)?;
-    staged.commit()?;
-    Ok(())
-}
-
 /// Runs a fine-tuning (see the module docs). Progress and messages go to `observer`.
 pub fn run(cfg: &FinetuneConfig, observer: &mut dyn Observer) -> anyhow::Result<FinetuneSummary> {
     cfg.validate()?;
@@ -649,6 +317,7 @@ pub fn run(cfg: &FinetuneConfig, observer: &mut dyn Observer) -> anyhow::Result<
         tokenizer,
         processor,
         max_length: cfg.max_length,
+        keep_unlabelled: false,
     };
     let mut trainer = Trainer::new(
         model,
@@ -698,7 +367,7 @@ pub fn run(cfg: &FinetuneConfig, observer: &mut dyn Observer) -> anyhow::Result<
                     observer: &mut dyn Observer|
      -> anyhow::Result<()> {
         let valid = trainer.model().valid();
-        let e = evaluate(&valid, &batcher, &val_examples, cfg.batch_size, &device)?;
+        let e = evaluate(&valid, &batcher, &val_examples, cfg.batch_size, &device, &mut Quiet)?;
         observer.on_message(&format!(
             "step {}: validation {:?} {:.4} (n = {})",
             trainer.step_count(),
@@ -708,7 +377,7 @@ pub fn run(cfg: &FinetuneConfig, observer: &mut dyn Observer) -> anyhow::Result<
         ));
         metrics_log.write(&json!({"step": trainer.step_count(), "val": e}))?;
         if state.best.as_ref().is_none_or(|b| e.score > b.score) {
-            save_model(&cfg.out.join("model"), &valid, &config, &head, &classifier, &batcher)?;
+            save_task_model(&cfg.out.join("model"), &valid, &config, &classifier, &batcher)?;
             state.best = Some(e);
         }
         Ok(())

@@ -25,7 +25,9 @@ pub mod metrics;
 pub mod observer;
 pub mod optim;
 pub mod pretrain;
+pub mod probe;
 pub mod run_dir;
+pub mod task_model;
 pub mod trainer;
 
 pub use device::pick_device;

@@ -65,6 +65,9 @@ pub trait Observer {
     fn on_step(&mut self, _m: &StepMetrics) {}
     /// A checkpoint was written.
     fn on_checkpoint(&mut self, _step: usize, _dir: &Path) {}
+    /// Work outside the training loop (`what`: `predict`, `features train`, ...) has done
+    /// `done` of `total` items.
+    fn on_progress(&mut self, _what: &str, _done: usize, _total: usize) {}
     /// A message for the user (progress, a warning); the default prints it to stderr.
     fn on_message(&mut self, msg: &str) {
         eprintln!("{msg}");
@@ -109,6 +112,8 @@ impl Observer for Collect {
 pub struct ProgressBars {
     bar: Option<indicatif::ProgressBar>,
     what: String,
+    /// The bar of [`Observer::on_progress`] and what it counts.
+    work: Option<(String, indicatif::ProgressBar)>,
 }
 
 impl ProgressBars {
@@ -158,6 +163,28 @@ impl Observer for ProgressBars {
 
     fn on_checkpoint(&mut self, _step: usize, dir: &Path) {
         self.on_message(&format!("checkpoint {}", dir.display()));
+    }
+
+    fn on_progress(&mut self, what: &str, done: usize, total: usize) {
+        if self.work.as_ref().is_none_or(|(w, _)| w != what) {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{bar:28} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+            ) {
+                bar.set_style(style);
+            }
+            bar.set_message(what.to_string());
+            if let Some((_, old)) = self.work.take() {
+                old.finish();
+            }
+            self.work = Some((what.to_string(), bar));
+        }
+        if let Some((_, bar)) = &self.work {
+            bar.set_position(done as u64);
+            if done >= total {
+                bar.finish();
+            }
+        }
     }
 
     fn on_message(&mut self, msg: &str) {

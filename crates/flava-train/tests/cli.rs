@@ -416,3 +416,77 @@ fn reader_limits_are_configurable_on_the_command_line() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `flava eval linear-probe` then `flava eval classify` on the probe it saved: JSON reports,
+/// a predictions file with one line per example; a plain FLAVA directory is refused by
+/// `classify` with a message saying it has no task head, and VQA by the probe.
+#[test]
+fn linear_probe_then_classify_on_its_head() {
+    let model = fixtures().join("embed_model");
+    let out_dir = std::env::temp_dir().join(format!("flava-cli-probe-{}", std::process::id()));
+    std::fs::remove_dir_all(&out_dir).ok();
+    let out = flava()
+        .args(["eval", "linear-probe", "--model"])
+        .arg(&model)
+        .args(["--train", "synthetic:classes", "--val", "synthetic:classes:heldout"])
+        .args(["--synthetic-len", "48", "--max-iter", "100", "--json", "--out"])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["feature"], "image");
+    assert_eq!(r["val"]["n"], 24);
+    assert!(r["strength"].as_f64().unwrap() > 0.0 && r["sweep"]["tried"].as_array().unwrap().len() >= 9);
+    assert!(out_dir.join("probe.json").is_file() && out_dir.join("features/val.safetensors").is_file());
+    let preds = out_dir.join("pred.jsonl");
+    let out = flava()
+        .args(["eval", "classify", "--model"])
+        .arg(out_dir.join("model"))
+        .args([
+            "--data",
+            "synthetic:classes:heldout",
+            "--synthetic-len",
+            "24",
+            "--json",
+            "--predictions",
+        ])
+        .arg(&preds)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let c: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (c["n"].as_u64(), c["predictions"].as_u64()),
+        (Some(24), Some(24)),
+        "{c}"
+    );
+    assert!(c["top5"].as_f64().is_some() && c["mean_per_class_recall"].as_f64().is_some());
+    assert_eq!(std::fs::read_to_string(&preds).unwrap().lines().count(), 24);
+    let out = flava()
+        .args(["eval", "classify", "--model"])
+        .arg(&model)
+        .args(["--data", "synthetic:classes:heldout"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no task head"));
+    let out = flava()
+        .args(["eval", "linear-probe", "--model"])
+        .arg(&model)
+        .args([
+            "--train",
+            "synthetic:vqa",
+            "--val",
+            "synthetic:vqa:heldout",
+            "--synthetic-len",
+            "8",
+            "--out",
+        ])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs class labels"));
+    std::fs::remove_dir_all(&out_dir).ok();
+}

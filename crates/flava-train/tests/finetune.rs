@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use burn::prelude::*;
 use flava_fusion::checkpoint::load_flava_model;
+use flava_train::eval_cmd::classify;
 use flava_train::finetune::{run, FinetuneConfig};
 use flava_train::observer::Quiet;
 use flava_vit::weights::StateDict;
@@ -81,6 +82,37 @@ fn vqa_from_a_model_directory_saves_evaluates_and_resumes() {
         serde_json::from_str(&std::fs::read_to_string(out.join("model/config.json")).unwrap()).unwrap();
     assert_eq!(cfg["task"]["labels"].as_array().unwrap().len(), answers);
     assert_eq!(cfg["id2label"].as_object().unwrap().len(), answers);
+    // `flava eval classify` on model/ gives eval.json's number on the same validation set, and
+    // one prediction (an answer of the vocabulary, its probability) per question.
+    let opts = flava_data::tasks::TaskOptions {
+        synthetic_len: 12,
+        ..Default::default()
+    };
+    let preds = out.join("pred.jsonl");
+    let c = classify(
+        &out.join("model"),
+        "synthetic:vqa:heldout",
+        &opts,
+        8,
+        Some(&preds),
+        &device,
+        &mut Quiet,
+    )
+    .unwrap();
+    let again = c.eval.vqa_accuracy.unwrap();
+    assert!((again - acc).abs() < 1e-9, "classify {again} vs eval.json {acc}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&preds)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 12);
+    let vocab = cfg["task"]["labels"].as_array().unwrap();
+    for l in &lines {
+        assert!(vocab.contains(&l["answer"]), "{l}");
+        let p = l["score"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&p), "{l}");
+    }
     // Without --resume the run is not overwritten; with it, steps 4..6 follow 1..3, each once.
     let e = run(&tiny(out.clone(), 6), &mut Quiet).unwrap_err().to_string();
     assert!(e.contains("already holds a fine-tuning run"), "{e}");
