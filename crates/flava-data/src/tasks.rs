@@ -208,27 +208,25 @@ pub fn synthetic_vqa_answers() -> Vec<String> {
     v
 }
 
-/// A question about `objs` and its answer, chosen by `rng`; objects are referred to by a
-/// property that is unique in the scene.
+/// A question about `objs` and its answer, chosen by `rng`: the colour, pattern or size of an
+/// object named by its shape or by its colour (a property unique in the scene), the shape of the
+/// object of a colour, the colour of the leftmost or rightmost object, the number of objects, or
+/// whether an object of a colour is there.
 pub fn synthetic_question(objs: &[Object], rng: &mut impl Rng) -> (String, String) {
     let unique = |f: &dyn Fn(&Object) -> usize, o: &Object| objs.iter().filter(|p| f(p) == f(o)).count() == 1;
+    let count = || ["one", "two", "three"][objs.len().clamp(1, 3) - 1];
     for _ in 0..8 {
         let o = &objs[rng.random_range(0..objs.len())];
         let by_shape = unique(&|p: &Object| p.shape, o);
         let by_colour = unique(&|p: &Object| p.colour, o);
         let shape = SHAPES[o.shape];
         let colour = COLOURS[o.colour].0;
-        match rng.random_range(0..6) {
+        let size = if o.big { "big" } else { "small" };
+        match rng.random_range(0..9) {
             0 if by_shape => return (format!("what colour is the {shape}?"), colour.into()),
             1 if by_shape => return (format!("what pattern is the {shape}?"), PATTERNS[o.pattern].into()),
-            2 if by_shape => {
-                let size = if o.big { "big" } else { "small" };
-                return (format!("is the {shape} big or small?"), size.into());
-            }
-            3 => {
-                let n = ["one", "two", "three"][objs.len().clamp(1, 3) - 1];
-                return ("how many objects are there?".into(), n.into());
-            }
+            2 if by_shape => return (format!("is the {shape} big or small?"), size.into()),
+            3 => return ("how many objects are there?".into(), count().into()),
             4 if by_colour => return (format!("what shape is the {colour} object?"), shape.into()),
             5 => {
                 let c = rng.random_range(0..COLOURS.len());
@@ -236,11 +234,34 @@ pub fn synthetic_question(objs: &[Object], rng: &mut impl Rng) -> (String, Strin
                 let q = format!("is there a {} object?", COLOURS[c].0);
                 return (q, if yes { "yes" } else { "no" }.into());
             }
+            6 if by_colour => {
+                return (
+                    format!("what pattern is the {colour} object?"),
+                    PATTERNS[o.pattern].into(),
+                )
+            }
+            7 if by_colour => return (format!("is the {colour} object big or small?"), size.into()),
+            8 if objs.len() > 1 => {
+                // The leftmost (or rightmost) object, asked about only when it is clearly so.
+                let left = rng.random::<bool>();
+                let mut by_x: Vec<&Object> = objs.iter().collect();
+                by_x.sort_by(|a, b| a.cx.total_cmp(&b.cx));
+                if !left {
+                    by_x.reverse();
+                }
+                if (by_x[0].cx - by_x[1].cx).abs() < 0.1 {
+                    continue;
+                }
+                let side = if left { "left" } else { "right" };
+                return (
+                    format!("what colour is the object on the {side}?"),
+                    COLOURS[by_x[0].colour].0.into(),
+                );
+            }
             _ => {}
         }
     }
-    let n = ["one", "two", "three"][objs.len().clamp(1, 3) - 1];
-    ("how many objects are there?".into(), n.into())
+    ("how many objects are there?".into(), count().into())
 }
 
 fn synthetic_task(spec: &str, rest: &str, opts: &TaskOptions) -> Result<TaskSet, SourceError> {
@@ -767,6 +788,64 @@ mod tests {
         assert!((vqa_score("yes", &ten(2)) - 0.6).abs() < 1e-6);
         assert!((vqa_score("yes", &ten(1)) - 0.3).abs() < 1e-6);
         assert_eq!(vqa_score("maybe", &ten(5)), 0.0);
+    }
+
+    /// Every question's answer, re-derived from the scene it was asked about.
+    #[test]
+    fn synthetic_questions_are_answered_by_their_scene() {
+        let name_of = |q: &str, prefix: &str, suffix: &str| -> Option<String> {
+            q.strip_prefix(prefix)?.strip_suffix(suffix).map(String::from)
+        };
+        let mut kinds = std::collections::BTreeSet::new();
+        for i in 0..600u64 {
+            let objs = scene(0, Split::HeldOut, i);
+            let mut rng = ChaCha8Rng::seed_from_u64(i);
+            let (q, a) = synthetic_question(&objs, &mut rng);
+            let by_shape = |s: &str| objs.iter().find(|o| SHAPES[o.shape] == s).unwrap();
+            let by_colour = |c: &str| objs.iter().find(|o| COLOURS[o.colour].0 == c).unwrap();
+            let size = |o: &Object| if o.big { "big" } else { "small" };
+            let expected: String = if let Some(s) = name_of(&q, "what colour is the object on the ", "?") {
+                let pick = if s == "left" {
+                    objs.iter().min_by(|a, b| a.cx.total_cmp(&b.cx))
+                } else {
+                    objs.iter().max_by(|a, b| a.cx.total_cmp(&b.cx))
+                };
+                kinds.insert("position");
+                COLOURS[pick.unwrap().colour].0.into()
+            } else if let Some(s) = name_of(&q, "what colour is the ", "?") {
+                kinds.insert("colour");
+                COLOURS[by_shape(&s).colour].0.into()
+            } else if let Some(s) = name_of(&q, "what pattern is the ", " object?") {
+                kinds.insert("pattern by colour");
+                PATTERNS[by_colour(&s).pattern].into()
+            } else if let Some(s) = name_of(&q, "what pattern is the ", "?") {
+                kinds.insert("pattern");
+                PATTERNS[by_shape(&s).pattern].into()
+            } else if let Some(c) = name_of(&q, "is the ", " object big or small?") {
+                kinds.insert("size by colour");
+                size(by_colour(&c)).into()
+            } else if let Some(s) = name_of(&q, "is the ", " big or small?") {
+                kinds.insert("size");
+                size(by_shape(&s)).into()
+            } else if let Some(c) = name_of(&q, "what shape is the ", " object?") {
+                kinds.insert("shape");
+                SHAPES[by_colour(&c).shape].into()
+            } else if let Some(c) = name_of(&q, "is there a ", " object?") {
+                kinds.insert("presence");
+                if objs.iter().any(|o| COLOURS[o.colour].0 == c) {
+                    "yes"
+                } else {
+                    "no"
+                }
+                .into()
+            } else {
+                assert_eq!(q, "how many objects are there?");
+                kinds.insert("count");
+                ["one", "two", "three"][objs.len() - 1].into()
+            };
+            assert_eq!(a, expected, "{q} in {objs:?}");
+        }
+        assert_eq!(kinds.len(), 9, "every kind of question is asked: {kinds:?}");
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::observer::{Observer, Quiet};
 use crate::optim::OptimizerConfig;
 use crate::run_dir::{RunDir, RunState};
 use crate::task_model::{evaluate, save_task_model};
-pub use crate::task_model::{Batcher, FinetuneBatch, TaskEval, TaskHead};
+pub use crate::task_model::{Augment, Batcher, FinetuneBatch, TaskEval, TaskHead};
 use crate::trainer::{Computed, Counters, Objective, Trainer, TrainerConfig};
 
 /// Every option of a fine-tuning run (`flava finetune --print-config` shows them as TOML).
@@ -43,7 +43,8 @@ pub struct FinetuneConfig {
     pub init: String,
     /// Training data spec ([`flava_data::tasks`]).
     pub data: String,
-    /// Validation data spec; `None` holds out 10% of the training data.
+    /// Validation data spec; `None` holds out 10% of the training data (for `synthetic:NAME`,
+    /// the held-out scenes `synthetic:NAME:heldout`).
     pub val: Option<String>,
     /// Updates.
     pub steps: usize,
@@ -74,7 +75,7 @@ pub struct FinetuneConfig {
     pub num_answers: usize,
     /// Text length in tokens.
     pub max_length: usize,
-    /// Head hidden width and dropout.
+    /// Width of the head's hidden layer (0: a linear head).
     pub head_hidden: usize,
     /// Dropout of the head.
     pub head_dropout: f64,
@@ -82,6 +83,8 @@ pub struct FinetuneConfig {
     pub preset: String,
     /// Synthetic set sizes (`synthetic:vqa` etc.).
     pub synthetic_len: usize,
+    /// Training-time image augmentation; `None` trains on the evaluation transform.
+    pub augment: Option<Augment>,
     /// Data order and head initialisation.
     pub seed: u64,
     /// Device (`cpu`, `cuda`, `wgpu`).
@@ -93,7 +96,7 @@ impl Default for FinetuneConfig {
         Self {
             init: "none".into(),
             data: "synthetic:vqa".into(),
-            val: Some("synthetic:vqa:heldout".into()),
+            val: None,
             steps: 300,
             epochs: None,
             batch_size: 32,
@@ -112,6 +115,7 @@ impl Default for FinetuneConfig {
             head_dropout: 0.5,
             preset: "tiny".into(),
             synthetic_len: 4000,
+            augment: Some(Augment::default()),
             seed: 0,
             device: "cpu".into(),
         }
@@ -136,8 +140,11 @@ impl FinetuneConfig {
         if !(0.0..1.0).contains(&self.head_dropout) {
             anyhow::bail!("head dropout must be in [0, 1), got {}", self.head_dropout);
         }
-        if self.max_length < 2 || self.num_answers == 0 || self.head_hidden == 0 {
-            anyhow::bail!("max_length must be at least 2, num_answers and head_hidden at least 1");
+        if self.max_length < 2 || self.num_answers == 0 {
+            anyhow::bail!("max_length must be at least 2 and num_answers at least 1");
+        }
+        if let Some(a) = &self.augment {
+            a.validate()?;
         }
         Ok(())
     }
@@ -263,7 +270,10 @@ pub fn run(cfg: &FinetuneConfig, observer: &mut dyn Observer) -> anyhow::Result<
         ..Default::default()
     };
     let mut train = open_task(&cfg.data, &topts).with_context(|| format!("--data {}", cfg.data))?;
-    let val_examples = match &cfg.val {
+    let val_spec = cfg.val.clone().or_else(|| {
+        (cfg.data.starts_with("synthetic:") && !cfg.data.ends_with(":heldout")).then(|| format!("{}:heldout", cfg.data))
+    });
+    let val_examples = match &val_spec {
         Some(v) => {
             let opts = TaskOptions {
                 synthetic_len: (cfg.synthetic_len / 4).max(1),
@@ -394,7 +404,14 @@ pub fn run(cfg: &FinetuneConfig, observer: &mut dyn Observer) -> anyhow::Result<
         let idx = &order[k * cfg.batch_size..((k + 1) * cfg.batch_size).min(order.len())];
         let examples: Vec<&Example> = idx.iter().map(|&i| &train.examples[i]).collect();
         let t0 = Instant::now();
-        let (batch, _) = batcher.batch(&examples, &ad)?;
+        let (batch, _) = match &cfg.augment {
+            // Drawn from (seed, step): a resumed run augments each step as the first run did.
+            Some(a) => {
+                let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                batcher.augmented(&examples, &ad, a, &mut rng)?
+            }
+            None => batcher.batch(&examples, &ad)?,
+        };
         let Some(batch) = batch else {
             anyhow::bail!(
                 "step {}: no usable example in the batch (labels unknown or images unreadable)",

@@ -129,6 +129,56 @@ pub struct Batcher {
     pub keep_unlabelled: bool,
 }
 
+/// Training-time image augmentation: a random-resized crop (torchvision's box, FLAVA's scale
+/// and ratio by default) before the processor, and for image-only tasks a horizontal flip (not
+/// for image + text, whose questions and captions say "left" and "right").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Augment {
+    /// Range of the crop area as a share of the image (`[1, 1]` turns cropping off).
+    pub scale: (f64, f64),
+    /// Range of the crop aspect ratio.
+    pub ratio: (f64, f64),
+    /// Flip image-only examples with probability 0.5.
+    pub hflip: bool,
+}
+
+impl Default for Augment {
+    fn default() -> Self {
+        Self {
+            scale: (0.9, 1.0),
+            ratio: (3.0 / 4.0, 4.0 / 3.0),
+            hflip: true,
+        }
+    }
+}
+
+impl Augment {
+    /// Values that would fail or make no sense.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let (a, b) = self.scale;
+        let (r0, r1) = self.ratio;
+        if !(0.0 < a && a <= b && b <= 1.0 && 0.0 < r0 && r0 <= r1 && r1.is_finite()) {
+            anyhow::bail!(
+                "augment: scale must satisfy 0 < min <= max <= 1 and ratio 0 < min <= max, got {:?} and {:?}",
+                self.scale,
+                self.ratio
+            );
+        }
+        Ok(())
+    }
+
+    fn apply(&self, img: DynamicImage, flip: bool, rng: &mut impl rand::Rng) -> DynamicImage {
+        let rgb = img.to_rgb8();
+        let b = flava_data::transforms::random_resized_crop_box(rgb.width(), rgb.height(), self.scale, self.ratio, rng);
+        let mut crop = image::imageops::crop_imm(&rgb, b.left, b.top, b.width, b.height).to_image();
+        if flip && self.hflip && rng.random::<bool>() {
+            image::imageops::flip_horizontal_in_place(&mut crop);
+        }
+        DynamicImage::ImageRgb8(crop)
+    }
+}
+
 impl Batcher {
     fn image(e: &Example) -> anyhow::Result<DynamicImage> {
         match &e.image {
@@ -142,6 +192,27 @@ impl Batcher {
     /// label is not one of the head's (or that has none, unless `keep_unlabelled`), is left
     /// out and counted in the second value.
     pub fn batch(&self, examples: &[&Example], device: &Device) -> anyhow::Result<(Option<FinetuneBatch>, usize)> {
+        self.batch_with(examples, device, None::<(&Augment, &mut rand_chacha::ChaCha8Rng)>)
+    }
+
+    /// [`Batcher::batch`] with training augmentation drawn from `rng`.
+    pub fn augmented(
+        &self,
+        examples: &[&Example],
+        device: &Device,
+        augment: &Augment,
+        rng: &mut impl rand::Rng,
+    ) -> anyhow::Result<(Option<FinetuneBatch>, usize)> {
+        self.batch_with(examples, device, Some((augment, rng)))
+    }
+
+    fn batch_with(
+        &self,
+        examples: &[&Example],
+        device: &Device,
+        mut augment: Option<(&Augment, &mut impl rand::Rng)>,
+    ) -> anyhow::Result<(Option<FinetuneBatch>, usize)> {
+        let flip = self.head.kind == TaskKind::Image;
         let needs_image = matches!(self.head.kind, TaskKind::Image | TaskKind::Multimodal);
         let needs_text = matches!(self.head.kind, TaskKind::Text | TaskKind::Multimodal);
         let c = self.head.outputs();
@@ -171,7 +242,10 @@ impl Batcher {
             };
             let img = if needs_image {
                 match Self::image(e) {
-                    Ok(i) => Some(i),
+                    Ok(i) => Some(match augment.as_mut() {
+                        Some((a, rng)) => a.apply(i, flip, rng),
+                        None => i,
+                    }),
                     Err(err) => {
                         log::warn!("skipped {}: {err:#}", e.id);
                         skipped += 1;

@@ -244,3 +244,69 @@ fn unreadable_images_are_skipped_and_counted_and_a_batch_of_none_stops_the_run()
     std::fs::remove_dir_all(&out).ok();
     std::fs::remove_dir_all(&data_dir).ok();
 }
+
+/// Training batches are augmented (random crop; flip for image-only tasks) from a seeded RNG:
+/// the same seed gives the same pixels, another seed others, and evaluation batches are the
+/// plain transform.
+#[test]
+fn training_augmentation_is_seeded_and_evaluation_is_not_augmented() {
+    use flava_data::tasks::{open_task, TaskOptions};
+    use flava_train::embed::{find_processor, find_tokenizer};
+    use flava_train::finetune::{Augment, Batcher, TaskHead};
+    use rand::SeedableRng;
+
+    let dir = fixtures().join("embed_model");
+    let set = open_task(
+        "synthetic:classes",
+        &TaskOptions {
+            synthetic_len: 4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let batcher = Batcher {
+        head: TaskHead::of(&set, 10).unwrap(),
+        tokenizer: find_tokenizer(&dir).unwrap(),
+        processor: find_processor(&dir).unwrap(),
+        max_length: 8,
+        keep_unlabelled: false,
+    };
+    let device = Device::flex();
+    let refs: Vec<_> = set.examples.iter().collect();
+    let pixels = |b: Option<flava_train::finetune::FinetuneBatch>| -> Vec<f32> {
+        b.unwrap()
+            .input
+            .pixel_values
+            .unwrap()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    let rng = |s: u64| rand_chacha::ChaCha8Rng::seed_from_u64(s);
+    let a = Augment::default();
+    let plain = pixels(batcher.batch(&refs, &device).unwrap().0);
+    let one = pixels(batcher.augmented(&refs, &device, &a, &mut rng(1)).unwrap().0);
+    let again = pixels(batcher.augmented(&refs, &device, &a, &mut rng(1)).unwrap().0);
+    let other = pixels(batcher.augmented(&refs, &device, &a, &mut rng(2)).unwrap().0);
+    assert_eq!(one, again);
+    assert_ne!(one, other);
+    assert_ne!(one, plain);
+    // Scale [1, 1], ratio 1 and no flip: the whole (square) image, as the plain transform.
+    let none = Augment {
+        scale: (1.0, 1.0),
+        ratio: (1.0, 1.0),
+        hflip: false,
+    };
+    assert_eq!(
+        pixels(batcher.augmented(&refs, &device, &none, &mut rng(3)).unwrap().0),
+        plain
+    );
+    let bad = FinetuneConfig {
+        augment: Some(Augment {
+            scale: (0.0, 1.0),
+            ..Augment::default()
+        }),
+        ..tiny(scratch("bad-augment"), 1)
+    };
+    assert!(format!("{:#}", run(&bad, &mut Quiet).unwrap_err()).contains("augment"));
+}

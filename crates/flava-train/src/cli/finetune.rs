@@ -54,6 +54,15 @@ pub struct FinetuneArgs {
     /// Text length in tokens.
     #[arg(long)]
     max_length: Option<usize>,
+    /// Width of the head's hidden layer (0: a linear head).
+    #[arg(long)]
+    head_hidden: Option<usize>,
+    /// Examples of a synthetic training set (validation gets a quarter).
+    #[arg(long)]
+    synthetic_len: Option<usize>,
+    /// Train on the evaluation transform (no random crop or flip).
+    #[arg(long)]
+    no_augment: bool,
     /// Seed of data order and head initialisation.
     #[arg(long)]
     seed: Option<u64>,
@@ -90,6 +99,8 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
         val_every,
         num_answers,
         max_length,
+        head_hidden,
+        synthetic_len,
         seed,
         out,
         device
@@ -102,6 +113,9 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     }
     if !a.freeze.is_empty() {
         c.freeze = a.freeze.clone();
+    }
+    if a.no_augment {
+        c.augment = None;
     }
     c.resume = a.resume;
     if a.print_config {
