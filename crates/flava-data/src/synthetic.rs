@@ -256,6 +256,20 @@ pub fn caption(objs: &[Object], variant: u64) -> String {
     s
 }
 
+/// A passage of the text-only corpus: a caption, or (every other index) a question about the
+/// scene followed by its answer, e.g. "what colour is the circle? red". A text corpus holds
+/// questions as well as descriptions; without them the tokenizer trained on this corpus would
+/// spell question words letter by letter and a pretrained model would meet them first in
+/// fine-tuning.
+pub fn text_passage(objs: &[Object], seed: u64, index: u64) -> String {
+    if index.is_multiple_of(2) {
+        return caption(objs, index);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ index.rotate_left(29) ^ 0x7465_7874);
+    let (q, a) = crate::tasks::synthetic_question(objs, &mut rng);
+    format!("{q} {a}")
+}
+
 /// What the synthetic source yields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyntheticKind {
@@ -263,7 +277,7 @@ pub enum SyntheticKind {
     Pairs,
     /// Images only.
     Images,
-    /// Captions only.
+    /// Text only: captions, and questions about scenes with their answers ([`text_passage`]).
     Text,
     /// Single-object images with their class label (zero-shot evaluation).
     Classes,
@@ -327,7 +341,7 @@ impl SyntheticSource {
             SyntheticKind::Text => RawSample {
                 key,
                 image: None,
-                text: text(),
+                text: Some(text_passage(&objs, self.seed, index)),
                 label: None,
             },
             SyntheticKind::Classes => {
@@ -391,6 +405,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_text_corpus_alternates_captions_and_answered_questions() {
+        let s = SyntheticSource::new(SyntheticKind::Text, Split::Train, 7, 100, 64);
+        let answers = crate::tasks::synthetic_vqa_answers();
+        for i in 0..40 {
+            let text = s.sample(i).text.unwrap();
+            let objs = scene(7, Split::Train, i);
+            if i.is_multiple_of(2) {
+                assert_eq!(text, caption(&objs, i));
+            } else {
+                let (q, a) = text.rsplit_once("? ").unwrap_or_else(|| panic!("{text}"));
+                assert!(answers.contains(&a.to_string()), "{text}");
+                assert!(!q.is_empty());
+            }
+        }
+        assert_eq!(s.sample(5).text, s.sample(5).text);
     }
 
     #[test]

@@ -310,3 +310,38 @@ fn training_augmentation_is_seeded_and_evaluation_is_not_augmented() {
     };
     assert!(format!("{:#}", run(&bad, &mut Quiet).unwrap_err()).contains("augment"));
 }
+
+#[test]
+fn the_default_tokenizer_spells_the_synthetic_questions_in_whole_words() {
+    // `flava pretrain` on its built-in data trains its tokenizer on the text-only corpus and the
+    // captions; a model pretrained so must read the synthetic VQA questions as words, not as
+    // letters and [UNK] (which made fine-tuning from it no better than from scratch).
+    use flava_data::synthetic::{caption, scene, text_passage, Split};
+    use flava_data::tasks::synthetic_question;
+    use rand::SeedableRng;
+    let cfg = flava_train::pretrain::config::PretrainConfig::default();
+    let texts: Vec<String> = (0..2000u64)
+        .flat_map(|i| {
+            let objs = scene(cfg.seed, Split::Train, i);
+            [text_passage(&objs, cfg.seed, i), caption(&objs, i)]
+        })
+        .collect();
+    let dir = scratch("tokenizer");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tokenizer.json");
+    flava_text::train::train_wordpiece(texts.into_iter(), cfg.tokenizer_vocab_size, &path).unwrap();
+    let tok = flava_text::Tokenizer::from_file(&path).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..300 {
+        let (q, a) = synthetic_question(&scene(cfg.seed, Split::HeldOut, i), &mut rng);
+        let enc = tok.inner().encode(q.as_str(), false).unwrap();
+        let spaced = q.replace('?', " ?");
+        let words: Vec<&str> = spaced.split_whitespace().collect();
+        assert_eq!(enc.get_tokens(), words, "{q}");
+        assert!(tok.inner().token_to_id(&a).is_some(), "answer {a} is not one token");
+        seen.insert(q);
+    }
+    assert!(seen.len() > 30, "only {} distinct questions", seen.len());
+    std::fs::remove_dir_all(&dir).ok();
+}
