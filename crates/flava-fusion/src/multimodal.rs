@@ -2,9 +2,9 @@
 //! projected image and text states, the shared pre-LN encoder, final LayerNorm and tanh pooler.
 
 use burn::module::{Module, Param};
-use burn::nn::LayerNorm;
 use burn::prelude::*;
 use flava_vit::encoder::{layer_norm, padding_mask, Encoder, EncoderOutput, Pooler};
+use flava_vit::LayerNorm;
 
 use crate::config::FlavaMultimodalConfig;
 

@@ -3,9 +3,10 @@
 //! `seq_relationship`).
 
 use burn::module::Module;
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::Linear;
 use burn::prelude::*;
 use flava_vit::encoder::{layer_norm, linear, HiddenAct, Pooler};
+use flava_vit::LayerNorm;
 
 /// `LayerNorm(act(dense(x)))` (HF `FlavaPredictionHeadTransform`).
 #[derive(Module, Debug)]

@@ -2,9 +2,10 @@
 //! then LayerNorm), the shared pre-LN encoder with a padding mask, final LayerNorm, tanh pooler.
 
 use burn::module::{Initializer, Module};
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm};
+use burn::nn::{Embedding, EmbeddingConfig};
 use burn::prelude::*;
 use flava_vit::encoder::{layer_norm, padding_mask, Encoder, EncoderOutput, Pooler};
+use flava_vit::LayerNorm;
 
 use crate::config::FlavaTextConfig;
 

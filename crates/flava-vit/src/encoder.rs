@@ -7,9 +7,11 @@
 //! `…output.dense`, `…layernorm_before`, `…layernorm_after`) so weights load without a renaming table.
 
 use burn::module::{Initializer, Module};
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Linear, LinearConfig};
+
+pub use crate::norm::LayerNorm;
 use burn::prelude::*;
-use burn::tensor::activation::{gelu_approximate, relu, softmax, tanh};
+use burn::tensor::activation::{gelu_approximate, relu, tanh};
 use serde::{Deserialize, Serialize};
 
 /// Activation function of the feed-forward block, as named in HF configs (`hidden_act`).
@@ -69,7 +71,7 @@ pub fn linear(d_in: usize, d_out: usize, bias: bool, std: f64, device: &Device) 
 
 /// A LayerNorm with an explicit epsilon (weight 1, bias 0).
 pub fn layer_norm(d: usize, eps: f64, device: &Device) -> LayerNorm {
-    LayerNormConfig::new(d).with_epsilon(eps).init(device)
+    LayerNorm::new(d, eps, device)
 }
 
 /// `layer` applied to every position of `x` [batch, seq, d_in] as one `[batch·seq, d_in]` matmul
@@ -151,14 +153,9 @@ pub fn encoder_parameter_estimate(hidden: usize, intermediate: usize, layers: us
 /// fused attention takes its row maximum with comparisons that pass over NaN.)
 /// `q`, `k`, `v`: [batch, heads, seq, head_dim]; `key_mask`: [batch, seq], `true` = padding.
 pub fn scaled_dot_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, key_mask: Option<&Tensor<2, Bool>>) -> Tensor<4> {
-    let [b, _, _, dh] = q.dims();
-    let s = k.dims()[2];
-    let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (dh as f64).sqrt());
-    let scores = match key_mask {
-        Some(m) => scores + m.clone().float().reshape([b, 1, 1, s]) * f32::MIN as f64,
-        None => scores,
-    };
-    softmax(scores, 3).matmul(v)
+    let dh = q.dims()[3];
+    let scores = q.matmul(k.swap_dims(2, 3));
+    crate::kernels::attention_softmax(scores, 1.0 / (dh as f64).sqrt(), key_mask).matmul(v)
 }
 
 /// One pre-LN transformer layer (HF `FlavaLayer`).

@@ -30,11 +30,13 @@ pub mod config;
 pub mod encoder;
 pub mod kernels;
 pub mod limits;
+pub mod norm;
 pub mod vit;
 pub mod weights;
 
 pub use config::{FlavaImageConfig, InvalidConfig};
 pub use encoder::{Encoder, EncoderConfig, EncoderOutput, HiddenAct, Layer, Pooler};
 pub use limits::LimitError;
+pub use norm::LayerNorm;
 pub use vit::ImageModel;
 pub use weights::{load_module, module_state_dict, LoadReport, RawTensor, StateDict, WeightsError};

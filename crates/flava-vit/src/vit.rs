@@ -4,13 +4,13 @@
 
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::LayerNorm;
 use burn::prelude::*;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 
 use crate::config::FlavaImageConfig;
 use crate::encoder::{layer_norm, Encoder, EncoderOutput, Pooler};
+use crate::norm::LayerNorm;
 
 /// Conv patch embedding, kernel = stride = patch size (HF `PatchEmbeddings.projection`).
 #[derive(Module, Debug)]

@@ -51,7 +51,9 @@ macro_rules! multiversion {
 
 mod cross_entropy;
 mod gelu;
+mod layer_norm;
 mod math;
+mod softmax;
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, DispatchDevice, Flex};
@@ -79,6 +81,25 @@ pub trait FlavaKernels: Backend {
         targets: Vec<usize>,
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// LayerNorm over the last dimension of `x` with `gamma`, `beta` [d] and `eps`.
+    fn layer_norm_rows(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self>;
+    /// `(dx, dgamma, dbeta)` of [`FlavaKernels::layer_norm_rows`] for the upstream `grad`.
+    fn layer_norm_rows_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f64,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// `softmax(scores·scale + pad·f32::MIN)` over the last dimension of scores
+    /// [batch, heads, queries, keys]; `key_padding` is empty or [batch·keys] (true = padded).
+    fn attention_softmax(scores: FloatTensor<Self>, scale: f64, key_padding: Vec<bool>) -> FloatTensor<Self>;
+    /// The scores' gradient of [`FlavaKernels::attention_softmax`] from its output `probs`.
+    fn attention_softmax_backward(probs: FloatTensor<Self>, scale: f64, grad: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// Whether `x` lives on a flex device (plain or autodiff) and is f32: where our kernels run.
@@ -115,6 +136,52 @@ pub fn cross_entropy_rows(logits: Tensor<2>, targets: &[usize]) -> Tensor<1> {
     cross_entropy_rows_composed(logits, targets)
 }
 
+/// LayerNorm over the last dimension of `x` [.., d] with `gamma`, `beta` [d] and `eps`: the
+/// one-pass kernels on flex devices, Burn's `layer_norm` elsewhere.
+pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> Tensor<D> {
+    if on_flex_f32(&x) && gamma.dtype() == DType::F32 && beta.dtype() == DType::F32 {
+        let out = burn::backend::Dispatch::layer_norm_rows(
+            x.into_dispatch(),
+            gamma.into_dispatch(),
+            beta.into_dispatch(),
+            eps,
+        );
+        return Tensor::from_dispatch(out);
+    }
+    burn::tensor::module::layer_norm(x, gamma, Some(beta), eps)
+}
+
+/// Attention probabilities `softmax(scores·scale + pad·f32::MIN)` over the keys: `scores`
+/// [batch, heads, queries, keys], `key_padding` [batch, keys] (true = padded key). HF's arithmetic;
+/// one pass forward and one backward on flex devices, Burn's ops elsewhere.
+pub fn attention_softmax(scores: Tensor<4>, scale: f64, key_padding: Option<&Tensor<2, Bool>>) -> Tensor<4> {
+    let [b, _, _, s] = scores.dims();
+    if on_flex_f32(&scores) {
+        let mask = match key_padding {
+            Some(m) => m.clone().into_data().try_into_vec::<bool>().expect("bool mask data"),
+            None => Vec::new(),
+        };
+        let out = burn::backend::Dispatch::attention_softmax(scores.into_dispatch(), scale, mask);
+        return Tensor::from_dispatch(out);
+    }
+    attention_softmax_composed(scores, scale, key_padding.map(|m| (m, b, s)))
+}
+
+/// [`attention_softmax`] from Burn's own ops: the path on devices other than flex, and the
+/// reference the kernel is tested against.
+fn attention_softmax_composed(
+    scores: Tensor<4>,
+    scale: f64,
+    key_padding: Option<(&Tensor<2, Bool>, usize, usize)>,
+) -> Tensor<4> {
+    let scores = scores * scale;
+    let scores = match key_padding {
+        Some((m, b, s)) => scores + m.clone().float().reshape([b, 1, 1, s]) * f32::MIN as f64,
+        None => scores,
+    };
+    burn::tensor::activation::softmax(scores, 3)
+}
+
 /// [`cross_entropy_rows`] from Burn's own ops (`log_softmax`, `gather`): the path on devices other
 /// than flex, and the reference the kernel is tested against.
 fn cross_entropy_rows_composed(logits: Tensor<2>, targets: &[usize]) -> Tensor<1> {
@@ -141,6 +208,27 @@ impl FlavaKernels for Flex {
 
     fn softmax_cross_entropy_backward(logits: FlexTensor, targets: Vec<usize>, grad: FlexTensor) -> FlexTensor {
         cross_entropy::backward(logits, &targets, grad)
+    }
+
+    fn layer_norm_rows(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, eps: f64) -> FlexTensor {
+        layer_norm::forward(x, gamma, beta, eps)
+    }
+
+    fn layer_norm_rows_backward(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        eps: f64,
+        grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        layer_norm::backward(x, gamma, eps, grad)
+    }
+
+    fn attention_softmax(scores: FlexTensor, scale: f64, key_padding: Vec<bool>) -> FlexTensor {
+        softmax::forward(scores, scale, &key_padding)
+    }
+
+    fn attention_softmax_backward(probs: FlexTensor, scale: f64, grad: FlexTensor) -> FlexTensor {
+        softmax::backward(probs, scale, grad)
     }
 }
 
@@ -193,6 +281,68 @@ impl<B: Backend + FlavaKernels, C: CheckpointStrategy> FlavaKernels for Autodiff
         }
     }
 
+    fn layer_norm_rows(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LayerNormRows;
+
+        impl<B: Backend + FlavaKernels> Backward<B, 3> for LayerNormRows {
+            type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive, f64);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let [node_x, node_gamma, node_beta] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x, gamma, eps) = ops.state;
+                let (dx, dgamma, dbeta) = B::layer_norm_rows_backward(x, gamma, eps, grad);
+                for (node, g) in [(node_x, dx), (node_gamma, dgamma), (node_beta, dbeta)] {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, g);
+                    }
+                }
+            }
+        }
+
+        let guards = [x.node(), gamma.node(), beta.node()];
+        let (x, gamma, beta) = (x.into_primitive(), gamma.into_primitive(), beta.into_primitive());
+        match LayerNormRows.prepare::<C>(guards).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::layer_norm_rows(x.clone(), gamma.clone(), beta, eps);
+                prep.finish((x, gamma, eps), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::layer_norm_rows(x, gamma, beta, eps)),
+        }
+    }
+
+    fn attention_softmax(scores: FloatTensor<Self>, scale: f64, key_padding: Vec<bool>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct AttentionSoftmax;
+
+        impl<B: Backend + FlavaKernels> Backward<B, 1> for AttentionSoftmax {
+            type State = (B::FloatTensorPrimitive, f64);
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let (probs, scale) = ops.state;
+                unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+                    B::attention_softmax_backward(probs, scale, grad)
+                });
+            }
+        }
+
+        let guard = scores.node();
+        let scores = scores.into_primitive();
+        match AttentionSoftmax.prepare::<C>([guard]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let probs = B::attention_softmax(scores, scale, key_padding);
+                prep.finish((probs.clone(), scale), probs)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::attention_softmax(scores, scale, key_padding)),
+        }
+    }
+
     // The backward kernels are called on the inner backend only (by the backward passes above);
     // second derivatives are not needed for training.
     fn exact_gelu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -207,6 +357,21 @@ impl<B: Backend + FlavaKernels, C: CheckpointStrategy> FlavaKernels for Autodiff
     ) -> FloatTensor<Self> {
         let _ = (logits, targets, grad);
         unreachable!("softmax_cross_entropy_backward is called on the inner backend only")
+    }
+
+    fn layer_norm_rows_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f64,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let _ = (x, gamma, eps, grad);
+        unreachable!("layer_norm_rows_backward is called on the inner backend only")
+    }
+
+    fn attention_softmax_backward(probs: FloatTensor<Self>, scale: f64, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        let _ = (probs, scale, grad);
+        unreachable!("attention_softmax_backward is called on the inner backend only")
     }
 }
 
@@ -361,6 +526,123 @@ mod tests {
         let bad = Tensor::<2>::from_data(TensorData::new(bad, [1, c]), &Device::flex());
         let l: f32 = cross_entropy_rows(bad, &[0]).into_scalar();
         assert!(l.is_nan());
+    }
+
+    /// LayerNorm values and the gradients of x, gamma and beta against the same computed in f64,
+    /// on an autodiff flex device: rows of 100 (not a multiple of the 16 lanes) and 128, a
+    /// transposed input with an offset of 50 (the variance is taken about the mean), FLAVA's eps
+    /// 1e-12. Tolerance 1e-6 relative on values (f32 rounding of x̂·γ + β, ~2 ulps), 1e-5 relative
+    /// on gradients (sums over 37 rows).
+    #[test]
+    fn layer_norm_and_its_gradients_match_f64() {
+        let device = Device::flex().autodiff();
+        for d in [100usize, 128] {
+            let n = 37;
+            // xs[j * n + i] is x[i][j] (the input is transposed).
+            let xs: Vec<f32> = (0..n * d)
+                .map(|i| 50.0 + ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 6.0)
+                .collect();
+            let gs: Vec<f32> = (0..d).map(|i| 0.5 + (i % 7) as f32 * 0.2).collect();
+            let bs: Vec<f32> = (0..d).map(|i| (i % 5) as f32 * 0.1 - 0.2).collect();
+            let ws: Vec<f32> = (0..n * d).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+            let x = Tensor::<2>::from_data(TensorData::new(xs.clone(), [d, n]), &device).require_grad();
+            let g = Tensor::<1>::from_data(TensorData::new(gs.clone(), [d]), &device).require_grad();
+            let b = Tensor::<1>::from_data(TensorData::new(bs.clone(), [d]), &device).require_grad();
+            let y = layer_norm(x.clone().swap_dims(0, 1), g.clone(), b.clone(), 1e-12);
+            let w = Tensor::<2>::from_data(TensorData::new(ws.clone(), [n, d]), &device);
+            let grads = (y.clone() * w).sum().backward();
+            let v = |t: Tensor<2>| t.into_data().try_into_vec::<f32>().expect("f32 data");
+            let v1 = |t: Tensor<1>| t.into_data().try_into_vec::<f32>().expect("f32 data");
+            let (y, dx) = (v(y), v(x.grad(&grads).expect("dx")));
+            let (dg, db) = (v1(g.grad(&grads).expect("dgamma")), v1(b.grad(&grads).expect("dbeta")));
+            // The reference in f64.
+            let (mut dg0, mut db0) = (vec![0f64; d], vec![0f64; d]);
+            for i in 0..n {
+                let row: Vec<f64> = (0..d).map(|j| xs[j * n + i] as f64).collect();
+                let mean = row.iter().sum::<f64>() / d as f64;
+                let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / d as f64;
+                let rstd = 1.0 / (var + 1e-12).sqrt();
+                let xh: Vec<f64> = row.iter().map(|v| (v - mean) * rstd).collect();
+                let dy: Vec<f64> = (0..d).map(|j| ws[i * d + j] as f64).collect();
+                let dyg: Vec<f64> = (0..d).map(|j| dy[j] * gs[j] as f64).collect();
+                let a = dyg.iter().sum::<f64>() / d as f64;
+                let bb = dyg.iter().zip(&xh).map(|(p, q)| p * q).sum::<f64>() / d as f64;
+                for j in 0..d {
+                    let want = xh[j] * gs[j] as f64 + bs[j] as f64;
+                    let got = y[i * d + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                        "y (d = {d}): {got} vs {want}"
+                    );
+                    let want = rstd * (dyg[j] - a - xh[j] * bb);
+                    let got = dx[j * n + i] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "dx (d = {d}): {got} vs {want}"
+                    );
+                    dg0[j] += dy[j] * xh[j];
+                    db0[j] += dy[j];
+                }
+            }
+            for j in 0..d {
+                let (a, r) = (dg[j] as f64, dg0[j]);
+                assert!((a - r).abs() <= 1e-5 * (1.0 + r.abs()), "dgamma (d = {d}): {a} vs {r}");
+                let (a, r) = (db[j] as f64, db0[j]);
+                assert!((a - r).abs() <= 1e-5 * (1.0 + r.abs()), "dbeta (d = {d}): {a} vs {r}");
+            }
+        }
+    }
+
+    /// Attention probabilities and the scores' gradient against Burn's composed form (scale,
+    /// mask addition of f32::MIN, softmax), with padded keys, 65 keys (not a multiple of 16), a
+    /// transposed input; a NaN score makes its row NaN. Tolerance 1e-6 (probabilities ≤ 1).
+    #[test]
+    fn attention_softmax_and_its_gradient_match_burns() {
+        let device = Device::flex().autodiff();
+        let (b, h, q, s) = (3, 2, 5, 65);
+        let xs: Vec<f32> = (0..b * h * q * s)
+            .map(|i| ((i * 7919 % 6007) as f32 / 6007.0 - 0.5) * 40.0)
+            .collect();
+        let ws: Vec<f32> = (0..b * h * q * s)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        // Batch row 1 pads its last 20 keys; row 2 pads key 0.
+        let pad: Vec<bool> = (0..b * s).map(|i| (i / s == 1 && i % s >= 45) || i == 2 * s).collect();
+        let mask = Tensor::<2, Bool>::from_data(TensorData::new(pad.clone(), [b, s]), &device);
+        let run = |fused: bool, masked: bool| {
+            let x = Tensor::<4>::from_data(TensorData::new(xs.clone(), [b, h, s, q]), &device).require_grad();
+            let scores = x.clone().swap_dims(2, 3);
+            let m = masked.then_some(&mask);
+            let y = if fused {
+                attention_softmax(scores, 0.125, m)
+            } else {
+                attention_softmax_composed(scores, 0.125, m.map(|m| (m, b, s)))
+            };
+            let w = Tensor::<4>::from_data(TensorData::new(ws.clone(), [b, h, q, s]), &device);
+            let grads = (y.clone() * w).sum().backward();
+            let v = |t: Tensor<4>| t.into_data().try_into_vec::<f32>().expect("f32 data");
+            (v(y), v(x.grad(&grads).expect("gradient of the scores")))
+        };
+        for masked in [false, true] {
+            let (y, g) = run(true, masked);
+            let (y0, g0) = run(false, masked);
+            for (a, r) in y.iter().zip(&y0).chain(g.iter().zip(&g0)) {
+                assert!((a - r).abs() <= 1e-6, "masked {masked}: {a} vs {r}");
+            }
+            if masked {
+                // Padded keys get exactly zero probability.
+                let p = &y[(h * q) * s + 50]; // batch row 1, head 0, query 0, key 50
+                assert_eq!(*p, 0.0);
+            }
+        }
+        let mut bad = xs[..s].to_vec();
+        bad[7] = f32::NAN;
+        let bad = Tensor::<4>::from_data(TensorData::new(bad, [1, 1, 1, s]), &Device::flex());
+        let p = attention_softmax(bad, 1.0, None)
+            .into_data()
+            .try_into_vec::<f32>()
+            .expect("f32 data");
+        assert!(p.iter().all(|v| v.is_nan()), "a NaN score makes its row NaN");
     }
 
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

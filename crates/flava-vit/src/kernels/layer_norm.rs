@@ -1,0 +1,160 @@
+//! LayerNorm over the last dimension: one pass forward (mean and variance of each row, then the
+//! affine output) and one backward (the row statistics recomputed from the saved input, the input
+//! gradient row by row, the weight and bias gradients summed per block of rows and then over
+//! blocks). Burn's autodiff composes LayerNorm from nine differentiable ops (two reductions, seven
+//! element-wise passes, each with its own backward).
+
+use burn::prelude::*;
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+use super::contiguous;
+
+/// Rows per rayon task: whole rows, and enough of them to be worth a task at d = 128.
+fn rows_per_task(d: usize) -> usize {
+    (8192 / d.max(1)).max(1)
+}
+
+/// `(mean_hi, mean_lo, 1/√(var + eps))` of one row: the mean in f64 split into two f32 (so that
+/// `(v − hi) − lo` is the deviation to ~1e-7 relative; the f32 mean alone of values near 50 is
+/// off by up to ulp(50)/2 = 1.9e-6, which every output of the row would carry); the variance is
+/// the mean square deviation from the mean (two passes, not `E[x²] − E[x]²`), sums in f64 lanes.
+#[inline(always)]
+fn row_stats(row: &[f32], eps: f32) -> (f32, f32, f32) {
+    let d = row.len() as f64;
+    let mean = lane_sum(row, |v| v as f64) / d;
+    let var = lane_sum(row, |v| {
+        let c = v as f64 - mean;
+        c * c
+    }) / d;
+    let hi = mean as f32;
+    let lo = (mean - hi as f64) as f32;
+    (hi, lo, (1.0 / (var + eps as f64).sqrt()) as f32)
+}
+
+/// `Σ f(v)` over `row` in 8 independent f64 lanes, so that the compiler vectorises the loop (a
+/// single accumulator must be added in order and stays scalar).
+#[inline(always)]
+fn lane_sum(row: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut lanes = [0f64; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += f(v);
+        }
+    }
+    let rest: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    lanes.iter().sum::<f64>() + rest
+}
+
+multiversion!(forward_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
+    let d = gamma.len();
+    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let (hi, lo, rstd) = row_stats(row, eps);
+        for (((o, &v), &g), &b) in o.iter_mut().zip(row).zip(gamma).zip(beta) {
+            *o = ((v - hi) - lo) * rstd * g + b;
+        }
+    }
+});
+
+// Writes `dx` for the rows of `x`/`dy` and adds their contributions to `dgamma` and `dbeta`.
+multiversion!(backward_rows(
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    eps: f32,
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32]
+) {
+    let d = gamma.len();
+    let inv_d = 1.0 / d as f32;
+    for ((row, g_row), o) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+        let (hi, lo, rstd) = row_stats(row, eps);
+        // a = mean(dy·γ), b = mean(dy·γ·x̂), with x̂ = (x − mean)·rstd.
+        let mut la = [0f32; 16];
+        let mut lb = [0f32; 16];
+        let mut i = 0;
+        while i + 16 <= d {
+            for k in 0..16 {
+                let xh = ((row[i + k] - hi) - lo) * rstd;
+                let dyg = g_row[i + k] * gamma[i + k];
+                la[k] += dyg;
+                lb[k] += dyg * xh;
+            }
+            i += 16;
+        }
+        let (mut a, mut b) = (0f32, 0f32);
+        while i < d {
+            let xh = ((row[i] - hi) - lo) * rstd;
+            let dyg = g_row[i] * gamma[i];
+            a += dyg;
+            b += dyg * xh;
+            i += 1;
+        }
+        let a = (la.iter().sum::<f32>() + a) * inv_d;
+        let b = (lb.iter().sum::<f32>() + b) * inv_d;
+        for j in 0..d {
+            let xh = ((row[j] - hi) - lo) * rstd;
+            let gy = g_row[j];
+            o[j] = rstd * (gy * gamma[j] - a - xh * b);
+            dgamma[j] += gy * xh;
+            dbeta[j] += gy;
+        }
+    }
+});
+
+/// LayerNorm of contiguous f32 `x` (any shape, last dimension d) with `gamma`, `beta` [d].
+pub(super) fn forward(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, eps: f64) -> FlexTensor {
+    let shape = burn::backend::TensorMetadata::shape(&x);
+    let (x, gamma, beta) = (contiguous(x), contiguous(gamma), contiguous(beta));
+    let xs = x.as_slice::<f32>().expect("contiguous f32 tensor");
+    let g = gamma.as_slice::<f32>().expect("contiguous f32 tensor");
+    let b = beta.as_slice::<f32>().expect("contiguous f32 tensor");
+    let d = g.len();
+    let mut out = vec![0f32; xs.len()];
+    let block = rows_per_task(d) * d;
+    out.par_chunks_mut(block)
+        .zip(xs.par_chunks(block))
+        .for_each(|(o, x)| forward_rows(x, g, b, eps as f32, o));
+    FlexTensor::from_data(TensorData::new(out, shape))
+}
+
+/// `(dx, dgamma, dbeta)` of [`forward`] for the upstream gradient `grad` (the shape of `x`).
+pub(super) fn backward(
+    x: FlexTensor,
+    gamma: FlexTensor,
+    eps: f64,
+    grad: FlexTensor,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let shape = burn::backend::TensorMetadata::shape(&x);
+    let (x, gamma, grad) = (contiguous(x), contiguous(gamma), contiguous(grad));
+    let xs = x.as_slice::<f32>().expect("contiguous f32 tensor");
+    let g = gamma.as_slice::<f32>().expect("contiguous f32 tensor");
+    let dy = grad.as_slice::<f32>().expect("contiguous f32 tensor");
+    let d = g.len();
+    let mut dx = vec![0f32; xs.len()];
+    let block = rows_per_task(d) * d;
+    let (dgamma, dbeta) = dx
+        .par_chunks_mut(block)
+        .zip(xs.par_chunks(block))
+        .zip(dy.par_chunks(block))
+        .map(|((o, x), dy)| {
+            let (mut dg, mut db) = (vec![0f32; d], vec![0f32; d]);
+            backward_rows(x, dy, g, eps as f32, o, &mut dg, &mut db);
+            (dg, db)
+        })
+        .reduce(
+            || (vec![0f32; d], vec![0f32; d]),
+            |(mut g1, mut b1), (g2, b2)| {
+                g1.iter_mut().zip(&g2).for_each(|(a, b)| *a += b);
+                b1.iter_mut().zip(&b2).for_each(|(a, b)| *a += b);
+                (g1, b1)
+            },
+        );
+    (
+        FlexTensor::from_data(TensorData::new(dx, shape)),
+        FlexTensor::from_data(TensorData::new(dgamma, [d])),
+        FlexTensor::from_data(TensorData::new(dbeta, [d])),
+    )
+}
