@@ -9,6 +9,7 @@
 //! flava-bench step   --preset small --batch 32 --task pairs --iters 5   # Trainer::step
 //! flava-bench forward --preset full --batch 8 --iters 3  # paired pretraining forward, no autograd
 //! flava-bench finetune --preset small --batch 32 --iters 5   # multimodal classification step
+//! flava-bench sgemm --batch 2048 --iters 10                 # one [n, n]·[n, n] f32 matmul
 //! ```
 //! The first iteration warms up and is not reported. Inputs are random with fixed seeds; shapes
 //! and masking follow `flava_benches::inputs` (the Python side builds the same ones).
@@ -40,6 +41,8 @@ enum What {
     /// Fine-tuning step: FlavaModel + classifier head on the multimodal CLS (3 classes,
     /// cross-entropy), forward, backward, AdamW.
     Finetune,
+    /// One square f32 matmul [n, n]·[n, n] with n = `--batch` (the sgemm peak probe).
+    Sgemm,
 }
 
 #[derive(Debug, Parser)]
@@ -112,6 +115,13 @@ fn main() -> anyhow::Result<()> {
     let mut phases: Vec<[f64; 3]> = Vec::new();
     let times = match args.what {
         What::Config => unreachable!("handled above"),
+        What::Sgemm => {
+            let a = Tensor::<2>::random([b, b], burn::tensor::Distribution::Uniform(-1.0, 1.0), &device);
+            let c = Tensor::<2>::random([b, b], burn::tensor::Distribution::Uniform(-1.0, 1.0), &device);
+            time(args.iters, || {
+                a.clone().matmul(c.clone()).into_data();
+            })
+        }
         What::Image | What::Text => {
             let model = FlavaModel::new(&cfg, &device);
             let batch = pretraining_batch(&cfg, b, BenchTask::Pairs, &device);

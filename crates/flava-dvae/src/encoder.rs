@@ -186,9 +186,19 @@ impl ImageCodebook {
 
     /// Visual tokens, row-major: [B, 3, H, W] → [B, (H/8)·(W/8)] (argmax over the vocabulary).
     pub fn tokens(&self, x: Tensor<4>) -> Tensor<2, Int> {
-        let logits = self.forward(x.detach()).detach();
+        let logits = self.forward_frozen(x);
         let [b, _, h, w] = logits.dims();
         logits.argmax(1).reshape([b, h * w])
+    }
+
+    /// [`ImageCodebook::forward`] for a frozen codebook (no gradients): on flex devices by
+    /// im2col + matmul convs (`frozen.rs`), elsewhere Burn's convs on the detached input.
+    pub fn forward_frozen(&self, x: Tensor<4>) -> Tensor<4> {
+        if crate::frozen::on_flex_f32(&x) {
+            crate::frozen::forward(self, x)
+        } else {
+            self.forward(x.detach()).detach()
+        }
     }
 
     /// Token probabilities: softmax over the vocabulary, [B, vocab, H/8, W/8].

@@ -17,6 +17,7 @@ pub mod config;
 pub mod decoder;
 pub mod dvae;
 pub mod encoder;
+mod frozen;
 
 pub use checkpoint::{codebook_state_dict, load_codebook, save_codebook, CodebookError};
 pub use config::FlavaImageCodebookConfig;

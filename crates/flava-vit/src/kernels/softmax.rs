@@ -32,44 +32,44 @@ multiversion!(forward_row(x: &[f32], masked: Option<&[bool]>, scale: f32, out: &
             }
         }
     }
+    // Lane maxima, and `Σ v·0`, which is NaN exactly when a score is NaN or infinite (`max`
+    // passes over NaN, and so does the clamped exp below).
     let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut poison = [0f32; 16];
     let mut chunks = out.chunks_exact(16);
     for c in &mut chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l = l.max(v);
-        }
-    }
-    let max = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-    let mut sum = [0f32; 16];
-    let mut nan = false;
-    let mut i = 0;
-    let n = out.len();
-    while i + 16 <= n {
         for k in 0..16 {
-            let t = out[i + k] - max;
-            nan |= t.is_nan();
-            // Below -87 (a padded key), exp is 0 as in f32 arithmetic; the polynomial would clamp.
-            let e = if t < -87.0 { 0.0 } else { exp_nonpositive(t) };
-            out[i + k] = e;
-            sum[k] += e;
+            lanes[k] = lanes[k].max(c[k]);
+            poison[k] += c[k] * 0.0;
         }
-        i += 16;
     }
-    let mut rest = 0f32;
-    while i < n {
-        let t = out[i] - max;
-        nan |= t.is_nan();
-        let e = if t < -87.0 { 0.0 } else { exp_nonpositive(t) };
-        out[i] = e;
-        rest += e;
-        i += 1;
-    }
-    if nan || !max.is_finite() {
-        // `max` passes over NaN; a NaN (or ±inf) score makes the whole row NaN.
+    let rest = chunks.remainder();
+    let max = rest.iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    let poison = rest.iter().fold(poison.iter().sum::<f32>(), |a, &v| a + v * 0.0);
+    if poison.is_nan() || !max.is_finite() {
         out.iter_mut().for_each(|o| *o = f32::NAN);
         return;
     }
-    let inv = 1.0 / (sum.iter().sum::<f32>() + rest);
+    let mut sum = [0f32; 16];
+    let mut chunks = out.chunks_exact_mut(16);
+    for c in &mut chunks {
+        for k in 0..16 {
+            let t = c[k] - max;
+            // Below -87 (a padded key) exp is 0, as in f32 arithmetic; the polynomial clamps there.
+            let e = exp_nonpositive(t);
+            let e = if t < -87.0 { 0.0 } else { e };
+            c[k] = e;
+            sum[k] += e;
+        }
+    }
+    let mut total = sum.iter().sum::<f32>();
+    for o in chunks.into_remainder() {
+        let t = *o - max;
+        let e = exp_nonpositive(t);
+        *o = if t < -87.0 { 0.0 } else { e };
+        total += *o;
+    }
+    let inv = 1.0 / total;
     for o in out.iter_mut() {
         *o *= inv;
     }
