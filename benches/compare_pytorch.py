@@ -15,12 +15,18 @@ On `--device cuda` the same configurations run on the GPU, plus the `full` train
 allocator's pools hold at the end).
 
 Configurations (random weights, same shapes and masks on both sides, see benches/src/inputs.rs):
-`small` (64 px, patch 8, hidden 256, 4/4/2 layers): image and text embedding and the pretraining
+`tiny` (the default `flava pretrain` model: 64 px, patch 8, hidden 128, 2/2/1 layers): the
+pretraining step on paired, image-only and text-only batches of 64; `small` (64 px, patch 8, hidden 256, 4/4/2 layers): image and text embedding and the pretraining
 step (forward, backward, AdamW) on paired, image-only and text-only batches of 32; `full`
 (flava-full sizes): image and text embedding and the paired pretraining forward, batch 8. The
 fine-tuning step (`small`, batch 32) is transformers' `FlavaModel` with torchmultimodal's head
 (`Linear(d, 768) -> ReLU -> Dropout(0.5) -> Linear(768, 3)`) on the multimodal CLS, cross-entropy,
 forward, backward and AdamW, against `flava_objectives::FlavaForClassification` on the Trainer.
+Before the table, both sides time one square f32 matmul (n = 2048: `torch.mm`, and a flex matmul
+in `flava-bench sgemm`); the larger is the machine's measured sgemm peak. Each row's matmul FLOPs
+are counted once by `torch.utils.flop_counter.FlopCounterMode` on the PyTorch model (forward, and
+backward for training steps; the same work flava-rs does), and the table gives each side's
+achieved GFLOP/s and its share of that peak. The CPU model and its SIMD flags head the table.
 PyTorch runs eager with `torch.get_num_threads()` threads (all cores) and
 `skip_unmasked_multimodal_encoder=True` (pretraining needs no unmasked fusion; flava-rs skips it).
 """
@@ -40,6 +46,9 @@ CONFIGS = [
     # what, preset, batch, task, iterations per round
     ("image", "small", 32, "pairs", 10),
     ("text", "small", 32, "pairs", 10),
+    ("step", "tiny", 64, "pairs", 6),
+    ("step", "tiny", 64, "images", 6),
+    ("step", "tiny", 64, "text", 6),
     ("step", "small", 32, "pairs", 4),
     ("step", "small", 32, "images", 4),
     ("step", "small", 32, "text", 4),
@@ -48,6 +57,8 @@ CONFIGS = [
     ("text", "full", 8, "pairs", 5),
     ("forward", "full", 8, "pairs", 2),
 ]
+# The sgemm peak probe: one [n, n]·[n, n] f32 matmul on each side.
+SGEMM_N = 2048
 # Only on a GPU: a full-size training step.
 GPU_CONFIGS = [("step", "full", 8, "pairs", 3)]
 
@@ -93,6 +104,17 @@ def worker(args):
     from transformers import FlavaConfig, FlavaForPreTraining
 
     torch.manual_seed(0)
+    if args.what == "sgemm":
+        n = args.batch
+        a, c = torch.rand(n, n) * 2 - 1, torch.rand(n, n) * 2 - 1
+        times = []
+        torch.mm(a, c)
+        for _ in range(args.iters):
+            t = time.perf_counter()
+            torch.mm(a, c)
+            times.append((time.perf_counter() - t) * 1e3)
+        print(json.dumps({"times_ms": times, "peak_rss_mb": peak_rss_mb(), "flops": 2 * n ** 3}))
+        return
     with open(args.config) as f:
         cfg = FlavaConfig(**json.load(f))
     dev = torch.device("cuda" if args.device == "cuda" else "cpu")
@@ -102,7 +124,17 @@ def worker(args):
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     phases = []  # [forward, backward, optimizer] ms of each step
 
+    flops = [None]
+
     def timed(fn):
+        # The matmul FLOPs of one call (forward, and backward where the call runs it), counted
+        # on a call of its own before the timing.
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        flops[0] = counter.get_total_flops()
         fn()
         sync()
         ts = []
@@ -165,12 +197,39 @@ def worker(args):
             phases.append([(t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3])
 
         times = timed(step)
+        phases.pop(0)  # the counted call
         phases.pop(0)  # the warm-up
     med = lambda i: statistics.median(p[i] for p in phases) if phases else None
     gpu_mb = torch.cuda.max_memory_reserved() / 2**20 if dev.type == "cuda" else None
     print(json.dumps({"times_ms": times, "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
-                      "device_reserved_mb": gpu_mb,
+                      "device_reserved_mb": gpu_mb, "flops": flops[0],
                       "forward_ms": med(0), "backward_ms": med(1), "optimizer_ms": med(2)}))
+
+
+def cpu_model():
+    """The CPU's model name, from /proc/cpuinfo (Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def cpu_flags():
+    """The SIMD and matrix flags that decide gemm speed (AVX2, FMA, AVX-512, AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    keep = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"]
+                    return " ".join(k for k in keep if k in flags) or "none of avx2/avx512/amx"
+    except OSError:
+        pass
+    return "unknown"
 
 
 def run_json(cmd):
@@ -217,6 +276,16 @@ def main():
         with open(path, "w") as f:
             f.write(out.stdout)
         cfg_files[preset] = path
+    # The machine's sgemm peak: one square matmul on each side, the larger of the two.
+    peak = {}
+    for who, cmd in (("ours", [OURS, "sgemm", "--batch", str(SGEMM_N), "--iters", "10"] + (["--device", "cuda"] if gpu else [])),
+                     ("torch", [sys.executable, __file__, "--worker", "--what", "sgemm", "--batch", str(SGEMM_N),
+                                "--iters", "10", "--device", args.device])):
+        res = run_json(cmd)
+        peak[who] = 2 * SGEMM_N ** 3 / statistics.median(res["times_ms"]) / 1e6
+    peak_gflops = max(peak.values())
+    print(f"sgemm {SGEMM_N}^3: flava-rs (flex) {peak['ours']:.0f} GFLOP/s, PyTorch {peak['torch']:.0f} GFLOP/s",
+          file=sys.stderr, flush=True)
     results = {}
     for r in range(rounds):
         for what, preset, b, task, iters in configs:
@@ -238,16 +307,21 @@ def main():
             for who, res in (("ours", ours), ("torch", theirs)):
                 if res.get("device_reserved_mb") is not None:
                     acc[f"{who}_gpu"] = max(acc.get(f"{who}_gpu", 0.0), res["device_reserved_mb"])
+            if theirs.get("flops"):
+                acc["flops"] = theirs["flops"]
             acc["ours_rss"] = max(acc["ours_rss"], ours["peak_rss_mb"])
             acc["torch_rss"] = max(acc["torch_rss"], theirs["peak_rss_mb"])
             print(f"round {r + 1}/{rounds} {what}/{preset}/{task}/b{b}: ours {statistics.median(ours['times_ms']):.1f} ms, "
                   f"PyTorch {statistics.median(theirs['times_ms']):.1f} ms", file=sys.stderr, flush=True)
     where = f"GPU {torch.cuda.get_device_name(0)}, " if gpu else ""
+    print(f"\nCPU: {cpu_model()}; flags: {cpu_flags()}")
+    print(f"sgemm peak ({SGEMM_N}^3 f32): flava-rs flex {peak['ours']:.0f} GFLOP/s, torch.mm {peak['torch']:.0f} GFLOP/s; "
+          f"shares below are of {peak_gflops:.0f} GFLOP/s")
     print(f"\ntorch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
           f"{where}{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}, {rounds} round(s), alternating\n")
-    print("| config | batch | work | flava-rs | PyTorch | ratio (time) | peak RSS flava-rs | peak RSS PyTorch |"
-          + (" GPU memory flava-rs / PyTorch |" if gpu else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
+    print("| config | batch | work | flava-rs | PyTorch | ratio (time) | GFLOP/s flava-rs / PyTorch | share of peak |"
+          " peak RSS flava-rs | peak RSS PyTorch |" + (" GPU memory flava-rs / PyTorch |" if gpu else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     table = []
     for (what, preset, b, task), acc in results.items():
         o, t = statistics.median(acc["ours"]), statistics.median(acc["torch"])
@@ -255,10 +329,15 @@ def main():
                 "step": f"pretraining step ({task})", "forward": "pretraining forward (pairs)",
                 "finetune": "fine-tuning step (multimodal classification)"}[what]
         gpu_mem = (f" GPU {acc.get('ours_gpu', 0):.0f} / {acc.get('torch_gpu', 0):.0f} MB |" if gpu else "")
-        print(f"| {preset} | {b} | {work} | {o:.1f} ms | {t:.1f} ms | {o / t:.2f} | "
+        fl = acc.get("flops")
+        g_o, g_t = (fl / o / 1e6, fl / t / 1e6) if fl else (None, None)
+        gf = f"{g_o:.0f} / {g_t:.0f}" if fl else "-"
+        share = f"{100 * g_o / peak_gflops:.0f}% / {100 * g_t / peak_gflops:.0f}%" if fl else "-"
+        print(f"| {preset} | {b} | {work} | {o:.1f} ms | {t:.1f} ms | {o / t:.2f} | {gf} | {share} | "
               f"{acc['ours_rss']:.0f} MB | {acc['torch_rss']:.0f} MB |{gpu_mem}")
         table.append({"what": what, "preset": preset, "batch": b, "task": task, "ours_ms": o, "torch_ms": t,
-                      "ratio": o / t, "ours_peak_rss_mb": acc["ours_rss"], "torch_peak_rss_mb": acc["torch_rss"]})
+                      "ratio": o / t, "ours_peak_rss_mb": acc["ours_rss"], "torch_peak_rss_mb": acc["torch_rss"],
+                      "matmul_flops": fl, "ours_gflops": g_o, "torch_gflops": g_t, "sgemm_peak_gflops": peak_gflops})
     steps = [(k, acc) for k, acc in results.items() if acc["ours_phases"]]
     if steps:
         print("\nWhere a training step's time goes (medians over rounds of each run's median, ms):\n")
