@@ -12,6 +12,7 @@
 //!   (`flava pretrain`, `eval`, `embed`, `codebook`, `dvae`, `data`, `masks`, `convert`);
 //!   [`alloc`]: the allocator setting binaries make at start.
 
+pub mod adamw;
 pub mod alloc;
 pub mod data_cmd;
 pub mod device;

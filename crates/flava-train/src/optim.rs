@@ -8,7 +8,9 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
+
+use crate::adamw::FusedAdamW;
 use burn::prelude::*;
 use flava_fusion::Tower;
 use serde::{Deserialize, Serialize};
@@ -95,13 +97,9 @@ impl Optimizer {
     }
 
     fn adam(cfg: &OptimizerConfig) -> ModuleOptimizer {
-        AdamWConfig::new()
-            .with_beta_1(cfg.betas.0 as f32)
-            .with_beta_2(cfg.betas.1 as f32)
-            .with_epsilon(cfg.eps as f32)
-            // Decoupled decay is applied by `apply_weight_decay`, only where it belongs.
-            .with_weight_decay(0.0)
-            .init()
+        // Burn's AdamW update in one pass per parameter on flex (its own on other devices); the
+        // decoupled decay is applied by `apply_weight_decay`, only where it belongs.
+        ModuleOptimizer::from(FusedAdamW::new(cfg.betas.0 as f32, cfg.betas.1 as f32, cfg.eps as f32))
     }
 
     /// Finds the groups again (a loaded record brings its own parameter ids).
@@ -123,7 +121,7 @@ impl Optimizer {
     /// global norm, decoupled decay on the decayed group, then the Adam step.
     pub fn update<M: Module>(&mut self, module: M, mut grads: GradientsParams, lr: f64) -> (M, UpdateStats) {
         let grad_norm = clip_and_filter(&module, &mut grads, self.cfg.grad_clip, &self.groups.frozen);
-        let module = apply_weight_decay(module, &self.groups, lr, self.cfg.weight_decay);
+        let module = apply_weight_decay(module, &self.groups, &grads, lr, self.cfg.weight_decay);
         let module = self.adam.step(lr, module, grads);
         (module, UpdateStats { lr, grad_norm })
     }
@@ -288,12 +286,13 @@ pub fn clip_and_filter<M: Module>(
 
 struct Decay<'a> {
     ids: &'a HashSet<ParamId>,
+    grads: &'a GradientsParams,
     factor: f64,
 }
 
 impl ModuleMapper for Decay<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        if !self.ids.contains(&param.id) {
+        if !self.ids.contains(&param.id) || self.grads.get::<D>(param.id).is_none() {
             return param;
         }
         let factor = self.factor;
@@ -309,14 +308,22 @@ impl ModuleMapper for Decay<'_> {
     }
 }
 
-/// PyTorch AdamW's decoupled decay, `θ ← θ·(1 − lr·wd)`, on the decayed parameters (run
-/// before the Adam update, as PyTorch does).
-pub fn apply_weight_decay<M: Module>(module: M, groups: &ParamGroups, lr: f64, weight_decay: f64) -> M {
+/// PyTorch AdamW's decoupled decay, `θ ← θ·(1 − lr·wd)`, on the decayed parameters that have a
+/// gradient in `grads` (run before the Adam update, as PyTorch does; like PyTorch, a parameter
+/// without a gradient this step, such as the text tower on an image-only batch, is not decayed).
+pub fn apply_weight_decay<M: Module>(
+    module: M,
+    groups: &ParamGroups,
+    grads: &GradientsParams,
+    lr: f64,
+    weight_decay: f64,
+) -> M {
     if weight_decay == 0.0 || lr == 0.0 {
         return module;
     }
     module.map(&mut Decay {
         ids: &groups.decay,
+        grads,
         factor: 1.0 - lr * weight_decay,
     })
 }
@@ -382,5 +389,46 @@ mod tests {
         assert!((norm - want).abs() < 1e-3, "{norm} vs {want}");
         let after = grad_norm(&lin, &grads);
         assert!((after - 1.0).abs() < 1e-4, "{after}");
+    }
+
+    #[derive(Module, Debug)]
+    struct TwoLayers {
+        used: burn::nn::Linear,
+        unused: burn::nn::Linear,
+    }
+
+    /// A decayed weight without a gradient this step (a tower the batch did not reach) is left
+    /// alone, as PyTorch's AdamW skips parameters whose `grad` is None; the weight with one is
+    /// decayed by exactly (1 − lr·wd) before Adam's step (checked with Adam's step known: the
+    /// first step moves every element by lr·sign(g), up to eps).
+    #[test]
+    fn only_parameters_with_gradients_are_decayed() {
+        let device = Device::flex().autodiff();
+        let model = TwoLayers {
+            used: burn::nn::LinearConfig::new(3, 2).init(&device),
+            unused: burn::nn::LinearConfig::new(3, 2).init(&device),
+        };
+        let w = |l: &burn::nn::Linear| l.weight.val().into_data().try_into_vec::<f32>().unwrap();
+        let (used_before, unused_before) = (w(&model.used), w(&model.unused));
+        let x = Tensor::<2>::from_floats([[1.0, 2.0, 3.0]], &device);
+        let grads = GradientsParams::from_grads(model.used.forward(x).sum().backward(), &model);
+        let cfg = OptimizerConfig {
+            lr: 0.1,
+            weight_decay: 0.5,
+            grad_clip: 0.0,
+            ..Default::default()
+        };
+        let mut opt = Optimizer::new(&cfg, &model);
+        let (model, _) = opt.update(model, grads, 0.1);
+        assert_eq!(
+            w(&model.unused),
+            unused_before,
+            "no gradient: neither decayed nor stepped"
+        );
+        // The gradient of every weight element is x > 0: Adam's first step is −lr.
+        for (a, b) in w(&model.used).iter().zip(&used_before) {
+            let want = b * (1.0 - 0.1 * 0.5) - 0.1;
+            assert!((a - want).abs() < 1e-5, "{a} vs {want}");
+        }
     }
 }
