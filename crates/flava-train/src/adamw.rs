@@ -1,9 +1,13 @@
-//! AdamW's update as one pass over each parameter on the CPU (flex): the moments, the bias
-//! corrections and the parameter step computed element by element in one loop, in the same f32
-//! operations and order as Burn's `AdamW` (so the results are the same bits, and its state type
-//! and checkpoint records are kept). Burn's AdamW makes about a dozen tensor passes per
-//! parameter, each allocating: 2–4x PyTorch's fused AdamW on the training steps of
-//! `benches/compare_pytorch.py`. Other devices use Burn's AdamW itself.
+//! AdamW's update as one pass over each parameter on the CPU (flex): the global-norm clipping
+//! scale, the decoupled weight decay, the moments, the bias corrections and the parameter step
+//! computed element by element in one loop, in the same f32 operations and order as the separate
+//! passes (`g·scale`, `θ·(1 − lr·wd)`, then Burn's `AdamW`), so the results are the same bits and
+//! Burn's state type and checkpoint records are kept. Burn's AdamW makes about a dozen tensor
+//! passes per parameter, each allocating: 2–4x PyTorch's fused AdamW on the training steps of
+//! `benches/compare_pytorch.py`. Other devices run the same passes as Burn tensor operations.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use burn::backend::DispatchDevice;
 use burn::optim::{AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, LearningRate, Optimizer};
@@ -11,20 +15,44 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use rayon::prelude::*;
 
-/// Adam with decoupled weight decay done elsewhere (`weight_decay` 0 here; see
-/// [`crate::optim::apply_weight_decay`]), fused on flex.
+/// The gradient scale of the current update (global-norm clipping), shared by every
+/// [`FusedAdamW`] of an optimizer: set once per update, read by each parameter's step.
+#[derive(Clone, Debug)]
+pub struct GradScale(Arc<AtomicU64>);
+
+impl Default for GradScale {
+    fn default() -> Self {
+        Self(Arc::new(AtomicU64::new(1f64.to_bits())))
+    }
+}
+
+impl GradScale {
+    /// Sets the factor the next steps multiply the gradients by.
+    pub fn set(&self, factor: f64) {
+        self.0.store(factor.to_bits(), Ordering::Relaxed);
+    }
+    /// The current factor.
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+}
+
+/// AdamW (PyTorch's update: `g ← g·scale`, `θ ← θ·(1 − lr·wd)`, then Adam's step), one pass per
+/// parameter on flex. Build one per parameter group (decayed or not); they share a [`GradScale`].
 #[derive(Clone)]
 pub struct FusedAdamW {
     beta_1: f32,
     beta_2: f32,
     epsilon: f32,
-    /// Burn's AdamW with the same settings, for devices other than flex.
+    weight_decay: f64,
+    scale: GradScale,
+    /// Burn's AdamW with the same betas and epsilon (decay applied before it), off flex.
     fallback: AdamW,
 }
 
 impl FusedAdamW {
-    /// AdamW with these betas and epsilon and no weight decay.
-    pub fn new(beta_1: f32, beta_2: f32, epsilon: f32) -> Self {
+    /// AdamW with these betas, epsilon and decoupled `weight_decay`, its gradients scaled by `scale`.
+    pub fn new(beta_1: f32, beta_2: f32, epsilon: f32, weight_decay: f64, scale: GradScale) -> Self {
         let fallback = AdamWConfig::new()
             .with_beta_1(beta_1)
             .with_beta_2(beta_2)
@@ -35,6 +63,8 @@ impl FusedAdamW {
             beta_1,
             beta_2,
             epsilon,
+            weight_decay,
+            scale,
             fallback,
         }
     }
@@ -61,9 +91,18 @@ impl Optimizer for FusedAdamW {
         grad: Tensor<D>,
         state: Option<Self::State<D>>,
     ) -> (Tensor<D>, Option<Self::State<D>>) {
+        let scale = self.scale.get();
+        // As `Tensor * f64`: the factors are applied as f32 scalars.
+        let decay = (self.weight_decay != 0.0 && lr != 0.0).then(|| (1.0 - lr * self.weight_decay) as f32);
         if !(on_flex_f32(&tensor) && on_flex_f32(&grad)) {
+            let grad = if scale == 1.0 { grad } else { grad * scale };
+            let tensor = match decay {
+                Some(d) => tensor * d,
+                None => tensor,
+            };
             return self.fallback.step(lr, tensor, grad, state);
         }
+        let scale = (scale != 1.0).then_some(scale as f32);
         let device = tensor.device();
         let shape = tensor.shape();
         let mut theta = values(tensor);
@@ -90,6 +129,13 @@ impl Optimizer for FusedAdamW {
             .zip(g.par_chunks(CHUNK))
             .for_each(|(((theta, m), v), g)| {
                 for (((p, m), v), &g) in theta.iter_mut().zip(m).zip(v).zip(g) {
+                    let g = match scale {
+                        Some(s) => g * s,
+                        None => g,
+                    };
+                    if let Some(d) = decay {
+                        *p *= d;
+                    }
                     if fresh {
                         *m = g * f1;
                         *v = (g * g) * f2;
@@ -126,7 +172,7 @@ mod tests {
     fn fused_adamw_matches_burns_bit_for_bit() {
         let device = Device::flex();
         let n = 40_000;
-        let fused = FusedAdamW::new(0.9, 0.999, 1e-8);
+        let fused = FusedAdamW::new(0.9, 0.999, 1e-8, 0.0, GradScale::default());
         let burn = AdamWConfig::new()
             .with_beta_1(0.9)
             .with_beta_2(0.999)
@@ -152,6 +198,48 @@ mod tests {
             let (a, b) = (s1.as_ref().unwrap(), s2.as_ref().unwrap());
             assert_eq!(a.momentum.time, b.momentum.time);
             assert_eq!(bits(&a.momentum.moment_1), bits(&b.momentum.moment_1), "first moment");
+            assert_eq!(bits(&a.momentum.moment_2), bits(&b.momentum.moment_2), "second moment");
+        }
+        assert!(
+            values(p1).iter().zip(&init).any(|(a, b)| a != b),
+            "the parameters moved"
+        );
+    }
+
+    /// With a clipping scale and weight decay folded in, the fused step gives the same bits as
+    /// the separate passes it replaces: `g·scale`, `θ·(1 − lr·wd)` as tensor operations, then
+    /// Burn's AdamW without decay.
+    #[test]
+    fn fused_scale_and_decay_match_the_separate_passes_bit_for_bit() {
+        let device = Device::flex();
+        let n = 20_000;
+        let scale = GradScale::default();
+        let wd = 0.01;
+        let fused = FusedAdamW::new(0.9, 0.999, 1e-8, wd, scale.clone());
+        let burn = AdamWConfig::new()
+            .with_beta_1(0.9)
+            .with_beta_2(0.999)
+            .with_epsilon(1e-8)
+            .with_weight_decay(0.0)
+            .build();
+        let init: Vec<f32> = (0..n).map(|i| ((i * 613 % 1009) as f32 / 1009.0 - 0.5) * 0.4).collect();
+        let mut p1 = Tensor::<1>::from_data(TensorData::new(init.clone(), [n]), &device);
+        let mut p2 = p1.clone();
+        let (mut s1, mut s2) = (None, None);
+        for step in 0..4 {
+            let g: Vec<f32> = (0..n)
+                .map(|i| (((i * 37 + step * 11) % 991) as f32 / 991.0 - 0.5) * 3.0)
+                .collect();
+            let g = Tensor::<1>::from_data(TensorData::new(g, [n]), &device);
+            let factor = [1.0, 0.37, 0.051, 1.0][step];
+            let lr = 2e-3 / (step + 1) as f64;
+            scale.set(factor);
+            (p1, s1) = fused.step(lr, p1, g.clone(), s1);
+            let g = if factor == 1.0 { g } else { g * factor };
+            (p2, s2) = burn.step(lr, p2 * (1.0 - lr * wd), g, s2);
+            let bits = |t: &Tensor<1>| -> Vec<u32> { values(t.clone()).iter().map(|v| v.to_bits()).collect() };
+            assert_eq!(bits(&p1), bits(&p2), "parameters after step {step}");
+            let (a, b) = (s1.as_ref().unwrap(), s2.as_ref().unwrap());
             assert_eq!(bits(&a.momentum.moment_2), bits(&b.momentum.moment_2), "second moment");
         }
         assert!(

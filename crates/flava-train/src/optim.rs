@@ -7,10 +7,10 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
 use burn::optim::{GradientsParams, ModuleOptimizer};
 
-use crate::adamw::FusedAdamW;
+use crate::adamw::{FusedAdamW, GradScale};
 use burn::prelude::*;
 use flava_fusion::Tower;
 use serde::{Deserialize, Serialize};
@@ -84,27 +84,44 @@ pub struct Optimizer {
     cfg: OptimizerConfig,
     adam: ModuleOptimizer,
     groups: ParamGroups,
+    scale: GradScale,
 }
 
 impl Optimizer {
     /// An optimizer for `module`'s parameters (groups found from the module paths).
     pub fn new<M: Module>(cfg: &OptimizerConfig, module: &M) -> Self {
+        let groups = ParamGroups::of(module, &cfg.freeze);
+        let scale = GradScale::default();
         Self {
-            adam: Self::adam(cfg),
-            groups: ParamGroups::of(module, &cfg.freeze),
+            adam: Self::adam(cfg, &groups, &scale),
+            groups,
             cfg: cfg.clone(),
+            scale,
         }
     }
 
-    fn adam(cfg: &OptimizerConfig) -> ModuleOptimizer {
-        // Burn's AdamW update in one pass per parameter on flex (its own on other devices); the
-        // decoupled decay is applied by `apply_weight_decay`, only where it belongs.
-        ModuleOptimizer::from(FusedAdamW::new(cfg.betas.0 as f32, cfg.betas.1 as f32, cfg.eps as f32))
+    /// Two AdamWs sharing the clipping scale: the decayed group's and the rest's. The clipping
+    /// scale and the decay are applied inside each parameter's one-pass update on flex.
+    fn adam(cfg: &OptimizerConfig, groups: &ParamGroups, scale: &GradScale) -> ModuleOptimizer {
+        let adamw = |wd: f64| {
+            FusedAdamW::new(
+                cfg.betas.0 as f32,
+                cfg.betas.1 as f32,
+                cfg.eps as f32,
+                wd,
+                scale.clone(),
+            )
+        };
+        let decayed = ParamGroup::from_ids(groups.decay.iter().copied().collect());
+        ModuleOptimizer::from(adamw(0.0)).with_group(decayed, adamw(cfg.weight_decay), None)
     }
 
-    /// Finds the groups again (a loaded record brings its own parameter ids).
+    /// Finds the groups again (a loaded record brings its own parameter ids); the Adam moments
+    /// are kept and each goes to its parameter's group.
     pub fn regroup<M: Module>(&mut self, module: &M) {
         self.groups = ParamGroups::of(module, &self.cfg.freeze);
+        let record = self.adam.to_record();
+        self.adam = Self::adam(&self.cfg, &self.groups, &self.scale).load_record(record);
     }
 
     /// The settings.
@@ -118,11 +135,14 @@ impl Optimizer {
     }
 
     /// One update at learning rate `lr`: frozen gradients dropped, the rest clipped to the
-    /// global norm, decoupled decay on the decayed group, then the Adam step.
+    /// global norm, decoupled decay on the decayed group, then the Adam step (the last three in
+    /// one pass per parameter, see [`FusedAdamW`]).
     pub fn update<M: Module>(&mut self, module: M, mut grads: GradientsParams, lr: f64) -> (M, UpdateStats) {
-        let grad_norm = clip_and_filter(&module, &mut grads, self.cfg.grad_clip, &self.groups.frozen);
-        let module = apply_weight_decay(module, &self.groups, &grads, lr, self.cfg.weight_decay);
+        // The norm over every gradient, frozen ones too (as `clip_and_filter`).
+        let grad_norm = clip_and_filter(&module, &mut grads, 0.0, &self.groups.frozen);
+        self.scale.set(clip_factor(grad_norm, self.cfg.grad_clip));
         let module = self.adam.step(lr, module, grads);
+        self.scale.set(1.0);
         (module, UpdateStats { lr, grad_norm })
     }
 
@@ -135,7 +155,7 @@ impl Optimizer {
 
     /// Loads the Adam moments saved by [`Optimizer::save`].
     pub fn load(&mut self, path: &Path) -> anyhow::Result<()> {
-        let fresh = Self::adam(&self.cfg);
+        let fresh = Self::adam(&self.cfg, &self.groups, &self.scale);
         self.adam = fresh
             .load(path)
             .map_err(|e| anyhow::anyhow!("loading the optimizer of {}: {e}", path.display()))?;
@@ -268,11 +288,7 @@ pub fn clip_and_filter<M: Module>(
     frozen: &HashSet<ParamId>,
 ) -> f64 {
     let norm = grad_norm(module, grads);
-    let factor = if max_norm > 0.0 && norm > max_norm {
-        max_norm / (norm + 1e-6)
-    } else {
-        1.0
-    };
+    let factor = clip_factor(norm, max_norm);
     if factor != 1.0 || !frozen.is_empty() {
         let mut s = Scale {
             grads,
@@ -284,48 +300,14 @@ pub fn clip_and_filter<M: Module>(
     norm
 }
 
-struct Decay<'a> {
-    ids: &'a HashSet<ParamId>,
-    grads: &'a GradientsParams,
-    factor: f64,
-}
-
-impl ModuleMapper for Decay<'_> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        if !self.ids.contains(&param.id) || self.grads.get::<D>(param.id).is_none() {
-            return param;
-        }
-        let factor = self.factor;
-        param.map(|t| {
-            let rg = t.is_require_grad();
-            let t = (t * factor).detach();
-            if rg {
-                t.require_grad()
-            } else {
-                t
-            }
-        })
+/// `torch.nn.utils.clip_grad_norm_`'s factor: `max_norm / (norm + 1e-6)` when the norm is above
+/// `max_norm` (> 0), else 1.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
     }
-}
-
-/// PyTorch AdamW's decoupled decay, `θ ← θ·(1 − lr·wd)`, on the decayed parameters that have a
-/// gradient in `grads` (run before the Adam update, as PyTorch does; like PyTorch, a parameter
-/// without a gradient this step, such as the text tower on an image-only batch, is not decayed).
-pub fn apply_weight_decay<M: Module>(
-    module: M,
-    groups: &ParamGroups,
-    grads: &GradientsParams,
-    lr: f64,
-    weight_decay: f64,
-) -> M {
-    if weight_decay == 0.0 || lr == 0.0 {
-        return module;
-    }
-    module.map(&mut Decay {
-        ids: &groups.decay,
-        grads,
-        factor: 1.0 - lr * weight_decay,
-    })
 }
 
 /// Linear warmup from 0 to `peak` over `warmup` steps, then cosine decay to `peak·min_ratio` at
