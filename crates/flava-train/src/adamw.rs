@@ -93,7 +93,7 @@ impl Optimizer for FusedAdamW {
     ) -> (Tensor<D>, Option<Self::State<D>>) {
         let scale = self.scale.get();
         // As `Tensor * f64`: the factors are applied as f32 scalars.
-        let decay = (self.weight_decay != 0.0 && lr != 0.0).then(|| (1.0 - lr * self.weight_decay) as f32);
+        let decay = (self.weight_decay != 0.0 && lr != 0.0).then_some((1.0 - lr * self.weight_decay) as f32);
         if !(on_flex_f32(&tensor) && on_flex_f32(&grad)) {
             let grad = if scale == 1.0 { grad } else { grad * scale };
             let tensor = match decay {

@@ -127,15 +127,10 @@ impl Attention {
     /// `x`: [batch, seq, hidden]; `key_mask`: [batch, seq], `true` = padding (never attended).
     /// Returns [batch, seq, hidden].
     pub fn forward(&self, x: Tensor<3>, key_mask: Option<&Tensor<2, Bool>>) -> Tensor<3> {
-        let [b, s, d] = x.dims();
-        let h = self.attention.num_heads;
-        let dh = d / h;
-        let split = |t: Tensor<3>| t.reshape([b, s, h, dh]).swap_dims(1, 2);
-        let q = split(linear_rows(&self.attention.query, x.clone()));
-        let k = split(linear_rows(&self.attention.key, x.clone()));
-        let v = split(linear_rows(&self.attention.value, x));
-        let ctx = scaled_dot_attention(q, k, v, key_mask);
-        let ctx = ctx.swap_dims(1, 2).reshape([b, s, d]);
+        let q = linear_rows(&self.attention.query, x.clone());
+        let k = linear_rows(&self.attention.key, x.clone());
+        let v = linear_rows(&self.attention.value, x);
+        let ctx = crate::kernels::multi_head_attention(q, k, v, self.attention.num_heads, key_mask);
         linear_rows(&self.output.dense, ctx)
     }
 }
@@ -145,17 +140,6 @@ impl Attention {
 pub fn encoder_parameter_estimate(hidden: usize, intermediate: usize, layers: usize) -> u128 {
     let (d, ff) = (hidden as u128, intermediate as u128);
     layers as u128 * (4 * d * d + 2 * d * ff + 9 * d + ff)
-}
-
-/// `softmax(q·kᵀ/√d + mask)·v` as HF computes it: padded keys get the most negative f32 added
-/// to their scores (HF's extended attention mask), so a NaN or infinity in a query, key or
-/// score propagates to the output as in PyTorch, where the non-finite guard sees it. (Burn's
-/// fused attention takes its row maximum with comparisons that pass over NaN.)
-/// `q`, `k`, `v`: [batch, heads, seq, head_dim]; `key_mask`: [batch, seq], `true` = padding.
-pub fn scaled_dot_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, key_mask: Option<&Tensor<2, Bool>>) -> Tensor<4> {
-    let dh = q.dims()[3];
-    let scores = q.matmul(k.swap_dims(2, 3));
-    crate::kernels::attention_softmax(scores, 1.0 / (dh as f64).sqrt(), key_mask).matmul(v)
 }
 
 /// One pre-LN transformer layer (HF `FlavaLayer`).

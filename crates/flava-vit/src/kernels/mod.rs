@@ -49,6 +49,7 @@ macro_rules! multiversion {
     };
 }
 
+mod attention;
 mod cross_entropy;
 mod gelu;
 mod layer_norm;
@@ -100,6 +101,36 @@ pub trait FlavaKernels: Backend {
     fn attention_softmax(scores: FloatTensor<Self>, scale: f64, key_padding: Vec<bool>) -> FloatTensor<Self>;
     /// The scores' gradient of [`FlavaKernels::attention_softmax`] from its output `probs`.
     fn attention_softmax_backward(probs: FloatTensor<Self>, scale: f64, grad: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Multi-head attention `softmax(q·kᵀ·scale + pad·f32::MIN)·v` per head on q, k, v
+    /// [batch, seq, hidden] (head h in columns h·dh..(h+1)·dh) → the context [batch, seq, hidden];
+    /// `key_padding` is empty or [batch·seq] (true = padded key).
+    fn multi_head_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+        scale: f64,
+        key_padding: Vec<bool>,
+    ) -> FloatTensor<Self>;
+    /// [`FlavaKernels::multi_head_attention`] with its probabilities [batch, heads, seq, seq].
+    fn multi_head_attention_probs(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+        scale: f64,
+        key_padding: Vec<bool>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// `(dq, dk, dv)` of [`FlavaKernels::multi_head_attention`] from its inputs, its
+    /// probabilities and the context gradient `grad`.
+    fn multi_head_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
+        scale: f64,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// Whether `x` lives on a flex device (plain or autodiff) and is f32: where our kernels run.
@@ -167,6 +198,68 @@ pub fn attention_softmax(scores: Tensor<4>, scale: f64, key_padding: Option<&Ten
     attention_softmax_composed(scores, scale, key_padding.map(|m| (m, b, s)))
 }
 
+/// Multi-head attention on the projections' layout: `q`, `k`, `v` [batch, seq, hidden] with
+/// `heads` heads side by side in the hidden dimension, `key_padding` [batch, seq] (true = padded
+/// key) → the context [batch, seq, hidden], ready for the output projection. HF's arithmetic
+/// (scale `1/√dh`, the most negative f32 on padded keys); on flex one kernel forward and one
+/// backward (see `attention.rs`), Burn's ops elsewhere. A NaN or infinity in a query, key or
+/// score makes its row NaN, as in PyTorch, so the training loop's non-finite guard sees it
+/// (Burn's own fused attention takes its row maximum with comparisons that pass over NaN).
+///
+/// # Panics
+/// If the shapes differ or `hidden` is not a multiple of `heads`.
+pub fn multi_head_attention(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    heads: usize,
+    key_padding: Option<&Tensor<2, Bool>>,
+) -> Tensor<3> {
+    let [b, s, d] = q.dims();
+    assert!(
+        heads > 0 && d % heads == 0,
+        "hidden size {d} is not a multiple of {heads} heads"
+    );
+    assert!(
+        k.dims() == [b, s, d] && v.dims() == [b, s, d],
+        "q, k and v of one shape"
+    );
+    let scale = 1.0 / ((d / heads) as f64).sqrt();
+    if on_flex_f32(&q) && on_flex_f32(&k) && on_flex_f32(&v) {
+        let mask = match key_padding {
+            Some(m) => m.clone().into_data().try_into_vec::<bool>().expect("bool mask data"),
+            None => Vec::new(),
+        };
+        let out = burn::backend::Dispatch::multi_head_attention(
+            q.into_dispatch(),
+            k.into_dispatch(),
+            v.into_dispatch(),
+            heads,
+            scale,
+            mask,
+        );
+        return Tensor::from_dispatch(out);
+    }
+    multi_head_attention_composed(q, k, v, heads, key_padding)
+}
+
+/// [`multi_head_attention`] from Burn's ops (head split, batched matmuls, [`attention_softmax`]):
+/// the path on devices other than flex, and the reference the kernel is tested against.
+pub fn multi_head_attention_composed(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    heads: usize,
+    key_padding: Option<&Tensor<2, Bool>>,
+) -> Tensor<3> {
+    let [b, s, d] = q.dims();
+    let dh = d / heads;
+    let split = |t: Tensor<3>| t.reshape([b, s, heads, dh]).swap_dims(1, 2);
+    let scores = split(q).matmul(split(k).swap_dims(2, 3));
+    let probs = attention_softmax(scores, 1.0 / (dh as f64).sqrt(), key_padding);
+    probs.matmul(split(v)).swap_dims(1, 2).reshape([b, s, d])
+}
+
 /// [`attention_softmax`] from Burn's own ops: the path on devices other than flex, and the
 /// reference the kernel is tested against.
 fn attention_softmax_composed(
@@ -229,6 +322,39 @@ impl FlavaKernels for Flex {
 
     fn attention_softmax_backward(probs: FlexTensor, scale: f64, grad: FlexTensor) -> FlexTensor {
         softmax::backward(probs, scale, grad)
+    }
+
+    fn multi_head_attention(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        heads: usize,
+        scale: f64,
+        key_padding: Vec<bool>,
+    ) -> FlexTensor {
+        attention::forward(q, k, v, heads, scale, &key_padding).0
+    }
+
+    fn multi_head_attention_probs(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        heads: usize,
+        scale: f64,
+        key_padding: Vec<bool>,
+    ) -> (FlexTensor, FlexTensor) {
+        attention::forward(q, k, v, heads, scale, &key_padding)
+    }
+
+    fn multi_head_attention_backward(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        probs: FlexTensor,
+        scale: f64,
+        grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        attention::backward(q, k, v, probs, scale, grad)
     }
 }
 
@@ -341,6 +467,72 @@ impl<B: Backend + FlavaKernels, C: CheckpointStrategy> FlavaKernels for Autodiff
             }
             OpsKind::UnTracked(prep) => prep.finish(B::attention_softmax(scores, scale, key_padding)),
         }
+    }
+
+    fn multi_head_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+        scale: f64,
+        key_padding: Vec<bool>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct MultiHeadAttention;
+
+        /// q, k, v, the probabilities and the scale.
+        type Saved<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, f64);
+
+        impl<B: Backend + FlavaKernels> Backward<B, 3> for MultiHeadAttention {
+            type State = Saved<B>;
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let [node_q, node_k, node_v] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (q, k, v, probs, scale) = ops.state;
+                let (dq, dk, dv) = B::multi_head_attention_backward(q, k, v, probs, scale, grad);
+                for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, g);
+                    }
+                }
+            }
+        }
+
+        let guards = [q.node(), k.node(), v.node()];
+        let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+        match MultiHeadAttention.prepare::<C>(guards).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (ctx, probs) =
+                    B::multi_head_attention_probs(q.clone(), k.clone(), v.clone(), heads, scale, key_padding);
+                prep.finish((q, k, v, probs, scale), ctx)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::multi_head_attention(q, k, v, heads, scale, key_padding)),
+        }
+    }
+
+    fn multi_head_attention_probs(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+        scale: f64,
+        key_padding: Vec<bool>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let _ = (q, k, v, heads, scale, key_padding);
+        unreachable!("multi_head_attention_probs is called on the inner backend only")
+    }
+
+    fn multi_head_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
+        scale: f64,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let _ = (q, k, v, probs, scale, grad);
+        unreachable!("multi_head_attention_backward is called on the inner backend only")
     }
 
     // The backward kernels are called on the inner backend only (by the backward passes above);
@@ -643,6 +835,69 @@ mod tests {
             .try_into_vec::<f32>()
             .expect("f32 data");
         assert!(p.iter().all(|v| v.is_nan()), "a NaN score makes its row NaN");
+    }
+
+    /// The multi-head attention kernel against Burn's composed form (head split, batched
+    /// matmuls, the softmax above): context and the gradients of q, k and v, with and without
+    /// padded keys, over sizes that cross the gemm's blocks (37 positions, 4 heads of 16) and a
+    /// transposed (non-contiguous) input. Tolerance 2e-5 relative to the largest magnitude
+    /// (the two sum the same products in different orders).
+    #[test]
+    fn multi_head_attention_and_its_gradients_match_burns() {
+        let device = Device::flex().autodiff();
+        let (b, s, d, heads) = (3, 37, 64, 4);
+        let data = |seed: usize, amp: f32| -> Vec<f32> {
+            (0..b * s * d)
+                .map(|i| (((i * 7919 + seed * 104729) % 6007) as f32 / 6007.0 - 0.5) * amp)
+                .collect()
+        };
+        let (qs, ks, vs, ws) = (data(1, 4.0), data(2, 4.0), data(3, 2.0), data(4, 2.0));
+        // Sample 1 pads its last 12 keys; sample 2 pads key 0.
+        let pad: Vec<bool> = (0..b * s).map(|i| (i / s == 1 && i % s >= 25) || i == 2 * s).collect();
+        let mask = Tensor::<2, Bool>::from_data(TensorData::new(pad, [b, s]), &device);
+        let run = |fused: bool, masked: bool| {
+            let t =
+                |x: &Vec<f32>| Tensor::<3>::from_data(TensorData::new(x.clone(), [b, s, d]), &device).require_grad();
+            let (q, k) = (t(&qs), t(&ks));
+            // v as the transpose of a [b, d, s] tensor: a strided input.
+            let vt = Tensor::<3>::from_data(TensorData::new(vs.clone(), [b, d, s]), &device).require_grad();
+            let v = vt.clone().swap_dims(1, 2);
+            let m = masked.then_some(&mask);
+            let ctx = if fused {
+                multi_head_attention(q.clone(), k.clone(), v, heads, m)
+            } else {
+                multi_head_attention_composed(q.clone(), k.clone(), v, heads, m)
+            };
+            let w = Tensor::<3>::from_data(TensorData::new(ws.clone(), [b, s, d]), &device);
+            let grads = (ctx.clone() * w).sum().backward();
+            let val = |t: Tensor<3>| t.into_data().try_into_vec::<f32>().expect("f32 data");
+            [
+                val(ctx),
+                val(q.grad(&grads).expect("dq")),
+                val(k.grad(&grads).expect("dk")),
+                val(vt.grad(&grads).expect("dv")),
+            ]
+        };
+        for masked in [false, true] {
+            let got = run(true, masked);
+            let want = run(false, masked);
+            for (name, (g, w)) in ["context", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
+                let top = w.iter().fold(0f32, |a, v| a.max(v.abs()));
+                assert!(top > 1e-3, "{name} is not trivially zero");
+                for (a, r) in g.iter().zip(w) {
+                    assert!((a - r).abs() <= 2e-5 * top, "masked {masked}, {name}: {a} vs {r}");
+                }
+            }
+        }
+        // A padded key gets no attention: its value never reaches the context.
+        let x = Tensor::<3>::from_data(TensorData::new(qs.clone(), [b, s, d]), &Device::flex());
+        let mut vs2 = vs.clone();
+        vs2[(s + 30) * d] = 1e6; // sample 1, key 30 (padded), hidden 0
+        let v2 = Tensor::<3>::from_data(TensorData::new(vs2, [b, s, d]), &Device::flex());
+        let m = Tensor::<2, Bool>::from_data(mask.clone().into_data(), &Device::flex());
+        let ctx = multi_head_attention(x.clone(), x, v2, heads, Some(&m));
+        let top = ctx.abs().max().into_scalar::<f32>();
+        assert!(top < 1e3, "the padded key's value leaked into the context ({top})");
     }
 
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

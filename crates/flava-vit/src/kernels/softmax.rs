@@ -19,7 +19,7 @@ fn rows_per_task(s: usize) -> usize {
     (8192 / s.max(1)).max(1)
 }
 
-multiversion!(forward_row(x: &[f32], masked: Option<&[bool]>, scale: f32, out: &mut [f32]) {
+multiversion!(pub(super) forward_row(x: &[f32], masked: Option<&[bool]>, scale: f32, out: &mut [f32]) {
     match masked {
         Some(m) => {
             for ((o, &v), &pad) in out.iter_mut().zip(x).zip(m) {
@@ -75,7 +75,7 @@ multiversion!(forward_row(x: &[f32], masked: Option<&[bool]>, scale: f32, out: &
     }
 });
 
-multiversion!(backward_row(y: &[f32], dy: &[f32], scale: f32, out: &mut [f32]) {
+multiversion!(pub(super) backward_row(y: &[f32], dy: &[f32], scale: f32, out: &mut [f32]) {
     let mut lanes = [0f32; 16];
     let mut i = 0;
     let n = y.len();
