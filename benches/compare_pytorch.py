@@ -22,6 +22,8 @@ step (forward, backward, AdamW) on paired, image-only and text-only batches of 3
 fine-tuning step (`small`, batch 32) is transformers' `FlavaModel` with torchmultimodal's head
 (`Linear(d, 768) -> ReLU -> Dropout(0.5) -> Linear(768, 3)`) on the multimodal CLS, cross-entropy,
 forward, backward and AdamW, against `flava_objectives::FlavaForClassification` on the Trainer.
+Both sides clip the gradients to global norm 1 before AdamW (`clip_grad_norm_`; flava-rs's
+Trainer does it as `flava pretrain` does); the optimizer phase includes it.
 Before the table, both sides time one square f32 matmul (n = 2048: `torch.mm`, and a flex matmul
 in `flava-bench sgemm`); the larger is the machine's measured sgemm peak. Each row's matmul FLOPs
 are counted once by `torch.utils.flop_counter.FlopCounterMode` on the PyTorch model (forward, and
@@ -174,6 +176,7 @@ def worker(args):
             logits = head(out.multimodal_output.last_hidden_state[:, 0])
             loss = torch.nn.functional.cross_entropy(logits, labels)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)  # as flava-rs's Trainer (grad_clip 1)
             opt.step()
             sync()
 
@@ -191,6 +194,8 @@ def worker(args):
             out.loss.backward()
             sync()
             t2 = time.perf_counter()
+            # Clipping at norm 1, as `flava pretrain` and flava-rs's bench step do.
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sync()
             t3 = time.perf_counter()

@@ -6,18 +6,13 @@
 //! 160 ms, about as long as the FLAVA forward pass it feeds. Inference only: the dVAE's own
 //! training keeps Burn's differentiable convs.
 
-use burn::backend::DispatchDevice;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use rayon::prelude::*;
 
 use crate::encoder::{EncoderBlock, EncoderGroup, ImageCodebook};
 
-/// Whether `x` lives on a flex device (plain or autodiff) as f32: where this path runs.
-pub(crate) fn on_flex_f32(x: &Tensor<4>) -> bool {
-    matches!(x.device().without_autodiff().as_dispatch(), DispatchDevice::Flex(_))
-        && x.dtype() == burn::tensor::DType::F32
-}
+pub(crate) use flava_vit::kernels::on_flex_f32;
 
 /// Host copy of `x`'s values (row-major).
 fn values(x: Tensor<4>) -> Vec<f32> {

@@ -11,10 +11,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use burn::backend::DispatchDevice;
 use burn::optim::{AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, LearningRate, Optimizer};
 use burn::prelude::*;
-use burn::tensor::DType;
+use flava_vit::kernels::on_flex_f32;
 use rayon::prelude::*;
 
 /// The gradient scale of the current update (global-norm clipping), shared by every
@@ -70,10 +69,6 @@ impl FusedAdamW {
             fallback,
         }
     }
-}
-
-fn on_flex_f32<const D: usize>(t: &Tensor<D>) -> bool {
-    matches!(t.device().without_autodiff().as_dispatch(), DispatchDevice::Flex(_)) && t.dtype() == DType::F32
 }
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {

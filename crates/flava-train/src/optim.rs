@@ -239,17 +239,24 @@ impl ParamGroups {
 
 struct GradNorm<'a> {
     grads: &'a GradientsParams,
-    sum: Option<Tensor<1>>,
+    /// Flex gradients: one read pass each, summed in f64.
+    cpu: f64,
+    /// Other devices: summed on the device, read once at the end.
+    device: Option<Tensor<1>>,
 }
 
 impl ModuleVisitor for GradNorm<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = self.grads.get::<D>(param.id) {
-            let s = g.square().sum();
-            self.sum = Some(match self.sum.take() {
-                Some(acc) => acc + s,
-                None => s,
-            });
+            if flava_vit::kernels::on_flex_f32(&g) {
+                self.cpu += flava_vit::kernels::sum_of_squares(&g);
+            } else {
+                let s = g.square().sum();
+                self.device = Some(match self.device.take() {
+                    Some(acc) => acc + s,
+                    None => s,
+                });
+            }
         }
     }
 }
@@ -271,11 +278,17 @@ impl ModuleVisitor for Scale<'_> {
     }
 }
 
-/// Global L2 norm of all gradients (one device sync). 0 when there are none.
+/// Global L2 norm of all gradients (summed in f64 on flex; one device sync elsewhere). 0 when
+/// there are none.
 pub fn grad_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
-    let mut v = GradNorm { grads, sum: None };
+    let mut v = GradNorm {
+        grads,
+        cpu: 0.0,
+        device: None,
+    };
     module.visit(&mut v);
-    v.sum.map_or(0.0, |s| s.into_scalar::<f64>().sqrt())
+    let device = v.device.map_or(0.0, |s| s.into_scalar::<f64>());
+    (v.cpu + device).sqrt()
 }
 
 /// Drops gradients of frozen parameters and scales the rest so that their global norm is at

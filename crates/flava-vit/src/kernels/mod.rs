@@ -101,6 +101,9 @@ pub trait FlavaKernels: Backend {
     fn attention_softmax(scores: FloatTensor<Self>, scale: f64, key_padding: Vec<bool>) -> FloatTensor<Self>;
     /// The scores' gradient of [`FlavaKernels::attention_softmax`] from its output `probs`.
     fn attention_softmax_backward(probs: FloatTensor<Self>, scale: f64, grad: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `Σ x²` over all elements, accumulated in f64, as two f32 `[hi, lo]` (hi + lo in f64 is the
+    /// sum): not differentiable (for gradient norms).
+    fn sum_of_squares(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// Multi-head attention `softmax(q·kᵀ·scale + pad·f32::MIN)·v` per head on q, k, v
     /// [batch, seq, hidden] (head h in columns h·dh..(h+1)·dh) → the context [batch, seq, hidden];
     /// `key_padding` is empty or [batch·seq] (true = padded key).
@@ -133,8 +136,9 @@ pub trait FlavaKernels: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
-/// Whether `x` lives on a flex device (plain or autodiff) and is f32: where our kernels run.
-fn on_flex_f32<const D: usize>(x: &Tensor<D>) -> bool {
+/// Whether `x` lives on a flex device (plain or autodiff) and is f32: where the kernels of this
+/// module (and the CPU paths of the other crates) run.
+pub fn on_flex_f32<const D: usize>(x: &Tensor<D>) -> bool {
     matches!(x.device().without_autodiff().as_dispatch(), DispatchDevice::Flex(_)) && x.dtype() == DType::F32
 }
 
@@ -197,6 +201,31 @@ pub fn attention_softmax(scores: Tensor<4>, scale: f64, key_padding: Option<&Ten
     }
     attention_softmax_composed(scores, scale, key_padding.map(|m| (m, b, s)))
 }
+
+/// `Σ x²` over every element of `x` as f64, without autodiff (a gradient norm's term): on flex
+/// one read pass accumulated in f64; elsewhere Burn's `square().sum()` (f32).
+pub fn sum_of_squares<const D: usize>(x: &Tensor<D>) -> f64 {
+    let x = x.clone().without_autodiff();
+    if on_flex_f32(&x) {
+        let out = Tensor::<1>::from_dispatch(burn::backend::Dispatch::sum_of_squares(x.into_dispatch()));
+        let v = out.into_data().try_into_vec::<f32>().expect("f32 data");
+        return v[0] as f64 + v[1] as f64;
+    }
+    x.square().sum().into_scalar::<f64>()
+}
+
+multiversion!(sum_of_squares_slice(x: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            let v = c[k] as f64;
+            lanes[k] += v * v;
+        }
+    }
+    let rest: f64 = chunks.remainder().iter().map(|&v| (v as f64) * (v as f64)).sum();
+    lanes.iter().sum::<f64>() + rest
+});
 
 /// Multi-head attention on the projections' layout: `q`, `k`, `v` [batch, seq, hidden] with
 /// `heads` heads side by side in the hidden dimension, `key_padding` [batch, seq] (true = padded
@@ -322,6 +351,15 @@ impl FlavaKernels for Flex {
 
     fn attention_softmax_backward(probs: FlexTensor, scale: f64, grad: FlexTensor) -> FlexTensor {
         softmax::backward(probs, scale, grad)
+    }
+
+    fn sum_of_squares(x: FlexTensor) -> FlexTensor {
+        let x = contiguous(x);
+        let values = x.as_slice::<f32>().expect("contiguous f32 tensor");
+        let total: f64 = values.par_chunks(1 << 16).map(sum_of_squares_slice).sum();
+        let hi = total as f32;
+        let lo = (total - hi as f64) as f32;
+        FlexTensor::from_data(TensorData::new(vec![hi, lo], [2]))
     }
 
     fn multi_head_attention(
@@ -521,6 +559,11 @@ impl<B: Backend + FlavaKernels, C: CheckpointStrategy> FlavaKernels for Autodiff
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let _ = (q, k, v, heads, scale, key_padding);
         unreachable!("multi_head_attention_probs is called on the inner backend only")
+    }
+
+    fn sum_of_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let _ = x;
+        unreachable!("sum_of_squares is called without autodiff only (see `kernels::sum_of_squares`)")
     }
 
     fn multi_head_attention_backward(
@@ -898,6 +941,25 @@ mod tests {
         let ctx = multi_head_attention(x.clone(), x, v2, heads, Some(&m));
         let top = ctx.abs().max().into_scalar::<f32>();
         assert!(top < 1e3, "the padded key's value leaked into the context ({top})");
+    }
+
+    /// The one-pass sum of squares against an f64 sum, on a tensor of an autodiff device with a
+    /// gradient, a transposed one, and sizes that are not multiples of the lane count or chunk.
+    #[test]
+    fn sum_of_squares_matches_f64() {
+        for n in [1usize, 7, 1000, 70_001] {
+            let xs: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 6007) as f32 / 6007.0 - 0.5) * 3.0)
+                .collect();
+            let want: f64 = xs.iter().map(|&v| (v as f64) * (v as f64)).sum();
+            let t = Tensor::<1>::from_data(TensorData::new(xs.clone(), [n]), &Device::flex().autodiff()).require_grad();
+            let got = sum_of_squares(&t);
+            assert!((got - want).abs() <= 1e-12 * want.max(1.0), "n = {n}: {got} vs {want}");
+        }
+        let xs: Vec<f32> = (0..6 * 35).map(|i| i as f32 * 0.25 - 20.0).collect();
+        let want: f64 = xs.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let t = Tensor::<2>::from_data(TensorData::new(xs, [6, 35]), &Device::flex()).transpose();
+        assert!((sum_of_squares(&t) - want).abs() <= 1e-9 * want);
     }
 
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
