@@ -46,12 +46,17 @@ pub(super) fn exp_nonpositive(t: f32) -> f32 {
     // 1.5·2^23: adding and subtracting it rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let t = t.max(-87.0);
-    let n = (t * LOG2E + ROUND) - ROUND;
+    let y = t * LOG2E + ROUND;
+    let n = y - ROUND;
     let r = t - n * LN2_HI - n * LN2_LO;
     let mut p = 1.0 / 5040.0;
     for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
         p = p * r + c;
     }
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `y` is ROUND + n exactly (ulp 1 there, |n| ≤ 126), so its bits minus ROUND's are n: 2^n
+    // from integer lanes. (`n as i32` is a saturating conversion that does not vectorise: it
+    // went lane by lane and made the GELU gradient 4x the GELU.)
+    let n_int = (y.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let scale = f32::from_bits(((n_int + 127) as u32) << 23);
     p * scale
 }
