@@ -53,6 +53,7 @@ mod attention;
 mod cross_entropy;
 mod gelu;
 mod layer_norm;
+mod linear;
 mod math;
 mod softmax;
 
@@ -101,6 +102,14 @@ pub trait FlavaKernels: Backend {
     fn attention_softmax(scores: FloatTensor<Self>, scale: f64, key_padding: Vec<bool>) -> FloatTensor<Self>;
     /// The scores' gradient of [`FlavaKernels::attention_softmax`] from its output `probs`.
     fn attention_softmax_backward(probs: FloatTensor<Self>, scale: f64, grad: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `x·w + b` for x [n, in], w [in, out] (Burn's Linear layout), b [out] → [n, out].
+    fn linear_rows_forward(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `grad·wᵀ`: the input gradient of [`FlavaKernels::linear_rows_forward`], [n, in].
+    fn linear_rows_backward_input(w: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `xᵀ·grad`: the weight gradient, [in, out].
+    fn linear_rows_backward_weight(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `Σ_rows grad`: the bias gradient, [out].
+    fn linear_rows_backward_bias(grad: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `Σ x²` over all elements, accumulated in f64, as two f32 `[hi, lo]` (hi + lo in f64 is the
     /// sum): not differentiable (for gradient norms).
     fn sum_of_squares(x: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -200,6 +209,22 @@ pub fn attention_softmax(scores: Tensor<4>, scale: f64, key_padding: Option<&Ten
         return Tensor::from_dispatch(out);
     }
     attention_softmax_composed(scores, scale, key_padding.map(|m| (m, b, s)))
+}
+
+/// `x·w + b` over the rows of `x` [n, in] with `w` [in, out] (Burn's `Linear` layout) and `b`
+/// [out] → [n, out]: one gemm forward and one per gradient on flex, without the zero-filled
+/// copies Burn's matmul allocates its outputs with; Burn's `linear` elsewhere.
+///
+/// # Panics
+/// If the shapes do not fit.
+pub fn linear(x: Tensor<2>, w: Tensor<2>, b: Option<Tensor<1>>) -> Tensor<2> {
+    let on_flex = on_flex_f32(&x) && on_flex_f32(&w) && b.as_ref().is_none_or(on_flex_f32);
+    if !on_flex {
+        return burn::tensor::module::linear(x, w, b);
+    }
+    let b = b.unwrap_or_else(|| Tensor::zeros([w.dims()[1]], &w.device()));
+    let out = burn::backend::Dispatch::linear_rows_forward(x.into_dispatch(), w.into_dispatch(), b.into_dispatch());
+    Tensor::from_dispatch(out)
 }
 
 /// `Σ x²` over every element of `x` as f64, without autodiff (a gradient norm's term): on flex
@@ -351,6 +376,22 @@ impl FlavaKernels for Flex {
 
     fn attention_softmax_backward(probs: FlexTensor, scale: f64, grad: FlexTensor) -> FlexTensor {
         softmax::backward(probs, scale, grad)
+    }
+
+    fn linear_rows_forward(x: FlexTensor, w: FlexTensor, b: FlexTensor) -> FlexTensor {
+        linear::forward(x, w, b)
+    }
+
+    fn linear_rows_backward_input(w: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        linear::backward_input(w, grad)
+    }
+
+    fn linear_rows_backward_weight(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        linear::backward_weight(x, grad)
+    }
+
+    fn linear_rows_backward_bias(grad: FlexTensor) -> FlexTensor {
+        linear::backward_bias(grad)
     }
 
     fn sum_of_squares(x: FlexTensor) -> FlexTensor {
@@ -559,6 +600,56 @@ impl<B: Backend + FlavaKernels, C: CheckpointStrategy> FlavaKernels for Autodiff
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let _ = (q, k, v, heads, scale, key_padding);
         unreachable!("multi_head_attention_probs is called on the inner backend only")
+    }
+
+    fn linear_rows_forward(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LinearRows;
+
+        impl<B: Backend + FlavaKernels> Backward<B, 3> for LinearRows {
+            type State = (FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let [node_x, node_w, node_b] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x, w) = ops.state;
+                // Only the gradients a parent needs (a frozen weight gets none).
+                if let Some(node) = node_w {
+                    grads.register::<B>(node.id, B::linear_rows_backward_weight(x, grad.clone()));
+                }
+                if let Some(node) = node_b {
+                    grads.register::<B>(node.id, B::linear_rows_backward_bias(grad.clone()));
+                }
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, B::linear_rows_backward_input(w, grad));
+                }
+            }
+        }
+
+        let guards = [x.node(), w.node(), b.node()];
+        let (x, w, b) = (x.into_primitive(), w.into_primitive(), b.into_primitive());
+        match LinearRows.prepare::<C>(guards).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::linear_rows_forward(x.clone(), w.clone(), b);
+                prep.finish((x, w), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::linear_rows_forward(x, w, b)),
+        }
+    }
+
+    fn linear_rows_backward_input(w: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        let _ = (w, grad);
+        unreachable!("linear_rows_backward_input is called on the inner backend only")
+    }
+
+    fn linear_rows_backward_weight(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        let _ = (x, grad);
+        unreachable!("linear_rows_backward_weight is called on the inner backend only")
+    }
+
+    fn linear_rows_backward_bias(grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        let _ = grad;
+        unreachable!("linear_rows_backward_bias is called on the inner backend only")
     }
 
     fn sum_of_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -941,6 +1032,81 @@ mod tests {
         let ctx = multi_head_attention(x.clone(), x, v2, heads, Some(&m));
         let top = ctx.abs().max().into_scalar::<f32>();
         assert!(top < 1e3, "the padded key's value leaked into the context ({top})");
+    }
+
+    /// The linear kernel against Burn's `linear`: output and the gradients of x, W and b, with
+    /// and without a bias, one size on one thread and one above the parallel threshold, a
+    /// transposed (strided) input, and a weight without gradient (a frozen tower: only dx).
+    /// Tolerance 1e-5 relative to the largest magnitude (the gemm's blocking may order sums
+    /// differently).
+    #[test]
+    fn linear_and_its_gradients_match_burns() {
+        let device = Device::flex().autodiff();
+        for (n, d_in, d_out) in [(5, 7, 3), (300, 200, 150)] {
+            let data = |len: usize, seed: usize| -> Vec<f32> {
+                (0..len)
+                    .map(|i| (((i * 7919 + seed * 104729) % 6007) as f32 / 6007.0 - 0.5) * 2.0)
+                    .collect()
+            };
+            let (xs, ws, bs, gs) = (
+                data(n * d_in, 1),
+                data(d_in * d_out, 2),
+                data(d_out, 3),
+                data(n * d_out, 4),
+            );
+            for (bias, frozen) in [(true, false), (false, false), (true, true)] {
+                let run = |fused: bool| {
+                    // x as the transpose of an [in, n] tensor.
+                    let xt = Tensor::<2>::from_data(TensorData::new(xs.clone(), [d_in, n]), &device).require_grad();
+                    let w = Tensor::<2>::from_data(TensorData::new(ws.clone(), [d_in, d_out]), &device);
+                    let w = if frozen { w } else { w.require_grad() };
+                    let b = bias
+                        .then(|| Tensor::<1>::from_data(TensorData::new(bs.clone(), [d_out]), &device).require_grad());
+                    let x = xt.clone().transpose();
+                    let y = if fused {
+                        linear(x, w.clone(), b.clone())
+                    } else {
+                        burn::tensor::module::linear(x, w.clone(), b.clone())
+                    };
+                    let g = Tensor::<2>::from_data(TensorData::new(gs.clone(), [n, d_out]), &device);
+                    let grads = (y.clone() * g).sum().backward();
+                    let v2 = |t: Tensor<2>| t.into_data().try_into_vec::<f32>().expect("f32");
+                    let v1 = |t: Tensor<1>| t.into_data().try_into_vec::<f32>().expect("f32");
+                    (
+                        v2(y),
+                        v2(xt.grad(&grads).expect("dx")),
+                        w.grad(&grads).map(v2),
+                        b.and_then(|b| b.grad(&grads)).map(v1),
+                    )
+                };
+                let (got, want) = (run(true), run(false));
+                let close = |name: &str, a: &[f32], r: &[f32]| {
+                    assert_eq!(a.len(), r.len(), "{name}");
+                    let top = r.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    assert!(top > 1e-3, "{name} is not trivially zero");
+                    for (a, r) in a.iter().zip(r) {
+                        assert!(
+                            (a - r).abs() <= 1e-5 * top,
+                            "{n}x{d_in}x{d_out} bias {bias} frozen {frozen}, {name}: {a} vs {r}"
+                        );
+                    }
+                };
+                close("y", &got.0, &want.0);
+                close("dx", &got.1, &want.1);
+                assert_eq!(
+                    got.2.is_some(),
+                    !frozen,
+                    "a weight gradient exactly when the weight trains"
+                );
+                if let (Some(a), Some(r)) = (&got.2, &want.2) {
+                    close("dW", a, r);
+                }
+                assert_eq!(got.3.is_some(), bias);
+                if let (Some(a), Some(r)) = (&got.3, &want.3) {
+                    close("db", a, r);
+                }
+            }
+        }
     }
 
     /// The one-pass sum of squares against an f64 sum, on a tensor of an autodiff device with a
