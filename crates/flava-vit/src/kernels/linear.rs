@@ -171,7 +171,9 @@ pub(super) fn backward_bias(grad: FlexTensor) -> FlexTensor {
     let grad = contiguous(grad);
     let dy = f32s(&grad);
     const ROWS: usize = 256;
-    let db = dy
+    // Partial sums per block, then added in block order: the same bits on every run (a rayon
+    // reduce combines in an order that depends on work stealing).
+    let partials: Vec<Vec<f32>> = dy
         .par_chunks((ROWS * d_out).max(1))
         .map(|block| {
             let mut acc = vec![0f32; d_out];
@@ -180,12 +182,10 @@ pub(super) fn backward_bias(grad: FlexTensor) -> FlexTensor {
             }
             acc
         })
-        .reduce(
-            || vec![0f32; d_out],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
-                a
-            },
-        );
+        .collect();
+    let mut db = vec![0f32; d_out];
+    for p in &partials {
+        db.iter_mut().zip(p).for_each(|(a, &b)| *a += b);
+    }
     FlexTensor::from_data(TensorData::new(db, [d_out]))
 }

@@ -397,7 +397,9 @@ impl FlavaKernels for Flex {
     fn sum_of_squares(x: FlexTensor) -> FlexTensor {
         let x = contiguous(x);
         let values = x.as_slice::<f32>().expect("contiguous f32 tensor");
-        let total: f64 = values.par_chunks(1 << 16).map(sum_of_squares_slice).sum();
+        // Partial sums added in chunk order: the same bits on every run.
+        let partials: Vec<f64> = values.par_chunks(1 << 16).map(sum_of_squares_slice).collect();
+        let total: f64 = partials.iter().sum();
         let hi = total as f32;
         let lo = (total - hi as f64) as f32;
         FlexTensor::from_data(TensorData::new(vec![hi, lo], [2]))
