@@ -186,6 +186,7 @@ pub fn run(
     if itm && (images.is_empty() || texts.is_empty()) {
         anyhow::bail!("--itm scores image-text pairs: give at least one --image and one --text");
     }
+    let model_dir = &crate::hub::resolve(model_dir).context("--model")?;
     let (model, itm_head, config) = if itm {
         let loaded =
             load_pretraining(model_dir, true, device).with_context(|| format!("loading {}", model_dir.display()))?;
@@ -280,6 +281,7 @@ pub fn render(out: &EmbedOutput, images: &[PathBuf], texts: &[String]) -> String
 /// `flava codebook`: token grids of images (row-major) and the grid side. Preprocessing is the
 /// codebook branch of the directory's image processor (Lanczos resize, `0.8·x + 0.1`).
 pub fn codebook_tokens(dir: &Path, images: &[PathBuf], device: &Device) -> anyhow::Result<(Vec<Vec<u32>>, usize)> {
+    let dir = &crate::hub::resolve(dir).context("--model")?;
     let (codebook, _, _) =
         flava_dvae::load_codebook(dir, device).with_context(|| format!("loading the codebook of {}", dir.display()))?;
     let processor = find_processor(dir)?;

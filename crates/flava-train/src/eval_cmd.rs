@@ -19,6 +19,7 @@ fn load(
     dir: &Path,
     device: &Device,
 ) -> anyhow::Result<(FlavaModel, Tokenizer, flava_data::processor::ImageProcessor, usize)> {
+    let dir = &crate::hub::resolve(dir).context("--model")?;
     let loaded = load_flava_model(dir, device).with_context(|| format!("loading {}", dir.display()))?;
     let max_len = EVAL_MAX_LENGTH.min(loaded.config.text_config.max_position_embeddings);
     Ok((loaded.model, find_tokenizer(dir)?, find_processor(dir)?, max_len))

@@ -218,7 +218,7 @@ fn backbone(
     observer: &mut dyn Observer,
 ) -> anyhow::Result<(FlavaModel, FlavaConfig, Tokenizer, ImageProcessor)> {
     if cfg.init != "none" {
-        let dir = Path::new(&cfg.init);
+        let dir = &crate::hub::resolve(Path::new(&cfg.init)).context("--init")?;
         let loaded = load_flava_model(dir, device).with_context(|| format!("--init {}", dir.display()))?;
         let tokenizer = ["tokenizer.json", "vocab.txt"]
             .iter()

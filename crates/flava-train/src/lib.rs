@@ -22,6 +22,7 @@ pub mod embed;
 pub mod eval;
 pub mod eval_cmd;
 pub mod finetune;
+pub mod hub;
 pub mod metrics;
 pub mod observer;
 pub mod optim;

@@ -460,12 +460,13 @@ pub fn run(cfg: &ProbeConfig, device: &Device, observer: &mut dyn Observer) -> a
         );
     }
     let tower = cfg.feature.unwrap_or(head.tower());
-    let loaded = load_flava_model(&cfg.model, device).with_context(|| format!("--model {}", cfg.model.display()))?;
+    let model_dir = crate::hub::resolve(&cfg.model).context("--model")?;
+    let loaded = load_flava_model(&model_dir, device).with_context(|| format!("--model {}", cfg.model.display()))?;
     let max_length = crate::eval_cmd::EVAL_MAX_LENGTH.min(loaded.config.text_config.max_position_embeddings);
     let batcher = Batcher {
         head: head.clone(),
-        tokenizer: find_tokenizer(&cfg.model)?,
-        processor: find_processor(&cfg.model)?,
+        tokenizer: find_tokenizer(&model_dir)?,
+        processor: find_processor(&model_dir)?,
         max_length,
         keep_unlabelled: false,
     };
@@ -479,7 +480,7 @@ pub fn run(cfg: &ProbeConfig, device: &Device, observer: &mut dyn Observer) -> a
                 .with_context(|| format!("--{name} {spec}"))?
                 .examples
         };
-        let fp = fingerprint(&cfg.model, tower, &batcher, spec, &examples)?;
+        let fp = fingerprint(&model_dir, tower, &batcher, spec, &examples)?;
         let path = features_dir.join(format!("{name}.safetensors"));
         if path.is_file() {
             match Features::load(&path) {

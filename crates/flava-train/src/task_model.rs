@@ -598,6 +598,7 @@ pub struct TaskModel {
 /// Loads what [`save_task_model`] wrote (`flava finetune`'s or `flava eval linear-probe`'s
 /// `model/`). A directory without a task head (a plain FLAVA model) is an error saying so.
 pub fn load_task_model(dir: &Path, device: &Device) -> anyhow::Result<TaskModel> {
+    let dir = &crate::hub::resolve(dir).context("--model")?;
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let cfg: serde_json::Value =

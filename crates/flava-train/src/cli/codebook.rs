@@ -7,7 +7,8 @@ use flava_train::{embed, pick_device};
 /// Visual tokens of images from a codebook (or a full FLAVA directory's codebook).
 #[derive(clap::Args)]
 pub struct CodebookArgs {
-    /// A codebook directory (`facebook/flava-image-codebook` layout) or a FLAVA directory.
+    /// A codebook directory (`facebook/flava-image-codebook` layout) or a FLAVA directory, or
+    /// a Hugging Face Hub id (`facebook/flava-image-codebook`).
     #[arg(long)]
     model: PathBuf,
     /// An image file (repeatable).

@@ -8,7 +8,8 @@ use flava_train::{embed, pick_device};
 #[derive(clap::Args)]
 pub struct EmbedArgs {
     /// Model directory: config.json, model.safetensors or pytorch_model.bin, tokenizer.json
-    /// (or vocab.txt), preprocessor_config.json.
+    /// (or vocab.txt), preprocessor_config.json; or a Hugging Face Hub id (`facebook/flava-full`,
+    /// `org/name@revision`), taken from the HF cache or downloaded into it.
     #[arg(long)]
     model: PathBuf,
     /// An image file (repeatable).

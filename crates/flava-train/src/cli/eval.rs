@@ -17,7 +17,7 @@ pub enum EvalCommand {
     /// Zero-shot classification: class names from the labels (ImageFolder folder names, or
     /// `synthetic:classes`), prompts from the templates, top-1 and top-5 accuracy.
     ZeroShot {
-        /// Model directory.
+        /// Model directory or Hugging Face Hub id (`facebook/flava-full`).
         #[arg(long)]
         model: PathBuf,
         /// Labelled images: an ImageFolder directory or `synthetic:classes`.
@@ -39,7 +39,7 @@ pub enum EvalCommand {
     },
     /// Image-text retrieval, R@1/5/10 both ways.
     Retrieval {
-        /// Model directory.
+        /// Model directory or Hugging Face Hub id (`facebook/flava-full`).
         #[arg(long)]
         model: PathBuf,
         /// Image-caption pairs: shards, CSV/TSV, coco:ANN.json:DIR, synthetic:heldout.
@@ -58,7 +58,7 @@ pub enum EvalCommand {
     /// A task model (`flava finetune`'s or `flava eval linear-probe`'s model/) on task data:
     /// the task's metrics, and predictions as JSONL.
     Classify {
-        /// Task model directory.
+        /// Task model directory (or a Hub id of one).
         #[arg(long)]
         model: PathBuf,
         /// Task data (the specs of `flava finetune --data`).
@@ -83,7 +83,7 @@ pub enum EvalCommand {
     /// The paper's linear probe: CLS features (cached), logistic regression by L-BFGS, the L2
     /// strength chosen on --val, refitted on train + val; the probe saved as a task model.
     LinearProbe {
-        /// Model directory whose features are probed.
+        /// Model directory (or Hub id) whose features are probed.
         #[arg(long)]
         model: PathBuf,
         /// Training data (task specs: imagefolder:DIR, csv:, jsonl:, glue:, synthetic:classes).

@@ -16,7 +16,8 @@ pub struct FinetuneArgs {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
-    /// A FLAVA model directory (ours or HF's), or `none` to train from scratch.
+    /// A FLAVA model directory (ours or HF's), a Hugging Face Hub id (`facebook/flava-full`), or
+    /// `none` to train from scratch.
     #[arg(long)]
     init: Option<String>,
     /// Training data: synthetic:vqa, synthetic:classes, imagefolder:DIR, csv:FILE, jsonl:FILE,

@@ -64,7 +64,7 @@ pub struct PretrainArgs {
     /// Start over in an --out that holds a previous run (its files are deleted first).
     #[arg(long)]
     force: bool,
-    /// Start from a pretrained FLAVA directory (e.g. flava-full).
+    /// Start from a pretrained FLAVA directory or Hugging Face Hub id (`facebook/flava-full`).
     #[arg(long)]
     init: Option<PathBuf>,
     /// Freeze a tower: image, text or multimodal (repeatable).
@@ -73,7 +73,8 @@ pub struct PretrainArgs {
     /// Unimodal phases before joint training: images:N,text:N,pairs:N,joint:N (or P%).
     #[arg(long)]
     phases: Option<String>,
-    /// Codebook directory (HF layout); a dVAE is trained first when absent.
+    /// Codebook directory (HF layout) or Hub id (`facebook/flava-image-codebook`); a dVAE is
+    /// trained first when absent.
     #[arg(long)]
     codebook: Option<PathBuf>,
     /// tokenizer.json or vocab.txt; a WordPiece tokenizer is trained first when absent.

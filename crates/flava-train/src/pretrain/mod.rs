@@ -162,6 +162,14 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
     }
     flava_vit::atomic::write_file(&config_path, cfg.to_toml().as_bytes())
         .with_context(|| format!("writing {}", config_path.display()))?;
+    // Hub ids in `init` / `codebook` become their local snapshots (config.toml keeps the ids).
+    let mut resolved = cfg.clone();
+    for (flag, p) in [("--init", &mut resolved.init), ("--codebook", &mut resolved.codebook)] {
+        if let Some(p) = p {
+            *p = crate::hub::resolve(p).context(flag)?;
+        }
+    }
+    let cfg = &resolved;
 
     // Data parallelism: the first of `devices` is the main one (optimizer, checkpoints).
     let dp_devices: Vec<Device> = cfg
