@@ -123,7 +123,19 @@ fn embed_errors_are_clear() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/model: no such file or directory"), "{err}");
+    // A directory that exists but is not a model names the file it lacks.
+    let empty = std::env::temp_dir().join(format!("flava-cli-empty-model-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = flava()
+        .args(["embed", "--text", "x", "--model"])
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("config.json"), "{err}");
+    std::fs::remove_dir_all(&empty).unwrap();
     let out = flava()
         .args(["embed", "--model"])
         .arg(fixtures().join("embed_model"))
@@ -266,6 +278,13 @@ fn codebook_json_prints_one_token_grid_per_image() {
     );
     let bad = flava()
         .args(["codebook", "--model", "/nonexistent", "--image", "x.png"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("no such file or directory"));
+    let bad = flava()
+        .args(["codebook", "--model"])
+        .arg(fixtures().join("processor"))
+        .args(["--image", "x.png"])
         .output()
         .unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("config.json"));
