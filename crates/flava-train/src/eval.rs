@@ -19,6 +19,7 @@ use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 
 use crate::pretrain::to_pretraining;
+use crate::vocabulary::ClassVocabulary;
 
 /// Images or texts embedded per forward pass.
 pub const CHUNK: usize = 64;
@@ -180,6 +181,9 @@ pub fn zero_shot_from_embeddings(
 }
 
 /// Zero-shot classification of labelled images with prompts from `templates` (`{}` = class).
+/// The candidates are `vocab`'s classes (all of them, whether or not the images show them; a
+/// label is matched by key, then by name, and one it does not know is an error), else the
+/// distinct labels of the images, sorted.
 #[allow(clippy::too_many_arguments)]
 pub fn zero_shot(
     model: &FlavaModel,
@@ -187,37 +191,83 @@ pub fn zero_shot(
     processor: &ImageProcessor,
     samples: &[DecodedSample],
     templates: &[String],
+    vocab: Option<&ClassVocabulary>,
     max_length: usize,
     device: &Device,
 ) -> anyhow::Result<ZeroShot> {
-    let mut classes: Vec<String> = samples.iter().filter_map(|s| s.label.clone()).collect();
-    classes.sort();
-    classes.dedup();
+    let labelled: Vec<(&image::RgbImage, &str)> = samples
+        .iter()
+        .filter_map(|s| Some((s.image.as_ref()?, s.label.as_deref()?)))
+        .collect();
+    let (classes, labels): (Vec<String>, Vec<Option<usize>>) = match vocab {
+        Some(v) => (v.names.clone(), labelled.iter().map(|(_, l)| v.index_of(l)).collect()),
+        None => {
+            let mut classes: Vec<String> = labelled.iter().map(|(_, l)| l.to_string()).collect();
+            classes.sort();
+            classes.dedup();
+            let labels = labelled
+                .iter()
+                .map(|(_, l)| classes.binary_search(&l.to_string()).ok())
+                .collect();
+            (classes, labels)
+        }
+    };
     if classes.len() < 2 {
         anyhow::bail!(
             "zero-shot needs labelled images of at least 2 classes, found {}",
             classes.len()
         );
     }
-    let (imgs, labels): (Vec<image::RgbImage>, Vec<usize>) = samples
+    let unknown: Vec<&str> = labelled
         .iter()
-        .filter_map(|s| {
-            let l = s.label.as_ref()?;
-            Some((s.image.clone()?, classes.binary_search(l).ok()?))
-        })
+        .zip(&labels)
+        .filter(|(_, l)| l.is_none())
+        .map(|((_, l), _)| *l)
+        .collect();
+    if !unknown.is_empty() {
+        let mut names: Vec<&str> = unknown.clone();
+        names.sort();
+        names.dedup();
+        anyhow::bail!(
+            "{} image(s) have labels that --classes does not list ({}{}): give a class file with a \
+             `label<TAB>name` line for each",
+            unknown.len(),
+            names
+                .iter()
+                .take(5)
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            if names.len() > 5 { ", ..." } else { "" }
+        );
+    }
+    let (imgs, labels): (Vec<image::RgbImage>, Vec<usize>) = labelled
+        .iter()
+        .zip(labels)
+        .map(|((img, _), l)| ((*img).clone(), l.expect("checked above")))
         .unzip();
     let templates: Vec<String> = if templates.is_empty() {
         vec!["a photo of a {}.".into()]
     } else {
         templates.to_vec()
     };
+    // 1,000 classes x 80 templates is minutes of text encoding on a CPU: show it.
+    let bar = indicatif::ProgressBar::new(classes.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("class prompts {bar:30} {pos}/{len} [{elapsed} < {eta}]")
+            .expect("valid template"),
+    );
+    if classes.len() < 50 {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     let mut class_emb = Vec::new();
     for c in &classes {
         let prompts: Vec<String> = templates.iter().map(|t| t.replace("{}", c)).collect();
         let e = text_embeddings(model, tokenizer, &prompts, max_length, device)?;
         let d = e.dims()[1];
         class_emb.push(e.mean_dim(0).reshape([1, d]));
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     let class_text = l2_normalize(Tensor::cat(class_emb, 0));
     let image = image_embeddings(model, processor, &imgs, device);
     Ok(zero_shot_from_embeddings(image, class_text, &labels, classes))

@@ -11,6 +11,7 @@ use flava_text::Tokenizer;
 
 use crate::embed::{find_processor, find_tokenizer};
 use crate::eval::{self, Retrieval, ZeroShot};
+use crate::vocabulary::{open_templates, ClassVocabulary};
 
 /// Text length used for prompts and captions (capped by the model's positions).
 pub const EVAL_MAX_LENGTH: usize = 77;
@@ -33,17 +34,33 @@ fn no_shuffle() -> SourceOptions {
     }
 }
 
+/// Where zero-shot's classes and templates come from, besides `--template`.
+#[derive(Debug, Clone, Default)]
+pub struct Vocabulary {
+    /// `--classes`: `imagenet` or a class file ([`ClassVocabulary::open`]); `None`: the labels
+    /// of the images.
+    pub classes: Option<String>,
+    /// `--templates`: `openai` or a template file ([`open_templates`]); added to `--template`.
+    pub templates: Option<String>,
+}
+
 /// Zero-shot top-1/top-5 on labelled images (ImageFolder or `synthetic:classes`).
 pub fn zero_shot(
     dir: &Path,
     data: &str,
     templates: &[String],
+    vocab: &Vocabulary,
     max_images: usize,
     device: &Device,
 ) -> anyhow::Result<ZeroShot> {
     if let Some(t) = templates.iter().find(|t| !t.contains("{}")) {
         anyhow::bail!("--template `{t}` has no `{{}}` where the class name goes");
     }
+    // Vocabularies first: a typo in a file name fails before the model loads.
+    let classes = vocab.classes.as_deref().map(ClassVocabulary::open).transpose()?;
+    let file_templates = vocab.templates.as_deref().map(open_templates).transpose()?;
+    let mut templates = templates.to_vec();
+    templates.extend(file_templates.into_iter().flatten());
     let (model, tok, proc, max_len) = load(dir, device)?;
     let mut src = open_source(data, Task::Images, &no_shuffle()).with_context(|| format!("opening {data}"))?;
     let (samples, skipped) = eval::read_samples(src.as_mut(), Task::Images, max_images);
@@ -59,9 +76,18 @@ pub fn zero_shot(
         synthetic_templates = flava_data::synthetic::class_templates();
         &synthetic_templates[..]
     } else {
-        templates
+        &templates[..]
     };
-    eval::zero_shot(&model, &tok, &proc, &samples, templates, max_len, device)
+    eval::zero_shot(
+        &model,
+        &tok,
+        &proc,
+        &samples,
+        templates,
+        classes.as_ref(),
+        max_len,
+        device,
+    )
 }
 
 /// R@1/5/10 both ways on image-caption pairs.

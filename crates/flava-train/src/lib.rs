@@ -31,6 +31,7 @@ pub mod probe;
 pub mod run_dir;
 pub mod task_model;
 pub mod trainer;
+pub mod vocabulary;
 
 pub use device::pick_device;
 pub use observer::{Observer, StepMetrics};

@@ -27,6 +27,15 @@ pub enum EvalCommand {
         /// photo of a {}.", or for `synthetic:classes` captions of every shape ("a big {} circle", ...).
         #[arg(long = "template")]
         templates: Vec<String>,
+        /// The candidate classes: `imagenet` (ImageNet-1k's 1,000, matched to an ImageNet
+        /// validation tree's WordNet-id folders such as n01440764, or to the class names), or a
+        /// file with one `label<TAB>name` (or `name`) per line. Default: the labels of the images.
+        #[arg(long)]
+        classes: Option<String>,
+        /// Templates: `openai` (CLIP's 80 ImageNet templates) or a file with one per line; added
+        /// to any --template.
+        #[arg(long = "templates")]
+        template_set: Option<String>,
         /// Most images evaluated.
         #[arg(long, default_value_t = 50_000)]
         max_images: usize,
@@ -176,12 +185,18 @@ pub fn run(c: EvalCommand) -> anyhow::Result<()> {
             model,
             data,
             templates,
+            classes,
+            template_set,
             max_images,
             json,
             device,
         } => {
             let device = pick_device(&device)?;
-            let z = eval_cmd::zero_shot(&model, &data, &templates, max_images, &device)?;
+            let vocab = eval_cmd::Vocabulary {
+                classes,
+                templates: template_set,
+            };
+            let z = eval_cmd::zero_shot(&model, &data, &templates, &vocab, max_images, &device)?;
             if json {
                 println!("{}", serde_json::to_string(&z)?);
             } else {

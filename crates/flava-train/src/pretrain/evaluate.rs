@@ -42,6 +42,7 @@ pub fn evaluate(
         processor,
         &zs_samples,
         &cfg.eval.templates,
+        None,
         cfg.max_length,
         device,
     )?;
