@@ -14,6 +14,7 @@
 
 pub mod adamw;
 pub mod alloc;
+pub mod bulk_embed;
 pub mod data_cmd;
 pub mod device;
 pub mod dvae;
