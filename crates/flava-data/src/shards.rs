@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
-use crate::sources::{expand_braces, ImageData, Record, ShardSource, Source, SourceError};
+use crate::sources::{expand_braces, is_remote_spec, ImageData, Record, ShardSource, Source, SourceError};
 
 /// What was written.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -125,16 +125,19 @@ pub struct ShardSummary {
     pub skipped: u64,
 }
 
-/// Reads shards (a brace pattern or one file) and summarises them; also returns the first sample.
+/// Reads shards (a brace pattern or one file, local or URLs) and summarises them; also returns
+/// the first sample. A remote shard that cannot be read counts as one skipped record.
 pub fn inspect(pattern: &str) -> Result<(Vec<ShardSummary>, Option<String>), SourceError> {
-    let paths: Vec<PathBuf> = expand_braces(pattern)?.into_iter().map(PathBuf::from).collect();
-    if paths.iter().all(|p| !p.is_file()) {
+    let locations = expand_braces(pattern)?;
+    let remote = locations.iter().any(|l| is_remote_spec(l));
+    if !remote && locations.iter().all(|p| !Path::new(p).is_file()) {
         return Err(SourceError::NoMatch(pattern.into()));
     }
     let mut out = Vec::new();
     let mut first = None;
-    for p in paths {
-        if !p.is_file() {
+    for l in locations {
+        let p = PathBuf::from(&l);
+        if !remote && !p.is_file() {
             return Err(SourceError::Read {
                 path: p,
                 message: "does not exist".into(),
@@ -144,7 +147,7 @@ pub fn inspect(pattern: &str) -> Result<(Vec<ShardSummary>, Option<String>), Sou
             path: p.clone(),
             ..Default::default()
         };
-        for r in ShardSource::read_shard(&p) {
+        for r in ShardSource::read_location(&l) {
             match r {
                 Record::Sample(x) => {
                     s.samples += 1;

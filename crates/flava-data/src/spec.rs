@@ -45,7 +45,7 @@ impl Default for SourceOptions {
 
 /// Opens a source from its spec, for `task`:
 /// `synthetic` (or `synthetic:heldout`, `synthetic:classes`), a shard pattern (`.tar`, `.tar.gz`,
-/// braces allowed), a `.csv`/`.tsv` manifest, `coco:ANNOTATIONS.json:IMAGE_DIR`, an ImageFolder
+/// braces allowed; local, or `https://`, `s3://`, `gs://` URLs), a `.csv`/`.tsv` manifest, `coco:ANNOTATIONS.json:IMAGE_DIR`, an ImageFolder
 /// directory, a `.txt` file (one text per line) or `.jsonl`.
 pub fn open_source(spec: &str, task: Task, opts: &SourceOptions) -> Result<Box<dyn Source>, SourceError> {
     let seed = opts.seed;
@@ -75,6 +75,14 @@ pub fn open_source(spec: &str, task: Task, opts: &SourceOptions) -> Result<Box<d
         return Ok(Box::new(ListSource::new(spec.into(), entries, seed, opts.shuffle)?));
     }
     let lower = spec.to_ascii_lowercase();
+    if crate::sources::is_remote_spec(spec)
+        && !(lower.ends_with(".tar") || lower.ends_with(".tar.gz") || lower.ends_with(".tgz"))
+    {
+        return Err(SourceError::Pattern {
+            pattern: spec.into(),
+            message: "only WebDataset shards (.tar, .tar.gz) are read from URLs".into(),
+        });
+    }
     if lower.ends_with(".tar") || lower.ends_with(".tar.gz") || lower.ends_with(".tgz") {
         return Ok(Box::new(ShardSource::new(spec, seed, opts.shuffle_buffer)?));
     }

@@ -35,6 +35,10 @@ pub struct ZeroShot {
     pub n_images: usize,
     /// Class names, in label order.
     pub classes: Vec<String>,
+    /// `(label, predicted)` class indices per image, in image order (for the confusion matrix
+    /// of `flava report`; not written to JSON).
+    #[serde(skip)]
+    pub predictions: Vec<(usize, usize)>,
 }
 
 /// Recall at 1, 5 and 10.
@@ -59,6 +63,23 @@ pub struct Retrieval {
     pub n_images: usize,
     /// Texts.
     pub n_texts: usize,
+    /// The first [`RETRIEVAL_EXAMPLES`] images with their best captions (for `flava report`;
+    /// not written to JSON).
+    #[serde(skip)]
+    pub examples: Vec<RetrievalExample>,
+}
+
+/// Images kept as retrieval examples.
+pub const RETRIEVAL_EXAMPLES: usize = 6;
+
+/// A query image and the captions it ranks highest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetrievalExample {
+    /// The image.
+    pub image: image::RgbImage,
+    /// Its top captions, best first: text, cosine similarity, and whether it is one of the
+    /// image's own captions.
+    pub top: Vec<(String, f32, bool)>,
 }
 
 /// `eval.json` of a pretraining run.
@@ -166,17 +187,22 @@ pub fn zero_shot_from_embeddings(
 ) -> ZeroShot {
     let (s, n, c) = host(image.matmul(class_text.transpose()));
     let (mut top1, mut top5) = (0usize, 0usize);
+    let mut predictions = Vec::with_capacity(n);
     for (i, &label) in labels.iter().enumerate().take(n) {
         let row = &s[i * c..(i + 1) * c];
         let r = rank_of(row, row[label]);
         top1 += usize::from(r == 0);
         top5 += usize::from(r < 5);
+        // The first best class (ties: the lowest index).
+        let best = (0..c).fold(0, |b, k| if row[k] > row[b] { k } else { b });
+        predictions.push((label, best));
     }
     ZeroShot {
         top1: top1 as f64 / n.max(1) as f64,
         top5: top5 as f64 / n.max(1) as f64,
         n_images: n,
         classes,
+        predictions,
     }
 }
 
@@ -355,11 +381,31 @@ pub fn retrieval(
         scores.extend(host(img.matmul(txt.clone().transpose())).0);
     }
     let (i2t, t2i) = recall_from_scores(&scores, images.len(), &owner);
+    let n_texts = texts.len();
+    let examples = images
+        .iter()
+        .take(RETRIEVAL_EXAMPLES)
+        .enumerate()
+        .map(|(i, img)| {
+            let row = &scores[i * n_texts..(i + 1) * n_texts];
+            let mut order: Vec<usize> = (0..n_texts).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            RetrievalExample {
+                image: img.clone(),
+                top: order
+                    .into_iter()
+                    .take(3)
+                    .map(|t| (texts[t].clone(), row[t], owner[t] == i))
+                    .collect(),
+            }
+        })
+        .collect();
     Ok(Retrieval {
         image_to_text: i2t,
         text_to_image: t2i,
+        examples,
         n_images: images.len(),
-        n_texts: texts.len(),
+        n_texts,
     })
 }
 
@@ -387,8 +433,8 @@ pub fn chance_levels(
     c
 }
 
-/// The printed evaluation table: each metric beside its chance level.
-pub fn render_report(r: &EvalReport) -> String {
+/// The rows of the evaluation table: name, value, chance level.
+pub fn report_rows(r: &EvalReport) -> Vec<(String, f64, Option<f64>)> {
     let mut rows: Vec<(String, f64, Option<f64>)> = Vec::new();
     let ch = |k: &str| r.chance.get(k).copied();
     if let Some(z) = &r.zero_shot {
@@ -419,8 +465,13 @@ pub fn render_report(r: &EvalReport) -> String {
     if let Some(a) = r.mim_accuracy {
         rows.push(("MIM accuracy (held-out)".into(), a, ch("mim_accuracy")));
     }
+    rows
+}
+
+/// The printed evaluation table: each metric beside its chance level.
+pub fn render_report(r: &EvalReport) -> String {
     let mut s = format!("{:<48} {:>9} {:>9}\n", "metric", "value", "chance");
-    for (name, v, c) in rows {
+    for (name, v, c) in report_rows(r) {
         let c = c.map_or("-".to_string(), |c| format!("{:.2}%", 100.0 * c));
         s += &format!("{name:<48} {:>8.2}% {c:>9}\n", 100.0 * v);
     }

@@ -7,7 +7,8 @@
 //! per step, and `{"val": …}` lines), `model/` (`config.json` with the head and the label names,
 //! `model.safetensors` with HF backbone keys and `classifier.model.{0,3}.*`, the tokenizer and
 //! `preprocessor_config.json`; `flava eval` and `flava embed` load it as a `FlavaModel`),
-//! `eval.json` (`{"task", "metric", "accuracy", … "n"}` of the best validation).
+//! `eval.json` (`{"task", "metric", "accuracy", … "n"}` of the best validation), `report.html`
+//! ([`crate::report`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -450,6 +451,10 @@ pub fn run(cfg: &FinetuneConfig, observer: &mut dyn Observer) -> anyhow::Result<
         &cfg.out.join("eval.json"),
         serde_json::to_string_pretty(&best)?.as_bytes(),
     )?;
+    match crate::report::write(&cfg.out) {
+        Ok(p) => observer.on_message(&format!("report: {}", p.display())),
+        Err(e) => observer.on_message(&format!("warning: report not written: {e:#}")),
+    }
     Ok(FinetuneSummary {
         steps: trainer.step_count(),
         best,

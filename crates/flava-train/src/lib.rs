@@ -29,6 +29,7 @@ pub mod observer;
 pub mod optim;
 pub mod pretrain;
 pub mod probe;
+pub mod report;
 pub mod run_dir;
 pub mod task_model;
 pub mod trainer;

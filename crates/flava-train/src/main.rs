@@ -53,6 +53,8 @@ enum Command {
     /// Convert a PyTorch checkpoint (`pytorch_model.bin`, `.pt`) to `model.safetensors`,
     /// without executing any pickled code.
     Convert(cli::convert::ConvertArgs),
+    /// Write a run's report: one self-contained HTML page (curves, evaluation, examples).
+    Report(cli::report::ReportArgs),
 }
 
 fn run(c: Cli) -> anyhow::Result<()> {
@@ -67,6 +69,7 @@ fn run(c: Cli) -> anyhow::Result<()> {
         Command::Masks(a) => cli::masks::run(a),
         Command::Data { command } => cli::data::run(command),
         Command::Convert(a) => cli::convert::run(a),
+        Command::Report(a) => cli::report::run(a),
     }
 }
 

@@ -63,6 +63,17 @@ fn vqa_from_a_model_directory_saves_evaluates_and_resumes() {
     assert_eq!(eval["metric"], "vqa_accuracy");
     let acc = eval["vqa_accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc) && eval["n"].as_u64() == Some(12), "{eval}");
+    // The run's report: its curves (training loss, validation), the task's numbers, the config.
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    for part in [
+        "<section id=\"curves\">",
+        "data-title=\"val vqa_accuracy\"",
+        "<section id=\"eval\">",
+        "<td>vqa_accuracy</td>",
+        "<section id=\"config\">",
+    ] {
+        assert!(html.contains(part), "{part} missing from the finetune report");
+    }
     // model/ loads as a FlavaModel (flava eval / embed), the head's keys beside the backbone's.
     let device = Device::flex();
     let loaded = load_flava_model(out.join("model"), &device).unwrap();

@@ -488,6 +488,8 @@ fn pretrain_runs_end_to_end_and_its_model_loads_everywhere() {
         "model/model.safetensors",
         "model/tokenizer.json",
         "model/preprocessor_config.json",
+        "report.html",
+        "report_data.json",
     ] {
         assert!(run.join(f).is_file(), "{f} missing");
     }
@@ -583,6 +585,7 @@ fn pretrain_runs_end_to_end_and_its_model_loads_everywhere() {
     let e: serde_json::Value = serde_json::from_str(&ok(&e)).unwrap();
     let p = e["itm_match_probability"][0][0].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&p));
+    check_report(&run);
     // A second run into the same directory must not overwrite it silently.
     let again = flava(&[], &cfg);
     assert!(!again.status.success());
@@ -687,4 +690,159 @@ fn nonsense_values_are_refused_before_anything_runs() {
     }
     assert!(!dir.join("run/checkpoints").exists());
     std::fs::remove_dir_all(dir).ok();
+}
+
+/// The run's `report.html`: every section with its figures, the examples' numbers, nothing
+/// fetched from elsewhere, `flava report` rebuilding the same page, and (with a Chromium at
+/// hand) the page rendered headless: every figure loads, the screenshot is not blank.
+fn check_report(run: &Path) {
+    let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    for id in ["curves", "eval", "confusion", "retrieval", "mim", "masks", "config"] {
+        assert!(html.contains(&format!("<section id=\"{id}\">")), "section {id} missing");
+    }
+    for name in [
+        "loss (pairs)",
+        "loss (images)",
+        "loss (text)",
+        "global_contrastive",
+        "mim",
+        "mlm",
+        "lr",
+        "samples_per_s",
+    ] {
+        assert!(html.contains(&format!("data-title=\"{name}\"")), "chart {name} missing");
+    }
+    // Self-contained: no script, style, image or link fetched from a server.
+    for attr in ["src=\"http", "href=\"http", "url(http", "@import"] {
+        assert!(!html.contains(attr), "{attr} in the page");
+    }
+    let data: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("report_data.json")).unwrap()).unwrap();
+    let counts = data["confusion"]["counts"].as_array().unwrap();
+    let total: u64 = counts
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|c| c.as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 48, "every zero-shot image in the matrix");
+    let retrieval = data["retrieval"].as_array().unwrap();
+    assert_eq!(retrieval.len(), 6);
+    assert!(retrieval.iter().all(|r| r["top"].as_array().unwrap().len() == 3));
+    let mim = data["mim"].as_array().unwrap();
+    assert_eq!(mim.len(), 4);
+    for m in mim {
+        // The run trained its dVAE, so the decoder's reconstructions are there.
+        assert!(m["reconstruction"]
+            .as_str()
+            .unwrap()
+            .starts_with("data:image/png;base64,"));
+        let (masked, cells) = (
+            m["masked_patches"][0].as_u64().unwrap(),
+            m["masked_patches"][1].as_u64().unwrap(),
+        );
+        assert!(masked > 0 && masked < cells, "{masked} of {cells}");
+    }
+    // `flava report` rebuilds the same page from the files.
+    let again = run.join("again.html");
+    let o = Command::new(env!("CARGO_BIN_EXE_flava"))
+        .arg("report")
+        .arg(run)
+        .arg("--out")
+        .arg(&again)
+        .output()
+        .unwrap();
+    ok(&o);
+    assert_eq!(std::fs::read_to_string(&again).unwrap(), html);
+    let figures = html.matches("<svg").count() + html.matches("<img").count();
+    render_in_chromium(&run.join("report.html"), figures);
+}
+
+/// A headless Chromium, when there is one (`FLAVA_CHROMIUM`, or `chromium` on the PATH).
+/// `FLAVA_REQUIRE_BROWSER=1` (set by `.ci/run`) makes a missing browser a failure.
+fn chromium() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("FLAVA_CHROMIUM") {
+        return Some(PathBuf::from(p));
+    }
+    let found = ["chromium", "chromium-browser", "google-chrome"].iter().find_map(|b| {
+        std::env::var_os("PATH")
+            .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(b)).find(|p| p.is_file()))
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("FLAVA_REQUIRE_BROWSER").is_none(),
+            "FLAVA_REQUIRE_BROWSER is set but no chromium was found"
+        );
+        eprintln!("no chromium on the PATH: the report's rendering check is skipped");
+    }
+    found
+}
+
+/// Runs Chromium headless on `page` (bounded to 90 s), returning its stdout.
+fn headless(browser: &Path, page: &Path, extra: &[&str]) -> String {
+    let profile = page.with_extension("chromium-profile");
+    let mut child = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("--virtual-time-budget=15000")
+        .args(extra)
+        .arg(format!("file://{}", page.canonicalize().unwrap().display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Read while it runs: the dumped DOM (with its data URIs) is larger than a pipe holds.
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut out).unwrap();
+        out
+    });
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(90) {
+            child.kill().ok();
+            panic!("chromium did not finish in 90 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    reader.join().unwrap()
+}
+
+fn render_in_chromium(page: &Path, figures: usize) {
+    let Some(browser) = chromium() else { return };
+    let dom = headless(&browser, page, &["--dump-dom"]);
+    let attr = |name: &str| -> usize {
+        let at = dom.find(&format!("{name}=\"")).unwrap_or_else(|| {
+            panic!(
+                "{name} not set: the page's script did not run\n{}",
+                &dom[..dom.len().min(2000)]
+            )
+        });
+        let rest = &dom[at + name.len() + 2..];
+        rest[..rest.find('"').unwrap()].parse().unwrap()
+    };
+    let (total, loaded) = (attr("data-figures-total"), attr("data-figures-loaded"));
+    assert_eq!(total, figures, "figures in the rendered page");
+    assert_eq!(loaded, total, "figures that rendered");
+    let shot = page.with_extension("png");
+    headless(
+        &browser,
+        page,
+        &["--window-size=1280,3000", &format!("--screenshot={}", shot.display())],
+    );
+    let img = image::open(&shot).unwrap().to_rgb8();
+    let non_white = img.pixels().filter(|p| p.0.iter().any(|&c| c < 235)).count();
+    let colours: std::collections::BTreeSet<[u8; 3]> = img.pixels().map(|p| p.0).collect();
+    let share = non_white as f64 / (img.width() * img.height()) as f64;
+    assert!(
+        share > 0.03 && colours.len() > 200,
+        "screenshot looks blank: {share:.3} non-white, {} colours",
+        colours.len()
+    );
 }

@@ -8,13 +8,16 @@
 //!
 //! One module per kind: [`list`] (the shuffled list every finite source becomes), [`manifest`]
 //! (CSV/TSV), [`coco`], [`folder`] (ImageFolder), [`texts`] (text and JSONL files), [`braces`]
-//! (WebDataset shard patterns) and [`webdataset`] (tar shards).
+//! (WebDataset shard patterns), [`webdataset`] (tar shards) and `remote` (shards at `https://`,
+//! `s3://` and `gs://` URLs; the `remote` feature, on by default).
 
 pub mod braces;
 pub mod coco;
 pub mod folder;
 pub mod list;
 pub mod manifest;
+#[cfg(feature = "remote")]
+pub mod remote;
 pub mod texts;
 pub mod webdataset;
 
@@ -185,6 +188,14 @@ pub(crate) fn read_err(path: &Path, e: impl std::fmt::Display) -> SourceError {
         path: path.into(),
         message: e.to_string(),
     }
+}
+
+/// True if `spec` is a URL of a remote shard (`http://`, `https://`, `s3://`, `s3a://`, `gs://`).
+pub fn is_remote_spec(spec: &str) -> bool {
+    let lower = spec.get(..8).unwrap_or(spec).to_ascii_lowercase();
+    ["http://", "https://", "s3://", "s3a://", "gs://"]
+        .iter()
+        .any(|p| lower.starts_with(p))
 }
 
 /// File extensions taken as images (ImageFolder files, shard members), in order of preference.

@@ -1,16 +1,21 @@
-//! WebDataset tar shards (`.tar`, `.tar.gz`): members grouped by key into samples, a shard
-//! shuffle and a sample shuffle buffer.
+//! WebDataset tar shards (`.tar`, `.tar.gz`), local files or `https://` / `s3://` / `gs://` URLs
+//! (see [`super::remote`]): members grouped by key into samples, a shard shuffle and a sample
+//! shuffle buffer.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{expand_braces, rng_for, ImageData, RawSample, Record, SkipReason, Source, SourceError, IMAGE_EXTS};
+#[cfg(feature = "remote")]
+use super::remote::{RemoteError, RemoteOptions, RemoteReader};
+use super::{
+    expand_braces, is_remote_spec, rng_for, ImageData, RawSample, Record, SkipReason, Source, SourceError, IMAGE_EXTS,
+};
 
 /// WebDataset key and extension of a member path: key = path up to the first dot of the basename.
 pub fn split_key(path: &str) -> Option<(&str, &str)> {
@@ -19,10 +24,12 @@ pub fn split_key(path: &str) -> Option<(&str, &str)> {
     Some((&path[..dot], &path[dot + 1..]))
 }
 
-/// Streams samples from WebDataset tar shards (`.tar` or `.tar.gz`).
+/// Streams samples from WebDataset tar shards (`.tar` or `.tar.gz`), local or remote.
 pub struct ShardSource {
     pattern: String,
-    shards: Vec<PathBuf>,
+    shards: Vec<String>,
+    #[cfg(feature = "remote")]
+    remote: RemoteOptions,
     seed: u64,
     shuffle_buffer: usize,
     order: Vec<usize>,
@@ -33,32 +40,125 @@ pub struct ShardSource {
 }
 
 impl ShardSource {
-    /// Expands `pattern`; every expanded path must exist. `shuffle_buffer` 0 keeps shard order.
+    /// Expands `pattern`; every expanded local path must exist. For a URL pattern
+    /// (`https://…/{000..099}.tar`, `s3://bucket/…`, `gs://…`) the first shard is checked (one HEAD
+    /// request, so a typo or bad credentials fail here) and a missing later one is a counted
+    /// `BadShard` skip when its turn comes; remote options come from the environment
+    /// ([`RemoteOptions::from_env`]). `shuffle_buffer` 0 keeps shard order.
     pub fn new(pattern: &str, seed: u64, shuffle_buffer: usize) -> Result<Self, SourceError> {
-        let shards: Vec<PathBuf> = expand_braces(pattern)?.into_iter().map(PathBuf::from).collect();
-        let missing: Vec<_> = shards.iter().filter(|p| !p.is_file()).collect();
-        if shards.is_empty() || missing.len() == shards.len() {
-            return Err(SourceError::NoMatch(pattern.into()));
-        }
-        if let Some(m) = missing.first() {
-            return Err(SourceError::NoMatch(format!("{pattern} (missing {})", m.display())));
-        }
-        Ok(Self {
+        Self::build(pattern, seed, shuffle_buffer, |_| Ok(()))
+    }
+
+    /// As [`ShardSource::new`], with explicit options for remote shards.
+    #[cfg(feature = "remote")]
+    pub fn with_remote(
+        pattern: &str,
+        seed: u64,
+        shuffle_buffer: usize,
+        remote: RemoteOptions,
+    ) -> Result<Self, SourceError> {
+        Self::build(pattern, seed, shuffle_buffer, move |s| {
+            s.remote = remote;
+            Ok(())
+        })
+    }
+
+    fn build(
+        pattern: &str,
+        seed: u64,
+        shuffle_buffer: usize,
+        configure: impl FnOnce(&mut Self) -> Result<(), SourceError>,
+    ) -> Result<Self, SourceError> {
+        let shards = expand_braces(pattern)?;
+        let mut s = Self {
             pattern: pattern.into(),
             order: (0..shards.len()).collect(),
-            shards,
+            shards: Vec::new(),
+            #[cfg(feature = "remote")]
+            remote: RemoteOptions::from_env(),
             seed,
             shuffle_buffer,
             next_shard: 0,
             members: Vec::new().into_iter(),
             buffer: Vec::new(),
             rng: rng_for(seed, 0, 3),
+        };
+        configure(&mut s)?;
+        let remote = shards.iter().filter(|p| is_remote_spec(p)).count();
+        if remote > 0 {
+            if remote < shards.len() {
+                return Err(SourceError::Pattern {
+                    pattern: pattern.into(),
+                    message: "mixes URLs and local paths".into(),
+                });
+            }
+            s.check_first_remote(&shards[0])?;
+        } else {
+            let missing: Vec<_> = shards.iter().filter(|p| !Path::new(p).is_file()).collect();
+            if shards.is_empty() || missing.len() == shards.len() {
+                return Err(SourceError::NoMatch(pattern.into()));
+            }
+            if let Some(m) = missing.first() {
+                return Err(SourceError::NoMatch(format!("{pattern} (missing {m})")));
+            }
+        }
+        s.shards = shards;
+        Ok(s)
+    }
+
+    #[cfg(feature = "remote")]
+    fn check_first_remote(&self, url: &str) -> Result<(), SourceError> {
+        match super::remote::remote_size(url, &self.remote) {
+            Ok(_) => Ok(()),
+            Err(RemoteError::NotFound(_)) => Err(SourceError::NoMatch(format!("{} ({url}: not found)", self.pattern))),
+            Err(e) => Err(SourceError::Read {
+                path: url.into(),
+                message: match e {
+                    RemoteError::BadUrl { message, .. } | RemoteError::Failed { message, .. } => message,
+                    RemoteError::NotFound(_) => unreachable!("handled above"),
+                },
+            }),
+        }
+    }
+
+    #[cfg(not(feature = "remote"))]
+    fn check_first_remote(&self, url: &str) -> Result<(), SourceError> {
+        Err(SourceError::Read {
+            path: url.into(),
+            message: "remote shards need flava-data's `remote` feature".into(),
         })
     }
 
-    /// The shard files.
-    pub fn shards(&self) -> &[PathBuf] {
+    /// The shards: local paths or URLs, in pattern order.
+    pub fn shards(&self) -> &[String] {
         &self.shards
+    }
+
+    /// Reads one shard, a local path or a URL (with `remote` options), into grouped records; see
+    /// [`ShardSource::read_shard`]. A remote shard that cannot be opened (missing, denied,
+    /// unreachable after retries) is one `BadShard` skip; one whose connection is lost for good
+    /// part-way ends with a `TruncatedMember` skip, like a cut file.
+    #[cfg(feature = "remote")]
+    pub fn read_shard_at(location: &str, remote: &RemoteOptions) -> Vec<Record> {
+        if !is_remote_spec(location) {
+            return Self::read_shard(Path::new(location));
+        }
+        match RemoteReader::open(location, remote) {
+            Ok(r) => Self::read_shard_from(location, Box::new(r)),
+            Err(e) => vec![Record::Skipped {
+                reason: SkipReason::BadShard,
+                key: location.into(),
+                detail: e.to_string(),
+            }],
+        }
+    }
+
+    /// Reads one shard, local path or URL, with the default remote options from the environment.
+    pub fn read_location(location: &str) -> Vec<Record> {
+        #[cfg(feature = "remote")]
+        return Self::read_shard_at(location, &RemoteOptions::from_env());
+        #[cfg(not(feature = "remote"))]
+        Self::read_shard(Path::new(location))
     }
 
     /// Reads one shard into grouped records (a truncated member ends it with a skip). Member
@@ -67,19 +167,28 @@ impl ShardSource {
     /// `limits.max_shard_bytes` ends there with a skip. A file that is not a tar (or not gzip,
     /// for `.gz`) is one `BadShard` skip.
     pub fn read_shard(path: &Path) -> Vec<Record> {
-        let limits = flava_vit::limits::current();
         let shard_key = path.display().to_string();
+        match File::open(path) {
+            Ok(f) => Self::read_shard_from(&shard_key, Box::new(f)),
+            Err(e) => vec![Record::Skipped {
+                reason: SkipReason::BadShard,
+                key: shard_key,
+                detail: e.to_string(),
+            }],
+        }
+    }
+
+    /// Reads a shard from any byte stream; `name` keys its records and tells gzip by its ending.
+    pub fn read_shard_from(name: &str, raw: Box<dyn Read + '_>) -> Vec<Record> {
+        let limits = flava_vit::limits::current();
+        let shard_key = name.to_string();
         let skip = |reason, key: String, detail: String| Record::Skipped { reason, key, detail };
-        let file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) => return vec![skip(SkipReason::BadShard, shard_key, e.to_string())],
+        let lower = name.to_ascii_lowercase();
+        let reader: Box<dyn Read + '_> = if lower.ends_with(".gz") || lower.ends_with(".tgz") {
+            Box::new(flate2::read::GzDecoder::new(BufReader::new(raw)))
+        } else {
+            Box::new(BufReader::new(raw))
         };
-        let reader: Box<dyn Read> =
-            if path.to_string_lossy().ends_with(".gz") || path.to_string_lossy().ends_with(".tgz") {
-                Box::new(flate2::read::GzDecoder::new(BufReader::new(file)))
-            } else {
-                Box::new(BufReader::new(file))
-            };
         let mut archive = tar::Archive::new(reader);
         let mut out = Vec::new();
         let mut group: Option<(String, BTreeMap<String, Vec<u8>>)> = None;
@@ -253,9 +362,13 @@ impl Source for ShardSource {
             match self.members.next() {
                 Some(r) => self.buffer.push(r),
                 None if self.next_shard < self.order.len() => {
-                    let path = &self.shards[self.order[self.next_shard]];
+                    let location = &self.shards[self.order[self.next_shard]];
                     self.next_shard += 1;
-                    self.members = Self::read_shard(path).into_iter();
+                    #[cfg(feature = "remote")]
+                    let records = Self::read_shard_at(location, &self.remote);
+                    #[cfg(not(feature = "remote"))]
+                    let records = Self::read_shard(Path::new(location));
+                    self.members = records.into_iter();
                 }
                 None => break,
             }

@@ -9,6 +9,7 @@ pub mod eval;
 pub mod finetune;
 pub mod masks;
 pub mod pretrain;
+pub mod report;
 
 /// The default limits with `NAME=VALUE` overrides applied.
 pub fn parse_limits(

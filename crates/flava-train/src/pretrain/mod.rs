@@ -5,7 +5,8 @@
 //!
 //! Run directory (`--out`): `config.toml`, `tokenizer.json`, `dvae/` (its `codebook/`),
 //! `checkpoints/step-N/`, `metrics.jsonl`, `loss_curves.png`, `model/` (`config.json`,
-//! `model.safetensors`, `tokenizer.json`, `preprocessor_config.json`), `eval.json`.
+//! `model.safetensors`, `tokenizer.json`, `preprocessor_config.json`), `eval.json`,
+//! `report_data.json` and `report.html` ([`crate::report`]).
 
 pub mod checkpoint;
 pub mod config;
@@ -439,9 +440,24 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
         };
         let eval_builder = BatchBuilder::new(eval_cfg, Some(tokenizer.clone()))?;
         let processor = ImageProcessor::new(proc_cfg);
-        let report = evaluate(
+        // The run's own dVAE (trained in `dvae/`) has a decoder for the report's reconstructions.
+        let dvae_dir = codebook_dir
+            .parent()
+            .filter(|d| d.join("decoder.safetensors").is_file());
+        let dvae = match dvae_dir.map(|d| crate::dvae::load_trained(d, &device)) {
+            Some(Ok((d, _))) => Some(d),
+            Some(Err(e)) => {
+                observer.on_message(&format!(
+                    "warning: the dVAE decoder did not load ({e:#}); the report shows no reconstructions"
+                ));
+                None
+            }
+            None => None,
+        };
+        let (report, examples) = evaluate(
             &valid,
             &codebook,
+            dvae.as_ref(),
             &tokenizer,
             &processor,
             &eval_builder,
@@ -452,8 +468,13 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
         let mut v = serde_json::to_value(&report)?;
         v["data"] = serde_json::to_value(&state.data)?;
         flava_vit::atomic::write_file(&out.join("eval.json"), serde_json::to_string_pretty(&v)?.as_bytes())?;
+        crate::report::write_data(&out, &examples)?;
         Some(report)
     };
+    match crate::report::write(&out) {
+        Ok(p) => observer.on_message(&format!("report: {}", p.display())),
+        Err(e) => observer.on_message(&format!("warning: report not written: {e:#}")),
+    }
     Ok(RunSummary {
         steps: counters.step,
         nonfinite: counters.nonfinite_total,

@@ -8,7 +8,8 @@ use plotters::prelude::*;
 
 static FONT: &[u8] = include_bytes!("../../assets/DejaVuSansMono.ttf");
 
-fn register() {
+/// Registers the bundled font as `sans-serif` (once): plotters measures text with it, in PNG and SVG.
+pub fn register() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // A valid bundled font; failure would only lose the labels.

@@ -234,11 +234,13 @@ pub(super) fn sources(cfg: &PretrainConfig, phase: PhaseKind) -> anyhow::Result<
 
 /// Files a finished or interrupted run leaves in its directory; a new run refuses to start
 /// over them without `--resume` or `--force`.
-pub const RUN_FILES: [&str; 9] = [
+pub const RUN_FILES: [&str; 11] = [
     "checkpoints",
     "model",
     "metrics.jsonl",
     "eval.json",
+    "report_data.json",
+    "report.html",
     "config.toml",
     "loss_curves.png",
     "dvae",
