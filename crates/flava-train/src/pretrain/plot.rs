@@ -6,6 +6,8 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
+use crate::report::charts::smooth;
+
 static FONT: &[u8] = include_bytes!("../../assets/DejaVuSansMono.ttf");
 
 /// Registers the bundled font as `sans-serif` (once): plotters measures text with it, in PNG and SVG.
@@ -15,17 +17,6 @@ pub fn register() {
         // A valid bundled font; failure would only lose the labels.
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     });
-}
-
-/// Moving average over `w` points (curves per task are noisy).
-fn smooth(points: &[(f64, f64)], w: usize) -> Vec<(f64, f64)> {
-    (0..points.len())
-        .map(|i| {
-            let lo = i.saturating_sub(w - 1);
-            let s: f64 = points[lo..=i].iter().map(|p| p.1).sum();
-            (points[i].0, s / (i + 1 - lo) as f64)
-        })
-        .collect()
 }
 
 /// Draws one panel per loss name (x: step, y: loss, smoothed) into a PNG.
