@@ -41,7 +41,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OURS = os.path.join(ROOT, "target", "release", "flava-bench")
+# FLAVA_BENCH_BIN: a flava-bench built elsewhere (scripts/gpu_check.sh carries one to a GPU machine).
+OURS = os.environ.get("FLAVA_BENCH_BIN") or os.path.join(ROOT, "target", "release", "flava-bench")
 SEQ = 32
 
 CONFIGS = [
