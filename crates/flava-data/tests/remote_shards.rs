@@ -267,9 +267,10 @@ fn local(dir: &std::path::Path, name: &str) -> Seen {
     summarise(ShardSource::read_shard(&dir.join(name)))
 }
 
+/// Short retries; a stall timeout long enough that a loaded CI machine never trips it by accident.
 fn quick() -> RemoteOptions {
     RemoteOptions {
-        stall: Duration::from_millis(700),
+        stall: Duration::from_secs(5),
         max_resumes: 3,
         request_retries: 1,
         backoff: Duration::from_millis(20),
@@ -341,7 +342,11 @@ fn a_stalled_server_is_dropped_after_the_stall_timeout_and_the_shard_resumed() {
     srv.put("/s/000.tar", bytes, Behaviour::StallOnce(at));
     let url = format!("{}/s/000.tar", srv.base());
     let t = Instant::now();
-    let got = summarise(ShardSource::read_shard_at(&url, &quick()));
+    let opts = RemoteOptions {
+        stall: Duration::from_millis(700),
+        ..quick()
+    };
+    let got = summarise(ShardSource::read_shard_at(&url, &opts));
     // The server stays silent for 20 s; the reader gave up on it after 0.7 s.
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     assert_eq!(got, local(&d, "000.tar"));
@@ -504,4 +509,17 @@ fn a_remote_reader_reads_exactly_the_object() {
     let mut got = Vec::new();
     r.read_to_end(&mut got).unwrap();
     assert_eq!(got, data);
+}
+
+#[test]
+fn inspecting_remote_shards_counts_their_samples_and_a_missing_one_as_a_skip() {
+    let d = scratch("inspect");
+    let srv = Server::start();
+    srv.put("/i/000.tar", shard_bytes(&d, "000.tar", 5, 9), Behaviour::Normal);
+    srv.put("/i/002.tar", shard_bytes(&d, "002.tar", 3, 10), Behaviour::Normal);
+    let (shards, first) = flava_data::shards::inspect(&format!("{}/i/{{000..002}}.tar", srv.base())).unwrap();
+    let counts: Vec<(u64, u64, u64)> = shards.iter().map(|s| (s.samples, s.with_text, s.skipped)).collect();
+    assert_eq!(counts, vec![(5, 5, 0), (0, 0, 1), (3, 3, 0)]);
+    let first = first.unwrap();
+    assert!(first.contains("s9_0000") && first.contains("40x30"), "{first}");
 }
