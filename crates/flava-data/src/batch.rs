@@ -78,7 +78,7 @@ pub struct HostBatch {
     pub mlm_positions: Vec<usize>,
     /// MLM targets: original ids at `mlm_positions`.
     pub mlm_targets: Vec<u32>,
-    /// [B] 1 = matching pair, 0 = ITM negative (pairs only).
+    /// `[B]` 1 = matching pair, 0 = ITM negative (pairs only).
     pub itm_labels: Vec<u32>,
     /// Texts cut to `max_length`.
     pub truncated: usize,
@@ -111,11 +111,11 @@ pub struct FlavaBatch {
     pub input_ids_masked: Option<Tensor<2, Int>>,
     /// [B, L]
     pub attention_mask: Option<Tensor<2, Int>>,
-    /// [n_targets] flattened positions `b·L + l`.
+    /// `[n_targets]` flattened positions `b·L + l`.
     pub mlm_positions: Option<Tensor<1, Int>>,
-    /// [n_targets]
+    /// `[n_targets]`
     pub mlm_targets: Option<Tensor<1, Int>>,
-    /// [B]
+    /// `[B]`
     pub itm_labels: Option<Tensor<1, Int>>,
 }
 

@@ -282,7 +282,7 @@ pub fn unmap_pixel(x: f64) -> f64 {
 /// DALL-E's ε of the pixel mapping.
 pub const LOGIT_LAPLACE_EPS: f64 = 0.1;
 
-/// The terms of one dVAE training step, each [1] (autodiff through all of them).
+/// The terms of one dVAE training step, each `[1]` (autodiff through all of them).
 #[derive(Debug, Clone)]
 pub struct DvaeLosses {
     /// `reconstruction + β·kl + usage_weight·usage_kl`.
@@ -408,7 +408,7 @@ pub fn progress(cfg: &DvaeTrainConfig, step: usize, seconds: f64) -> f64 {
 }
 
 /// The usage term: KL from the average code distribution over the batch and grid to the
-/// uniform one, `ln V − H(mean q)`, for encoder logits [B, V, h, w]; returns [1]. It is 0 when
+/// uniform one, `ln V − H(mean q)`, for encoder logits [B, V, h, w]; returns `[1]`. It is 0 when
 /// codes are used equally often, `ln V` when every position picks the same code.
 pub fn usage_kl(logits: Tensor<4>) -> Tensor<1> {
     let v = logits.dims()[1];

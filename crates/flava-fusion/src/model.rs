@@ -60,7 +60,7 @@ pub struct FlavaModel {
     pub image_to_mm_projection: Linear,
     /// Text hidden → multimodal hidden.
     pub text_to_mm_projection: Linear,
-    /// [1]; the checkpoint stores it 0-d. Temperature = exp(logit_scale).
+    /// `[1]`; the checkpoint stores it 0-d. Temperature = exp(logit_scale).
     pub logit_scale: Param<Tensor<1>>,
 }
 

@@ -145,7 +145,7 @@ impl FlavaForClassification {
         Ok(self.classifier.forward(self.features(input)?))
     }
 
-    /// The task loss of `logits` [b, classes] against `targets`, [1].
+    /// The task loss of `logits` [b, classes] against `targets`, `[1]`.
     pub fn loss(logits: Tensor<2>, targets: &TaskTargets) -> Result<Tensor<1>, ClassificationError> {
         let [b, c] = logits.dims();
         let bad = |m: String| ClassificationError::Targets(m);

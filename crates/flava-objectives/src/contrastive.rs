@@ -14,7 +14,7 @@ pub const LOGIT_SCALE_MAX: f32 = 4.6052;
 
 /// The clamped logit scale with HF's gradient: HF clamps the parameter in place (`.data.clamp_`)
 /// and then differentiates `exp(logit_scale)` at the clamped value, so the gradient is not cut
-/// by the clamp. `scale`: [1] → [1].
+/// by the clamp. `scale`: `[1]` → `[1]`.
 pub fn clamp_logit_scale(scale: Tensor<1>) -> Tensor<1> {
     let clamped = scale.clone().clamp(0.0, LOGIT_SCALE_MAX);
     scale.clone() + (clamped - scale).detach()
@@ -23,7 +23,7 @@ pub fn clamp_logit_scale(scale: Tensor<1>) -> Tensor<1> {
 /// What the contrastive loss computed.
 #[derive(Debug, Clone)]
 pub struct ContrastiveOutput {
-    /// `(CE(logits_per_image) + CE(logits_per_text)) / 2` over the selected rows, [1].
+    /// `(CE(logits_per_image) + CE(logits_per_text)) / 2` over the selected rows, `[1]`.
     pub loss: Tensor<1>,
     /// τ · u_rows · V_allᵀ: [rows, world·b].
     pub logits_per_image: Tensor<2>,
@@ -37,7 +37,7 @@ pub struct ContrastiveOutput {
 ///
 /// `image`, `text`: L2-normalised local embeddings [b, d]; `image_all`, `text_all`: the global
 /// sets [n, d] whose rows `offset..offset + b` are the local ones; `scale`: the clamped logit
-/// scale [1]; `rows`: the local rows that count (ITM positives), averaged over; columns are never
+/// scale `[1]`; `rows`: the local rows that count (ITM positives), averaged over; columns are never
 /// filtered.
 pub fn contrastive_loss(
     image: Tensor<2>,

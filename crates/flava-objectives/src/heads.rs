@@ -75,7 +75,7 @@ impl ItmHead {
         self.seq_relationship.forward(self.pooler.forward(states))
     }
 
-    /// Softmax probability of "matches" per pair: [batch, seq, hidden] → [batch].
+    /// Softmax probability of "matches" per pair: [batch, seq, hidden] → `[batch]`.
     pub fn match_probability(&self, states: Tensor<3>) -> Tensor<1> {
         let p = burn::tensor::activation::softmax(self.forward(states), 1);
         let b = p.dims()[0];

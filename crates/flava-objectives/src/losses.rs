@@ -12,7 +12,7 @@ use crate::heads::{ItmHead, MaskedPredictionHead};
 /// A loss and the logits it was computed from.
 #[derive(Debug, Clone)]
 pub struct LossOutput {
-    /// The mean loss, [1].
+    /// The mean loss, `[1]`.
     pub loss: Tensor<1>,
     /// The head's logits on the counted positions, [n, classes].
     pub logits: Tensor<2>,
@@ -55,7 +55,7 @@ pub struct ItmLoss<'a> {
 /// What [`ItmLoss`] returns: the logits always, the loss when there are labels.
 #[derive(Debug, Clone)]
 pub struct ItmOutput {
-    /// Sum of cross-entropies over `denominator`, [1]; `None` without labels.
+    /// Sum of cross-entropies over `denominator`, `[1]`; `None` without labels.
     pub loss: Option<Tensor<1>>,
     /// [b, 2].
     pub logits: Tensor<2>,
@@ -70,7 +70,7 @@ impl ItmLoss<'_> {
     }
 }
 
-/// Integer index tensor from host positions: [n].
+/// Integer index tensor from host positions: `[n]`.
 pub fn index_tensor(positions: &[usize], device: &Device) -> Tensor<1, Int> {
     let data: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
     Tensor::from_data(TensorData::new(data, [positions.len()]), device)
@@ -85,13 +85,13 @@ pub fn gather_positions(states: Tensor<3>, positions: &[usize]) -> Tensor<2> {
 }
 
 /// Sum of token cross-entropies: `Σ_i −log softmax(logits_i)[target_i]`. `logits`: [n, classes],
-/// `targets`: n class indices (each < classes). Returns a [1] tensor.
+/// `targets`: n class indices (each < classes). Returns a `[1]` tensor.
 pub fn cross_entropy_sum(logits: Tensor<2>, targets: &[usize]) -> Tensor<1> {
     // One fused pass on flex (flava_vit::kernels), Burn's log_softmax + gather elsewhere.
     cross_entropy_rows(logits, targets).sum()
 }
 
-/// Mean token cross-entropy (PyTorch `F.cross_entropy` with `reduction="mean"`), [1].
+/// Mean token cross-entropy (PyTorch `F.cross_entropy` with `reduction="mean"`), `[1]`.
 pub fn cross_entropy(logits: Tensor<2>, targets: &[usize]) -> Tensor<1> {
     let n = targets.len().max(1) as f64;
     cross_entropy_sum(logits, targets) / n

@@ -192,17 +192,17 @@ pub struct Encodings {
 /// (wrong task, zero weight, or no masked position).
 #[derive(Debug, Clone, Default)]
 pub struct Losses {
-    /// Masked image modelling, [1].
+    /// Masked image modelling, `[1]`.
     pub mim: Option<Tensor<1>>,
-    /// Masked language modelling, [1].
+    /// Masked language modelling, `[1]`.
     pub mlm: Option<Tensor<1>>,
-    /// Image-text matching, [1].
+    /// Image-text matching, `[1]`.
     pub itm: Option<Tensor<1>>,
-    /// Global contrastive, [1].
+    /// Global contrastive, `[1]`.
     pub global_contrastive: Option<Tensor<1>>,
-    /// Masked multimodal image, [1].
+    /// Masked multimodal image, `[1]`.
     pub mmm_image: Option<Tensor<1>>,
-    /// Masked multimodal text, [1].
+    /// Masked multimodal text, `[1]`.
     pub mmm_text: Option<Tensor<1>>,
 }
 

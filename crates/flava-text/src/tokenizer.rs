@@ -51,11 +51,11 @@ pub struct SpecialTokens {
 /// Token ids of a batch of texts, all of length `max_length`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenizedBatch {
-    /// [batch][max_length] ids, `[CLS] tokens [SEP] [PAD]…`.
+    /// `[batch][max_length]` ids, `[CLS] tokens [SEP] [PAD]…`.
     pub input_ids: Vec<Vec<u32>>,
-    /// [batch][max_length], 1 = token, 0 = padding.
+    /// `[batch][max_length]`, 1 = token, 0 = padding.
     pub attention_mask: Vec<Vec<u32>>,
-    /// [batch][max_length], all 0 for single sentences.
+    /// `[batch][max_length]`, all 0 for single sentences.
     pub token_type_ids: Vec<Vec<u32>>,
     /// Per text: whether it was cut to fit `max_length` (never silent).
     pub truncated: Vec<bool>,

@@ -73,7 +73,7 @@ pub struct BulkEmbedConfig {
     pub dtype: Dtype,
     /// Samples per part file.
     pub part_size: usize,
-    /// Text length in tokens, [CLS] and [SEP] included.
+    /// Text length in tokens, `[CLS]` and `[SEP]` included.
     pub max_length: usize,
     /// Samples per model call.
     #[serde(skip)]

@@ -15,16 +15,16 @@ use serde::Serialize;
 /// What `flava embed --json` prints.
 #[derive(Debug, Serialize, PartialEq)]
 pub struct EmbedOutput {
-    /// [n_images][projection_dim] unnormalised projections of the image CLS token.
+    /// `[n_images][projection_dim]` unnormalised projections of the image CLS token.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub image_features: Vec<Vec<f32>>,
-    /// [n_texts][projection_dim] unnormalised projections of the text CLS token.
+    /// `[n_texts][projection_dim]` unnormalised projections of the text CLS token.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub text_features: Vec<Vec<f32>>,
-    /// [n_images][n_texts] `exp(logit_scale) · cos`, when both are given.
+    /// `[n_images][n_texts]` `exp(logit_scale) · cos`, when both are given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logits_per_image: Option<Vec<Vec<f32>>>,
-    /// [n_images][n_texts] softmax probability of "matching" from the ITM head on the fusion
+    /// `[n_images][n_texts]` softmax probability of "matching" from the ITM head on the fusion
     /// encoder's output for each (unmasked) pair, with `--itm`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub itm_match_probability: Option<Vec<Vec<f32>>>,
@@ -65,7 +65,7 @@ pub fn find_processor(dir: &Path) -> anyhow::Result<ImageProcessor> {
 }
 
 /// ITM match probabilities of every (image, text) pair: towers once, then the fusion encoder
-/// and the ITM head on all n·m pairs. `pixel_values` [n, 3, H, W], `ids`/`mask` [m, L] → [n][m].
+/// and the ITM head on all n·m pairs. `pixel_values` [n, 3, H, W], `ids`/`mask` [m, L] → `[n][m]`.
 pub fn itm_probabilities(
     model: &FlavaModel,
     head: &ItmHead,

@@ -1,6 +1,6 @@
 //! `flava eval linear-probe`: FLAVA's linear evaluation (the paper's protocol, as CLIP's). The
 //! CLS of an encoder's `last_hidden_state` is a fixed feature, extracted once per split and
-//! cached (safetensors: `features` [n, d] f32, `labels` [n] i64, a fingerprint of the model
+//! cached (safetensors: `features` [n, d] f32, `labels` `[n]` i64, a fingerprint of the model
 //! and the data in the metadata); a multinomial logistic regression is fitted full-batch with
 //! L-BFGS (linfa-logistic on argmin); its L2 strength is chosen by validation accuracy over a
 //! log grid, then refined; the probe is refitted on train + val. Reported: top-1, top-5 and mean
@@ -138,7 +138,7 @@ impl Features {
         }
     }
 
-    /// Writes `path` (safetensors: `features` [n, dim] f32, `labels` [n] i64) with `metadata`.
+    /// Writes `path` (safetensors: `features` [n, dim] f32, `labels` `[n]` i64) with `metadata`.
     pub fn save(&self, path: &Path, metadata: HashMap<String, String>) -> anyhow::Result<()> {
         use safetensors::tensor::TensorView;
         let f: Vec<u8> = self.features.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -216,7 +216,7 @@ impl Features {
 pub struct Probe {
     /// Row-major [dim, classes].
     pub weight: Vec<f32>,
-    /// [classes].
+    /// `[classes]`.
     pub bias: Vec<f32>,
     /// Feature width.
     pub dim: usize,

@@ -8,9 +8,9 @@ use burn::prelude::*;
 /// LayerNorm over the last dimension: `(x − mean)/√(var + eps)·gamma + beta`.
 #[derive(Module, Debug)]
 pub struct LayerNorm {
-    /// Scale [d] (HF `weight`).
+    /// Scale `[d]` (HF `weight`).
     pub gamma: Param<Tensor<1>>,
-    /// Shift [d] (HF `bias`).
+    /// Shift `[d]` (HF `bias`).
     pub beta: Param<Tensor<1>>,
     /// Added to the variance (FLAVA: 1e-12).
     #[module(skip)]

@@ -26,7 +26,7 @@ pub struct EmbedArgs {
     /// Compute device: flex (CPU), cuda or wgpu (GPU features must be compiled in).
     #[arg(long, default_value = "flex")]
     device: String,
-    /// Text length in tokens, [CLS] and [SEP] included.
+    /// Text length in tokens, `[CLS]` and `[SEP]` included.
     #[arg(long, default_value_t = flava_text::DEFAULT_MAX_LENGTH)]
     max_length: usize,
     /// Also print the ITM head's match probability for every (image, text) pair (needs a

@@ -75,7 +75,7 @@ pub trait FlavaKernels: Backend {
     fn exact_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `grad · GELU'(x)`, element-wise, for the backward pass.
     fn exact_gelu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
-    /// Per-row `logsumexp(logits_i) − logits_i[target_i]`: logits [n, classes] → [n].
+    /// Per-row `logsumexp(logits_i) − logits_i[target_i]`: logits [n, classes] → `[n]`.
     fn softmax_cross_entropy(logits: FloatTensor<Self>, targets: Vec<usize>) -> FloatTensor<Self>;
     /// `grad_i · (softmax(logits_i) − onehot(target_i))`: the gradient of the above, [n, classes].
     fn softmax_cross_entropy_backward(
@@ -83,7 +83,7 @@ pub trait FlavaKernels: Backend {
         targets: Vec<usize>,
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
-    /// LayerNorm over the last dimension of `x` with `gamma`, `beta` [d] and `eps`.
+    /// LayerNorm over the last dimension of `x` with `gamma`, `beta` `[d]` and `eps`.
     fn layer_norm_rows(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -102,13 +102,13 @@ pub trait FlavaKernels: Backend {
     fn attention_softmax(scores: FloatTensor<Self>, scale: f64, key_padding: Vec<bool>) -> FloatTensor<Self>;
     /// The scores' gradient of [`FlavaKernels::attention_softmax`] from its output `probs`.
     fn attention_softmax_backward(probs: FloatTensor<Self>, scale: f64, grad: FloatTensor<Self>) -> FloatTensor<Self>;
-    /// `x·w + b` for x [n, in], w [in, out] (Burn's Linear layout), b [out] → [n, out].
+    /// `x·w + b` for x [n, in], w [in, out] (Burn's Linear layout), b `[out]` → [n, out].
     fn linear_rows_forward(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `grad·wᵀ`: the input gradient of [`FlavaKernels::linear_rows_forward`], [n, in].
     fn linear_rows_backward_input(w: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `xᵀ·grad`: the weight gradient, [in, out].
     fn linear_rows_backward_weight(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
-    /// `Σ_rows grad`: the bias gradient, [out].
+    /// `Σ_rows grad`: the bias gradient, `[out]`.
     fn linear_rows_backward_bias(grad: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `Σ x²` over all elements, accumulated in f64, as two f32 `[hi, lo]` (hi + lo in f64 is the
     /// sum): not differentiable (for gradient norms).
@@ -162,7 +162,7 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 }
 
 /// Per-row cross-entropy `−log softmax(logits_i)[target_i]`: logits [n, classes], `targets` n
-/// class indices (each < classes) → [n].
+/// class indices (each < classes) → `[n]`.
 ///
 /// # Panics
 /// If `targets.len()` is not `n` or a target is out of range.
@@ -180,7 +180,7 @@ pub fn cross_entropy_rows(logits: Tensor<2>, targets: &[usize]) -> Tensor<1> {
     cross_entropy_rows_composed(logits, targets)
 }
 
-/// LayerNorm over the last dimension of `x` [.., d] with `gamma`, `beta` [d] and `eps`: the
+/// LayerNorm over the last dimension of `x` [.., d] with `gamma`, `beta` `[d]` and `eps`: the
 /// one-pass kernels on flex devices, Burn's `layer_norm` elsewhere.
 pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> Tensor<D> {
     if on_flex_f32(&x) && gamma.dtype() == DType::F32 && beta.dtype() == DType::F32 {
@@ -212,7 +212,7 @@ pub fn attention_softmax(scores: Tensor<4>, scale: f64, key_padding: Option<&Ten
 }
 
 /// `x·w + b` over the rows of `x` [n, in] with `w` [in, out] (Burn's `Linear` layout) and `b`
-/// [out] → [n, out]: one gemm forward and one per gradient on flex, without the zero-filled
+/// `[out]` → [n, out]: one gemm forward and one per gradient on flex, without the zero-filled
 /// copies Burn's matmul allocates its outputs with; Burn's `linear` elsewhere.
 ///
 /// # Panics
