@@ -26,11 +26,6 @@ use futures_util::stream::{BoxStream, StreamExt};
 use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, ObjectStoreScheme, RetryConfig};
 use url::Url;
 
-/// True if `spec` names a remote location (`http://`, `https://`, `s3://`, `gs://`).
-pub fn is_remote(spec: &str) -> bool {
-    super::is_remote_spec(spec)
-}
-
 /// How remote shards are fetched. [`RemoteOptions::from_env`] is what the `flava` CLI uses.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RemoteOptions {
@@ -297,7 +292,7 @@ impl RemoteReader {
         };
         r.request(None).map_err(|e| match e {
             Request::Store(e) => classify(url, e),
-            Request::Other(m) => failed(url, m),
+            Request::Other(m) | Request::Changed(m) => failed(url, m),
         })?;
         Ok(r)
     }
@@ -323,12 +318,17 @@ impl RemoteReader {
         let result = block_on(async move { tokio::time::timeout(stall, store.get_opts(&path, options)).await })
             .map_err(Request::Other)?
             .map_err(|_| Request::Other(format!("no answer in {:.0} s", stall.as_secs_f64())))?
-            .map_err(Request::Store)?;
+            .map_err(|e| match e {
+                object_store::Error::Precondition { .. } => {
+                    Request::Changed("the object changed while it was read (its ETag differs)".into())
+                }
+                e => Request::Store(e),
+            })?;
         if from.is_none() {
             self.size = result.meta.size;
             self.e_tag = result.meta.e_tag.clone();
         } else if result.meta.size != self.size {
-            return Err(Request::Other(format!(
+            return Err(Request::Changed(format!(
                 "the object changed while it was read ({} bytes, then {})",
                 self.size, result.meta.size
             )));
@@ -366,9 +366,12 @@ impl RemoteReader {
     }
 }
 
+/// Why a request failed: the store said so, something else (a timeout), or the object is no
+/// longer the one being read (never retried).
 enum Request {
     Store(object_store::Error),
     Other(String),
+    Changed(String),
 }
 
 impl Read for RemoteReader {
@@ -391,15 +394,7 @@ impl Read for RemoteReader {
                 match self.request(Some(self.offset)) {
                     Ok(()) => {}
                     // A changed object cannot be stitched together: stop now.
-                    Err(Request::Store(object_store::Error::Precondition { .. })) => {
-                        return Err(io::Error::other(format!(
-                            "{}: the object changed while it was read",
-                            self.url
-                        )))
-                    }
-                    Err(Request::Other(m)) if m.starts_with("the object changed") => {
-                        return Err(io::Error::other(format!("{}: {m}", self.url)))
-                    }
+                    Err(Request::Changed(m)) => return Err(io::Error::other(format!("{}: {m}", self.url))),
                     Err(Request::Store(e)) => {
                         self.fail(e.to_string())?;
                         continue;

@@ -111,12 +111,9 @@ impl ShardSource {
         match super::remote::remote_size(url, &self.remote) {
             Ok(_) => Ok(()),
             Err(RemoteError::NotFound(_)) => Err(SourceError::NoMatch(format!("{} ({url}: not found)", self.pattern))),
-            Err(e) => Err(SourceError::Read {
+            Err(RemoteError::BadUrl { message, .. } | RemoteError::Failed { message, .. }) => Err(SourceError::Read {
                 path: url.into(),
-                message: match e {
-                    RemoteError::BadUrl { message, .. } | RemoteError::Failed { message, .. } => message,
-                    RemoteError::NotFound(_) => unreachable!("handled above"),
-                },
+                message,
             }),
         }
     }
@@ -157,6 +154,14 @@ impl ShardSource {
     pub fn read_location(location: &str) -> Vec<Record> {
         #[cfg(feature = "remote")]
         return Self::read_shard_at(location, &RemoteOptions::from_env());
+        #[cfg(not(feature = "remote"))]
+        Self::read_shard(Path::new(location))
+    }
+
+    /// Reads one of this source's shards, with its remote options.
+    fn read(&self, location: &str) -> Vec<Record> {
+        #[cfg(feature = "remote")]
+        return Self::read_shard_at(location, &self.remote);
         #[cfg(not(feature = "remote"))]
         Self::read_shard(Path::new(location))
     }
@@ -362,12 +367,8 @@ impl Source for ShardSource {
             match self.members.next() {
                 Some(r) => self.buffer.push(r),
                 None if self.next_shard < self.order.len() => {
-                    let location = &self.shards[self.order[self.next_shard]];
+                    let records = self.read(&self.shards[self.order[self.next_shard]]);
                     self.next_shard += 1;
-                    #[cfg(feature = "remote")]
-                    let records = Self::read_shard_at(location, &self.remote);
-                    #[cfg(not(feature = "remote"))]
-                    let records = Self::read_shard(Path::new(location));
                     self.members = records.into_iter();
                 }
                 None => break,
