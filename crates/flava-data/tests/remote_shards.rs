@@ -29,6 +29,8 @@ enum Behaviour {
     StallOnce(usize),
     /// The first GET is cut here; the object is replaced (new ETag) before the next request.
     ChangeAfterCut(usize),
+    /// The first GET is cut here; later ones ignore `Range` and send the whole object again.
+    CutOnceIgnoringRanges(usize),
 }
 
 #[derive(Clone, Debug)]
@@ -167,6 +169,11 @@ fn serve(conn: TcpStream, st: Arc<Mutex<State>>) {
             let b: usize = if b.is_empty() { total - 1 } else { b.parse().unwrap() };
             (a, b.min(total - 1))
         });
+        let start = if matches!(behaviour, Behaviour::CutOnceIgnoringRanges(_)) {
+            None
+        } else {
+            start
+        };
         let (status, lo, hi) = match start {
             Some((a, b)) => ("206 Partial Content", a, b + 1),
             None => ("200 OK", 0, total),
@@ -188,7 +195,9 @@ fn serve(conn: TcpStream, st: Arc<Mutex<State>>) {
         let body = &data[lo..hi];
         let cut = match behaviour {
             Behaviour::Normal => None,
-            Behaviour::CutOnce(k) | Behaviour::ChangeAfterCut(k) if n == 1 => Some((k, false)),
+            Behaviour::CutOnce(k) | Behaviour::ChangeAfterCut(k) | Behaviour::CutOnceIgnoringRanges(k) if n == 1 => {
+                Some((k, false))
+            }
             Behaviour::StallOnce(k) if n == 1 => Some((k, true)),
             Behaviour::CutAlwaysAt(k) => Some((k.saturating_sub(lo), false)),
             _ => None,
@@ -522,4 +531,42 @@ fn inspecting_remote_shards_counts_their_samples_and_a_missing_one_as_a_skip() {
     assert_eq!(counts, vec![(5, 5, 0), (0, 0, 1), (3, 3, 0)]);
     let first = first.unwrap();
     assert!(first.contains("s9_0000") && first.contains("40x30"), "{first}");
+}
+
+#[test]
+fn an_empty_object_and_a_server_that_ignores_ranges_end_like_their_local_counterparts() {
+    let d = scratch("odd");
+    let srv = Server::start();
+    // Empty: what the same empty file on disk gives (no records), at once.
+    std::fs::write(d.join("empty.tar"), b"").unwrap();
+    srv.put("/o/empty.tar", Vec::new(), Behaviour::Normal);
+    let got = summarise(ShardSource::read_shard_at(
+        &format!("{}/o/empty.tar", srv.base()),
+        &quick(),
+    ));
+    assert_eq!(got, local(&d, "empty.tar"));
+    // Not a tar: one BadShard skip, as for a local file.
+    std::fs::write(d.join("junk.tar"), vec![0xAB; 3000]).unwrap();
+    srv.put("/o/junk.tar", vec![0xAB; 3000], Behaviour::Normal);
+    let got = summarise(ShardSource::read_shard_at(
+        &format!("{}/o/junk.tar", srv.base()),
+        &quick(),
+    ));
+    assert_eq!(got, local(&d, "junk.tar"));
+    assert_eq!(got.1, vec![SkipReason::BadShard]);
+    // A resume answered with the whole object again (200, Range ignored) cannot be spliced: the
+    // samples before the cut are kept and the rest is one TruncatedMember skip, in bounded time.
+    let bytes = shard_bytes(&d, "000.tar", 10, 11);
+    let cut = bytes.len() / 2;
+    srv.put("/o/000.tar", bytes, Behaviour::CutOnceIgnoringRanges(cut));
+    let t = Instant::now();
+    let (samples, skips) = summarise(ShardSource::read_shard_at(
+        &format!("{}/o/000.tar", srv.base()),
+        &quick(),
+    ));
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    let (want, _) = local(&d, "000.tar");
+    assert!(!samples.is_empty() && samples.len() < 10, "{}", samples.len());
+    assert_eq!(samples[..], want[..samples.len()]);
+    assert_eq!(skips, vec![SkipReason::TruncatedMember]);
 }

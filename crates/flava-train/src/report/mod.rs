@@ -90,6 +90,21 @@ pub fn png_data_uri(img: &image::RgbImage) -> anyhow::Result<String> {
     ))
 }
 
+/// An `<img>` of a PNG data URI; anything else in `report_data.json` (hand-edited, damaged) is
+/// shown as a marked gap, never pasted into the page.
+fn img(src: &str, alt: &str) -> String {
+    let valid = src.strip_prefix("data:image/png;base64,").is_some_and(|b| {
+        !b.is_empty()
+            && b.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'='))
+    });
+    if valid {
+        format!("<img class=\"px\" src=\"{src}\" alt=\"{alt}\">")
+    } else {
+        format!("<span class=\"bad\">{alt}: not a PNG data URI</span>")
+    }
+}
+
 /// Escapes text for HTML.
 pub fn esc(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
@@ -345,11 +360,7 @@ fn examples_sections(
         toc.push(("retrieval", "Retrieval examples"));
         body.push_str("<section id=\"retrieval\"><h2>Retrieval examples</h2><p>Each held-out image and the captions it ranks highest (cosine of the projected embeddings; ✓ = its own caption).</p><div class=\"grid\">");
         for r in &data.retrieval {
-            let _ = write!(
-                body,
-                "<figure class=\"fig query\"><img class=\"px\" src=\"{}\" alt=\"query image\"><ol>",
-                r.image
-            );
+            let _ = write!(body, "<figure class=\"fig query\">{}<ol>", img(&r.image, "query image"));
             for (t, s, own) in &r.top {
                 let _ = write!(
                     body,
@@ -371,12 +382,14 @@ fn examples_sections(
                 .reconstruction
                 .as_ref()
                 .map_or("<td>no decoder</td>".to_string(), |r| {
-                    format!("<td><img class=\"px\" src=\"{r}\" alt=\"reconstruction\"></td>")
+                    format!("<td>{}</td>", img(r, "reconstruction"))
                 });
             let _ = write!(
                 body,
-                "<tr><td><img class=\"px\" src=\"{}\" alt=\"input\"></td><td><img class=\"px\" src=\"{}\" alt=\"tokens\"><br>{} codes</td>{rec}</tr>",
-                m.image, m.tokens, m.distinct_codes
+                "<tr><td>{}</td><td>{}<br>{} codes</td>{rec}</tr>",
+                img(&m.image, "input"),
+                img(&m.tokens, "tokens"),
+                m.distinct_codes
             );
         }
         body.push_str("</table></section>");
@@ -385,8 +398,10 @@ fn examples_sections(
         for m in &data.mim {
             let _ = write!(
                 body,
-                "<figure class=\"fig\"><img class=\"px\" src=\"{}\" alt=\"mask\"><figcaption>{} of {} patches</figcaption></figure>",
-                m.masked, m.masked_patches.0, m.masked_patches.1
+                "<figure class=\"fig\">{}<figcaption>{} of {} patches</figcaption></figure>",
+                img(&m.masked, "mask"),
+                m.masked_patches.0,
+                m.masked_patches.1
             );
         }
         body.push_str("</div></section>");
@@ -425,7 +440,7 @@ section{margin-top:1.5em}.grid{display:flex;flex-wrap:wrap;gap:10px}.fig{margin:
 .fig svg{display:block}.query{width:300px;padding:6px}.query ol{font-size:13px;padding-left:1.3em}\
 li.own{color:#176a2a;font-weight:600}.score{color:#888;font-size:11px}\
 img.px{image-rendering:pixelated;width:128px;height:auto}table{border-collapse:collapse}\
-td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}td.above{color:#176a2a;font-weight:600}\
+.bad{color:#a00;font-size:12px}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}td.above{color:#176a2a;font-weight:600}\
 pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}";
 
 /// Counts the figures that rendered (images decoded, SVGs with a size) into `data-figures-*`
@@ -458,6 +473,38 @@ mod tests {
         assert_eq!(s["lr"], vec![(1.0, 0.001), (2.0, 0.002)]);
         assert_eq!(s["val accuracy"], vec![(2.0, 0.5)]);
         assert!(!s.contains_key("step") && !s.contains_key("loss"));
+        std::fs::remove_dir_all(d).ok();
+    }
+
+    #[test]
+    fn damaged_report_files_are_errors_naming_them_and_bad_images_are_not_pasted() {
+        let d = std::env::temp_dir().join(format!("flava-report-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("config.toml"), "steps = 3\n").unwrap();
+        // Truncated eval.json, then an empty report_data.json: errors that name the file.
+        std::fs::write(d.join("eval.json"), "{\"zero_shot\": {\"top1\": 0.").unwrap();
+        let e = format!("{:#}", render(&d).unwrap_err());
+        assert!(e.contains("eval.json"), "{e}");
+        std::fs::remove_file(d.join("eval.json")).unwrap();
+        std::fs::write(d.join(DATA_FILE), "").unwrap();
+        let e = format!("{:#}", render(&d).unwrap_err());
+        assert!(e.contains(DATA_FILE), "{e}");
+        // An image that is not a PNG data URI (markup in it) is shown as a gap, not inserted.
+        let data = ReportData {
+            retrieval: vec![RetrievalShown {
+                image: "x\"><script>alert(1)</script>".into(),
+                top: vec![("<b>cap</b>".into(), 0.5, true)],
+            }],
+            ..Default::default()
+        };
+        write_data(&d, &data).unwrap();
+        let html = render(&d).unwrap();
+        assert!(!html.contains("alert(1)") && !html.contains("<b>cap"), "markup pasted");
+        assert!(html.contains("query image: not a PNG data URI") && html.contains("&lt;b&gt;cap"));
+        // A config only (a run stopped before its first step): a page with the configuration.
+        std::fs::remove_file(d.join(DATA_FILE)).unwrap();
+        let html = render(&d).unwrap();
+        assert!(html.contains("<section id=\"config\">") && !html.contains("<section id=\"curves\">"));
         std::fs::remove_dir_all(d).ok();
     }
 
