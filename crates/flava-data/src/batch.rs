@@ -127,6 +127,34 @@ fn ints(v: &[u32], shape: Vec<usize>, device: &Device) -> Tensor<2, Int> {
 }
 
 impl HostBatch {
+    /// The batches' rows one after another, as one batch (the inverse of [`HostBatch::split`];
+    /// MLM positions re-based). All parts share the task and sizes; one part is returned as is.
+    ///
+    /// # Panics
+    /// When `parts` is empty.
+    pub fn concat(parts: Vec<HostBatch>) -> HostBatch {
+        let mut it = parts.into_iter();
+        let mut out = it.next().expect("at least one batch to concatenate");
+        for p in it {
+            let base = out.batch_size * out.max_length;
+            out.keys.extend(p.keys);
+            out.labels.extend(p.labels);
+            out.texts.extend(p.texts);
+            out.pixel_values.extend(p.pixel_values);
+            out.codebook_pixel_values.extend(p.codebook_pixel_values);
+            out.bool_masked_pos.extend(p.bool_masked_pos);
+            out.input_ids.extend(p.input_ids);
+            out.input_ids_masked.extend(p.input_ids_masked);
+            out.attention_mask.extend(p.attention_mask);
+            out.mlm_positions.extend(p.mlm_positions.iter().map(|x| x + base));
+            out.mlm_targets.extend(p.mlm_targets);
+            out.itm_labels.extend(p.itm_labels);
+            out.truncated += p.truncated;
+            out.batch_size += p.batch_size;
+        }
+        out
+    }
+
     /// Splits the batch into `k` micro-batches of equal size (rows in order; MLM positions
     /// re-based). `k` must divide the batch size.
     pub fn split(&self, k: usize) -> Vec<HostBatch> {

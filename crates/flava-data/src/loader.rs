@@ -1,6 +1,14 @@
 //! The dataset mixer and the loader: picks a task per step (round-robin or by weight, seeded),
 //! reads and decodes samples on a pool of worker threads with bounded prefetch, and hands out
 //! batches in a deterministic order with the position to resume from after each.
+//!
+//! **Data shares** (for data parallelism over processes): with `K` shares every source is read
+//! as `K` disjoint strided streams (share `k` takes the records `k, k+K, …` of each epoch's
+//! order), and the batch of a step is the concatenation, in share order, of `K` sub-batches of
+//! `B/K` samples, share `k`'s built from its own stream (skips refilled from it) as batch
+//! number `step·K + k`. A process that builds only some shares (a rank of a distributed job)
+//! therefore gets exactly its rows of the batch a process building all `K` would get. With
+//! `K = 1` this is the plain loader.
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -13,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::{BatchBuilder, BatchError, HostBatch};
 use crate::sources::{Record, Source, SourceError};
-use crate::stream::{decode, SampleStream, StreamPosition, StreamStats};
+use crate::stream::{decode, DecodedSample, SampleStream, StreamPosition, StreamStats};
 use crate::task::{Task, UnknownTask};
 
 /// How the mixer picks the task of each step.
@@ -89,7 +97,13 @@ pub enum LoaderError {
     /// The producer thread is gone (it stopped after an error, or panicked).
     #[error("the data loader stopped")]
     Stopped,
+    /// The data shares do not fit the batch, the processes or the resumed state.
+    #[error("data shares: {0}")]
+    Shares(String),
 }
+
+/// Per task: the position of each of its sources, and whose turn is next.
+pub type SharePositions = BTreeMap<Task, (Vec<StreamPosition>, usize)>;
 
 /// Everything needed to continue the data exactly where a batch left it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,8 +112,83 @@ pub struct MixerState {
     pub step: u64,
     /// The mixer's RNG (weighted mode).
     pub rng: ChaCha8Rng,
-    /// Per task: the position of each of its sources, and whose turn is next.
-    pub streams: BTreeMap<Task, (Vec<StreamPosition>, usize)>,
+    /// Positions of a loader with one share (states written before shares existed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub streams: SharePositions,
+    /// How many shares the data is split into (1 for states without shares).
+    #[serde(default = "one")]
+    pub share_count: usize,
+    /// The positions of each share this state knows (a rank knows its own; a merged state all).
+    #[serde(default)]
+    pub shares: BTreeMap<usize, SharePositions>,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl MixerState {
+    /// The positions of share `k` (an old single-share state's are share 0's).
+    pub fn share(&self, k: usize) -> Option<&SharePositions> {
+        match self.shares.get(&k) {
+            Some(p) => Some(p),
+            None if k == 0 && self.shares.is_empty() && !self.streams.is_empty() => Some(&self.streams),
+            None => None,
+        }
+    }
+
+    /// One state holding the shares of all `parts` (the ranks' states after the same step).
+    pub fn merge(parts: &[MixerState]) -> Result<MixerState, LoaderError> {
+        let first = parts
+            .first()
+            .ok_or_else(|| LoaderError::Shares("no states to merge".into()))?;
+        let mut out = first.clone();
+        for p in &parts[1..] {
+            if p.step != first.step || p.share_count != first.share_count || p.rng != first.rng {
+                return Err(LoaderError::Shares(format!(
+                    "the processes' data states disagree (step {} of {} shares vs step {} of {})",
+                    p.step, p.share_count, first.step, first.share_count
+                )));
+            }
+            out.shares.extend(p.shares.iter().map(|(k, v)| (*k, v.clone())));
+        }
+        Ok(out)
+    }
+}
+
+/// Which shares of the data a loader builds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shares {
+    /// The number of shares the data is split into (`K`; divides the batch size).
+    pub count: usize,
+    /// The shares this loader builds, ascending (their sub-batches are concatenated).
+    pub take: Vec<usize>,
+}
+
+impl Default for Shares {
+    fn default() -> Self {
+        Self {
+            count: 1,
+            take: vec![0],
+        }
+    }
+}
+
+impl Shares {
+    /// The shares of process `rank` of `world` when the data is split into `count` shares:
+    /// a contiguous run of `count / world` (so the processes' rows follow rank order).
+    pub fn of_rank(count: usize, rank: usize, world: usize) -> Result<Self, LoaderError> {
+        if world == 0 || count == 0 || !count.is_multiple_of(world) || rank >= world {
+            return Err(LoaderError::Shares(format!(
+                "{count} data shares cannot be split evenly over {world} processes"
+            )));
+        }
+        let per = count / world;
+        Ok(Self {
+            count,
+            take: (rank * per..(rank + 1) * per).collect(),
+        })
+    }
 }
 
 /// A batch with the state to resume after it and the statistics so far.
@@ -139,8 +228,15 @@ impl Default for LoaderConfig {
     }
 }
 
-struct Producer {
+/// One share's streams: per task, its sources' streams and whose turn is next.
+struct Share {
+    index: usize,
     tasks: BTreeMap<Task, (Vec<SampleStream>, usize)>,
+}
+
+struct Producer {
+    shares: Vec<Share>,
+    share_count: usize,
     order: Vec<Task>,
     mix: Mix,
     rng: ChaCha8Rng,
@@ -154,10 +250,19 @@ impl Producer {
         MixerState {
             step: self.step,
             rng: self.rng.clone(),
-            streams: self
-                .tasks
+            streams: BTreeMap::new(),
+            share_count: self.share_count,
+            shares: self
+                .shares
                 .iter()
-                .map(|(t, (s, turn))| (*t, (s.iter().map(|x| x.position()).collect(), *turn)))
+                .map(|sh| {
+                    let pos = sh
+                        .tasks
+                        .iter()
+                        .map(|(t, (s, turn))| (*t, (s.iter().map(|x| x.position()).collect(), *turn)))
+                        .collect();
+                    (sh.index, pos)
+                })
                 .collect(),
         }
     }
@@ -181,56 +286,29 @@ impl Producer {
 
     fn next_batch(&mut self) -> Result<LoadedBatch, LoaderError> {
         let task = self.pick_task();
-        let want = self.builder.cfg.batch_size;
-        let mut samples = Vec::with_capacity(want);
-        let (streams, turn) = self.tasks.get_mut(&task).expect("picked tasks have sources");
-        while samples.len() < want {
-            // Read raw records in order (sources alternate), decode them in parallel.
-            let mut raws = Vec::new();
-            while raws.len() < want - samples.len() {
-                let k = *turn % streams.len();
-                *turn += 1;
-                match streams[k].next_record()? {
-                    Record::Sample(r) => raws.push((k, r)),
-                    Record::Skipped { reason, key, detail } => streams[k].count_skip(reason, &key, &detail)?,
-                }
-            }
-            let decoded: Vec<_> = self.pool.install(|| {
-                raws.into_par_iter()
-                    .map(|(k, r)| (k, r.key.clone(), decode(r, task)))
-                    .collect()
-            });
-            for (k, key, d) in decoded {
-                match d {
-                    Ok(s) => {
-                        streams[k].count_sample();
-                        samples.push(s);
-                    }
-                    Err((reason, detail)) => streams[k].count_skip(reason, &key, &detail)?,
+        let want = self.builder.cfg.batch_size / self.share_count;
+        let mut parts = Vec::with_capacity(self.shares.len());
+        for share in &mut self.shares {
+            let samples = fill(share, task, want, &self.pool)?;
+            let builder = &self.builder;
+            let index = self.step * self.share_count as u64 + share.index as u64;
+            parts.push(self.pool.install(|| builder.build(task, samples, index))?);
+        }
+        let batch = HostBatch::concat(parts);
+        self.step += 1;
+        let mut stats: BTreeMap<Task, StreamStats> = BTreeMap::new();
+        let mut per_source: BTreeMap<String, StreamStats> = BTreeMap::new();
+        for sh in &self.shares {
+            for (t, (s, _)) in &sh.tasks {
+                for x in s {
+                    stats.entry(*t).or_default().merge(&x.stats);
+                    per_source
+                        .entry(format!("{}: {}", t.name(), x.describe()))
+                        .or_default()
+                        .merge(&x.stats);
                 }
             }
         }
-        let builder = &self.builder;
-        let step = self.step;
-        let batch = self.pool.install(|| builder.build(task, samples, step))?;
-        self.step += 1;
-        let stats = self
-            .tasks
-            .iter()
-            .map(|(t, (s, _))| {
-                let mut st = StreamStats::default();
-                s.iter().for_each(|x| st.merge(&x.stats));
-                (*t, st)
-            })
-            .collect();
-        let per_source = self
-            .tasks
-            .iter()
-            .flat_map(|(t, (s, _))| {
-                s.iter()
-                    .map(move |x| (format!("{}: {}", t.name(), x.describe()), x.stats.clone()))
-            })
-            .collect();
         Ok(LoadedBatch {
             batch,
             state_after: self.state(),
@@ -238,6 +316,44 @@ impl Producer {
             per_source,
         })
     }
+}
+
+/// `want` usable samples of `task` from `share`'s streams: raw records read in order (sources
+/// alternate), decoded in parallel, skips counted and refilled.
+fn fill(
+    share: &mut Share,
+    task: Task,
+    want: usize,
+    pool: &rayon::ThreadPool,
+) -> Result<Vec<DecodedSample>, LoaderError> {
+    let mut samples = Vec::with_capacity(want);
+    let (streams, turn) = share.tasks.get_mut(&task).expect("picked tasks have sources");
+    while samples.len() < want {
+        let mut raws = Vec::new();
+        while raws.len() < want - samples.len() {
+            let k = *turn % streams.len();
+            *turn += 1;
+            match streams[k].next_record()? {
+                Record::Sample(r) => raws.push((k, r)),
+                Record::Skipped { reason, key, detail } => streams[k].count_skip(reason, &key, &detail)?,
+            }
+        }
+        let decoded: Vec<_> = pool.install(|| {
+            raws.into_par_iter()
+                .map(|(k, r)| (k, r.key.clone(), decode(r, task)))
+                .collect()
+        });
+        for (k, key, d) in decoded {
+            match d {
+                Ok(s) => {
+                    streams[k].count_sample();
+                    samples.push(s);
+                }
+                Err((reason, detail)) => streams[k].count_skip(reason, &key, &detail)?,
+            }
+        }
+    }
+    Ok(samples)
 }
 
 /// Produces batches on a background thread, `prefetch` ahead, in a deterministic order.
@@ -255,46 +371,97 @@ impl DataLoader {
         cfg: LoaderConfig,
         resume: Option<MixerState>,
     ) -> Result<Self, LoaderError> {
-        let mut tasks = BTreeMap::new();
+        let mut sources = Some(sources);
+        Self::with_shares(
+            Shares::default(),
+            |_| Ok(sources.take().unwrap_or_default()),
+            builder,
+            cfg,
+            resume,
+        )
+    }
+
+    /// Starts a loader that builds `shares.take` of `shares.count` data shares (see the module
+    /// docs); `sources(k)` opens the sources once more for share `k` (the same specs and seed
+    /// each time: share `k` reads every `count`-th record of them).
+    pub fn with_shares(
+        shares: Shares,
+        mut sources: impl FnMut(usize) -> Result<BTreeMap<Task, Vec<Box<dyn Source>>>, LoaderError>,
+        builder: BatchBuilder,
+        cfg: LoaderConfig,
+        resume: Option<MixerState>,
+    ) -> Result<Self, LoaderError> {
+        let batch = builder.cfg.batch_size;
+        if shares.count == 0 || !batch.is_multiple_of(shares.count) || shares.take.is_empty() {
+            return Err(LoaderError::Shares(format!(
+                "{} shares of a batch of {batch} (the share count must divide the batch size)",
+                shares.count
+            )));
+        }
+        if let Some(k) = shares.take.iter().find(|&&k| k >= shares.count) {
+            return Err(LoaderError::Shares(format!("share {k} of {}", shares.count)));
+        }
         let mut describe = Vec::new();
-        for (task, srcs) in sources {
-            if srcs.is_empty() {
-                continue;
-            }
-            if let Mix::Weighted(w) = &cfg.mix {
-                if w.get(&task).copied().unwrap_or(0.0) <= 0.0 {
+        let mut built = Vec::new();
+        for &k in &shares.take {
+            let mut tasks = BTreeMap::new();
+            for (task, srcs) in sources(k)? {
+                if srcs.is_empty() {
                     continue;
                 }
+                if let Mix::Weighted(w) = &cfg.mix {
+                    if w.get(&task).copied().unwrap_or(0.0) <= 0.0 {
+                        continue;
+                    }
+                }
+                let streams: Vec<SampleStream> = srcs
+                    .into_iter()
+                    .map(|s| SampleStream::strided(s, k, shares.count))
+                    .collect();
+                if k == shares.take[0] {
+                    describe.extend(streams.iter().map(|s| format!("{}: {}", task.name(), s.describe())));
+                }
+                tasks.insert(task, (streams, 0usize));
             }
-            let streams: Vec<SampleStream> = srcs.into_iter().map(SampleStream::new).collect();
-            describe.extend(streams.iter().map(|s| format!("{}: {}", task.name(), s.describe())));
-            tasks.insert(task, (streams, 0usize));
+            if tasks.is_empty() {
+                return Err(LoaderError::NoSources);
+            }
+            built.push(Share { index: k, tasks });
         }
-        if tasks.is_empty() {
-            return Err(LoaderError::NoSources);
-        }
+        let order: Vec<Task> = built[0].tasks.keys().copied().collect();
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         let mut step = 0;
         if let Some(state) = resume {
-            rng = state.rng;
+            if state.share_count != shares.count {
+                return Err(LoaderError::Shares(format!(
+                    "the checkpoint's data is split into {} share(s), this run into {}; resume with the run's share count (--data-shares {})",
+                    state.share_count, shares.count, state.share_count
+                )));
+            }
+            rng = state.rng.clone();
             step = state.step;
-            for (task, (positions, turn)) in state.streams {
-                if let Some((streams, t)) = tasks.get_mut(&task) {
-                    *t = turn;
-                    for (s, p) in streams.iter_mut().zip(positions) {
-                        s.seek(p)?;
+            for share in &mut built {
+                let positions = state.share(share.index).ok_or_else(|| {
+                    LoaderError::Shares(format!("the checkpoint has no position for data share {}", share.index))
+                })?;
+                for (task, (positions, turn)) in positions {
+                    if let Some((streams, t)) = share.tasks.get_mut(task) {
+                        *t = *turn;
+                        for (s, p) in streams.iter_mut().zip(positions) {
+                            s.seek(*p)?;
+                        }
                     }
                 }
             }
         }
-        let order = tasks.keys().copied().collect();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.workers.max(1))
             .thread_name(|i| format!("flava-data-{i}"))
             .build()
             .map_err(|e| LoaderError::Threads(e.to_string()))?;
         let mut producer = Producer {
-            tasks,
+            shares: built,
+            share_count: shares.count,
             order,
             mix: cfg.mix,
             rng,

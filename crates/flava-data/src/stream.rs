@@ -60,11 +60,13 @@ impl StreamStats {
 /// Skips logged per reason before the rest are only counted (the end-of-run summary has all).
 pub const LOGGED_SKIPS_PER_REASON: u64 = 10;
 
-/// A source read epoch after epoch.
+/// A source read epoch after epoch (or one share of it: every `stride`-th record from `phase`).
 pub struct SampleStream {
     source: Box<dyn Source>,
     pos: StreamPosition,
     started: bool,
+    phase: u64,
+    stride: u64,
     /// Records since the last usable sample (skips in a row).
     unusable_run: u64,
     /// Counts since the stream was opened.
@@ -74,10 +76,19 @@ pub struct SampleStream {
 impl SampleStream {
     /// Wraps a source; epoch 0 starts on first use.
     pub fn new(source: Box<dyn Source>) -> Self {
+        Self::strided(source, 0, 1)
+    }
+
+    /// Share `phase` of `stride` shares of `source`: the records `phase, phase + stride, …` of
+    /// each epoch (the others are read and passed over, not decoded). Positions count every
+    /// record of the source, so a share resumes exactly.
+    pub fn strided(source: Box<dyn Source>, phase: usize, stride: usize) -> Self {
         Self {
             source,
             pos: StreamPosition::default(),
             started: false,
+            phase: phase as u64,
+            stride: stride.max(1) as u64,
             unusable_run: 0,
             stats: StreamStats::default(),
         }
@@ -102,14 +113,36 @@ impl SampleStream {
             consumed: 0,
         };
         for _ in 0..pos.consumed {
-            self.next_record()?;
+            self.next_any()?;
         }
         Ok(())
     }
 
-    /// The next record, moving to the next epoch when one ends. Skips are counted here and in
-    /// the log (stderr); a whole epoch without a record is an error.
+    /// The next record of this stream's share, moving to the next epoch when one ends. Skips
+    /// are counted here and in the log (stderr); a whole epoch without a record of the share is
+    /// an error.
     pub fn next_record(&mut self) -> Result<Record, SourceError> {
+        let first_epoch = self.pos.epoch;
+        loop {
+            let r = self.next_any()?;
+            // `consumed` now counts the record just read: its index in the epoch is one less.
+            if (self.pos.consumed - 1) % self.stride == self.phase {
+                return Ok(r);
+            }
+            // A whole epoch passed (we are two past the first) without a record of this share.
+            if self.pos.epoch >= first_epoch + 2 {
+                return Err(SourceError::Empty(format!(
+                    "{} (share {} of {}: the source has too few records for the data shares)",
+                    self.source.describe(),
+                    self.phase,
+                    self.stride
+                )));
+            }
+        }
+    }
+
+    /// The next record of the source, whatever its share.
+    fn next_any(&mut self) -> Result<Record, SourceError> {
         if !self.started {
             self.source.start_epoch(self.pos.epoch);
             self.started = true;

@@ -9,11 +9,18 @@
 //! features between them (the global contrastive loss sees every device's negatives), and sums
 //! the gradients on the first device. On CUDA the threads overlap their devices' work; on a
 //! single CPU the same path runs with replicas that share the device (which is how it is tested).
+//!
+//! Across processes, [`distributed_gradients`] is the same computation with the micro-batches
+//! spread over the ranks of a [`ProcessGroup`]: the batch counts (loss denominators, positive
+//! rows), the contrastive features and the loss values are all-gathered, each rank
+//! differentiates through its own rows, and the gradients are all-reduced, so every rank holds
+//! the gradients of the whole global batch.
 
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 
 use crate::batch::PretrainingBatch;
+use crate::collective::{all_gather_json, all_reduce_gradients, bytes_f32, f32_bytes, ProcessGroup, SingleProcess};
 use crate::pretraining::{CachedFeatures, Contrastive, FlavaForPretraining, LossKind, ObjectiveError, StepOptions};
 use crate::scope::{scopes, BatchCounts};
 use flava_dvae::ImageCodebook;
@@ -61,6 +68,19 @@ pub fn data_parallel_gradients(
     replicas: &[Replica<'_>],
     micro: &[PretrainingBatch],
 ) -> Result<AccumulatedStep, ObjectiveError> {
+    distributed_gradients(&SingleProcess, replicas, micro)
+}
+
+/// [`data_parallel_gradients`] over the ranks of `group`: `micro` are this rank's micro-batches,
+/// and the global batch is every rank's micro-batches in rank order (rank 0's first). Every
+/// rank must call it at the same step with the same task. Returns, on every rank, the losses
+/// of the global batch and the gradients of all ranks summed (so every rank can take the same
+/// optimizer step). With one rank it is [`data_parallel_gradients`].
+pub fn distributed_gradients(
+    group: &dyn ProcessGroup,
+    replicas: &[Replica<'_>],
+    micro: &[PretrainingBatch],
+) -> Result<AccumulatedStep, ObjectiveError> {
     if micro.is_empty() || replicas.is_empty() {
         return Err(ObjectiveError::EmptyBatch);
     }
@@ -68,8 +88,15 @@ pub fn data_parallel_gradients(
     let model = replicas[0].model;
     let assigned = |r: usize| (r..micro.len()).step_by(n_rep);
     let paired = micro[0].is_paired();
-    // Rows and denominators over the whole batch (crate::scope, as for one batch).
-    let counts: Vec<BatchCounts> = micro.iter().map(BatchCounts::of).collect();
+    // Rows and denominators over the whole global batch (crate::scope, as for one batch).
+    let local_counts: Vec<BatchCounts> = micro.iter().map(BatchCounts::of).collect();
+    let (counts, first) = if group.world() > 1 {
+        let per_rank = all_gather_json(group, &local_counts)?;
+        let first: usize = per_rank[..group.rank()].iter().map(Vec::len).sum();
+        (per_rank.into_iter().flatten().collect::<Vec<_>>(), first)
+    } else {
+        (local_counts, 0)
+    };
     let scope = scopes(&counts);
 
     // Contrastive features of every micro-batch, without autograd, each on its replica.
@@ -99,13 +126,20 @@ pub fn data_parallel_gradients(
             .into_iter()
             .map(|(_, u, v)| (u.to_device(&device), v.to_device(&device)))
             .unzip();
+        let (u, v) = (Tensor::cat(us, 0), Tensor::cat(vs, 0));
+        // Across ranks: every rank's features, rank order, as host floats.
+        let (u, v) = if group.world() > 1 {
+            (gather_rows(group, u)?, gather_rows(group, v)?)
+        } else {
+            (u, v)
+        };
         let mut offset = 0;
         let mut global_rows = Vec::new();
         for (c, sc) in counts.iter().zip(&scope) {
             global_rows.extend(sc.rows.iter().map(|r| offset + r));
             offset += c.size;
         }
-        Some((Tensor::cat(us, 0), Tensor::cat(vs, 0), global_rows))
+        Some((u, v, global_rows))
     } else {
         None
     };
@@ -125,20 +159,22 @@ pub fn data_parallel_gradients(
         let mut losses = Vec::new();
         for i in assigned(r) {
             let m = &micro[i];
+            // Its index in the global batch.
+            let g = first + i;
             let cached = cache.as_ref().map(|(u, v, rw)| CachedFeatures {
                 image: u.clone(),
                 text: v.clone(),
-                offset: offsets[i],
+                offset: offsets[g],
                 rows: rw.clone(),
-                live_scale: i == 0,
+                live_scale: g == 0,
             });
             let opts = StepOptions {
                 codebook: rep.codebook,
                 contrastive: cached.as_ref().map_or(Contrastive::Local, Contrastive::Cached),
-                scope: Some(scope[i].clone()),
+                scope: Some(scope[g].clone()),
             };
             let out = rep.model.forward(m, &opts)?;
-            losses.push((i, out.losses.values()));
+            losses.push((g, out.losses.values()));
             if let Some(t) = out.total {
                 let grads = GradientsParams::from_grads(t.backward(), rep.model);
                 acc.accumulate(rep.model, grads);
@@ -167,6 +203,26 @@ pub fn data_parallel_gradients(
             acc.accumulate(model, g);
         }
     }
+    let grads = all_reduce_gradients(group, model, acc.grads())?;
+    if group.world() > 1 {
+        // Every rank's micro-batch losses (names travel as strings).
+        let named: Vec<(usize, Vec<(String, f64)>)> = per_micro
+            .iter()
+            .map(|(i, l)| (*i, l.iter().map(|(n, v)| (n.to_string(), *v)).collect()))
+            .collect();
+        per_micro = Vec::new();
+        for (i, l) in all_gather_json(group, &named)?.into_iter().flatten() {
+            let l = l
+                .into_iter()
+                .map(|(n, v)| {
+                    LossKind::from_name(&n)
+                        .map(|k| (k.name(), v))
+                        .ok_or_else(|| ObjectiveError::Shape(format!("unknown loss `{n}`")))
+                })
+                .collect::<Result<_, _>>()?;
+            per_micro.push((i, l));
+        }
+    }
     per_micro.sort_by_key(|(i, _)| *i);
     let mut sums: Vec<(&'static str, f64)> = Vec::new();
     let mut total = 0.0;
@@ -185,10 +241,24 @@ pub fn data_parallel_gradients(
         total += v * model.weights.get(kind);
     }
     Ok(AccumulatedStep {
-        grads: acc.grads(),
+        grads,
         losses: sums,
         total,
     })
+}
+
+/// `[n, d]` rows of every rank, rank order, on `t`'s device (host floats on the wire).
+fn gather_rows(group: &dyn ProcessGroup, t: Tensor<2>) -> Result<Tensor<2>, ObjectiveError> {
+    let [_, d] = t.dims();
+    let device = t.device();
+    let host = t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
+    let all: Vec<f32> = group
+        .all_gather(&f32_bytes(&host))?
+        .iter()
+        .flat_map(|b| bytes_f32(b))
+        .collect();
+    let n = all.len() / d.max(1);
+    Ok(Tensor::from_data(TensorData::new(all, [n, d]), &device))
 }
 
 /// Runs `f(r, replica)` for every replica, one thread each when there are several.

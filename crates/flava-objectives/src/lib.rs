@@ -17,24 +17,32 @@
 //! - [`scope`]: positive rows and loss denominators, for one batch or its micro-batches.
 //! - [`pretraining`]: [`FlavaForPretraining`], one step's losses per task.
 //! - [`classification`]: downstream task heads ([`FlavaForClassification`]) and their losses.
-//! - [`accumulate`]: contrastive-exact gradient accumulation and in-process data parallelism.
+//! - [`accumulate`]: contrastive-exact gradient accumulation, in-process data parallelism and the
+//!   distributed step over a process group.
+//! - [`collective`]: the process group ([`ProcessGroup`]) and gradient all-reduce / weight
+//!   broadcast over it.
 //! - [`checkpoint`]: loading and saving `FlavaForPreTraining` checkpoints.
 
 pub mod accumulate;
 pub mod batch;
 pub mod checkpoint;
 pub mod classification;
+pub mod collective;
 pub mod contrastive;
 pub mod heads;
 pub mod losses;
 pub mod pretraining;
 pub mod scope;
 
-pub use accumulate::{accumulate_gradients, data_parallel_gradients, AccumulatedStep, Replica};
+pub use accumulate::{accumulate_gradients, data_parallel_gradients, distributed_gradients, AccumulatedStep, Replica};
 pub use batch::{MlmTargets, PretrainingBatch};
 pub use checkpoint::{load_pretraining, save_pretraining, LoadedPretraining};
 pub use classification::{
     cls_features, ClassificationError, ClassifierConfig, ClassifierHead, FlavaForClassification, TaskTargets,
+};
+pub use collective::{
+    all_gather_json, all_reduce_gradients, broadcast_module, materialize, CollectiveError, LocalGroup, ProcessGroup,
+    SingleProcess,
 };
 pub use contrastive::{clamp_logit_scale, contrastive_loss, ContrastiveOutput};
 pub use heads::{ItmHead, MaskedPredictionHead};

@@ -136,6 +136,9 @@ pub enum ObjectiveError {
     /// Sizes that do not fit together.
     #[error("inconsistent batch: {0}")]
     Shape(String),
+    /// A collective between the ranks of a distributed step failed.
+    #[error(transparent)]
+    Collective(#[from] crate::collective::CollectiveError),
 }
 
 /// How the contrastive loss sees other samples.

@@ -9,8 +9,9 @@
 
 use crate::batch::PretrainingBatch;
 
-/// The host-side facts of one batch the loss scope depends on.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// The host-side facts of one batch the loss scope depends on (serialisable: the ranks of a
+/// distributed step exchange them).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BatchCounts {
     /// Samples.
     pub size: usize,

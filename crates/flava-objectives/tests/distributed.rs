@@ -11,8 +11,8 @@ use burn::prelude::*;
 use common::{fixtures, slice_batch, Io};
 use flava_objectives::checkpoint::load_pretraining;
 use flava_objectives::{
-    accumulate_gradients, clamp_logit_scale, contrastive_loss, data_parallel_gradients, FlavaForPretraining,
-    PretrainingBatch, Replica, StepOptions,
+    accumulate_gradients, broadcast_module, clamp_logit_scale, contrastive_loss, data_parallel_gradients,
+    distributed_gradients, FlavaForPretraining, LocalGroup, PretrainingBatch, ProcessGroup, Replica, StepOptions,
 };
 
 const TOL: f32 = 1e-4;
@@ -220,6 +220,83 @@ fn data_parallel_replicas_equal_one_big_batch() {
     let micro: Vec<PretrainingBatch> = (0..4).map(|i| slice_batch(&full, i * per, (i + 1) * per)).collect();
     let step = data_parallel_gradients(&replicas, &micro).unwrap();
     assert_equals_one_batch(&model, &step, want_total, &want_losses, &want, "2 replicas");
+}
+
+/// Two ranks of a process group (threads of this process, through `LocalGroup`; MPI runs the
+/// same code across processes): each rank holds two of the four micro-batches and its own model
+/// copy, and both get the global batch's losses and gradients, equal to one big batch.
+#[test]
+fn ranks_of_a_process_group_equal_one_big_batch() {
+    let io = Io::load();
+    let (model, codebook) = load(&io);
+    let full = io.batch("pairs");
+    let (want_total, want_losses, want) = one_batch(&model, &codebook, &full);
+    let per = full.batch_size() / 4;
+    let micro: Vec<PretrainingBatch> = (0..4).map(|i| slice_batch(&full, i * per, (i + 1) * per)).collect();
+    let groups = LocalGroup::new(2);
+    let copies = [model.clone(), model.clone().fork(&io.device)];
+    let steps: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = groups
+            .iter()
+            .zip(&copies)
+            .enumerate()
+            .map(|(r, (g, m))| {
+                let (micro, codebook) = (&micro, &codebook);
+                s.spawn(move || {
+                    let replicas = [Replica {
+                        model: m,
+                        codebook: Some(codebook),
+                    }];
+                    distributed_gradients(g as &dyn ProcessGroup, &replicas, &micro[2 * r..2 * r + 2]).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (r, step) in steps.iter().enumerate() {
+        assert_equals_one_batch(&model, step, want_total, &want_losses, &want, &format!("rank {r}"));
+    }
+    assert_eq!(steps[0].total, steps[1].total, "every rank has the same total");
+}
+
+/// Rank 0's weights reach every rank (here rank 1 starts from other weights), ids kept.
+#[test]
+fn broadcast_gives_every_rank_rank_zeros_weights() {
+    let io = Io::load();
+    let (model, _) = load(&io);
+    let config = load_pretraining(fixtures().join("pretraining"), false, &io.device)
+        .unwrap()
+        .config;
+    let other = FlavaForPretraining::new(&config, &io.device);
+    let groups = LocalGroup::new(2);
+    let got: Vec<FlavaForPretraining> = std::thread::scope(|s| {
+        let hs: Vec<_> = [model.clone(), other.clone()]
+            .into_iter()
+            .zip(groups.clone())
+            .map(|(m, g)| s.spawn(move || broadcast_module(&g as &dyn ProcessGroup, m, 0).unwrap()))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let flat = |m: &FlavaForPretraining| {
+        let w = m.flava.logit_scale.val().into_data().try_to_vec::<f32>().unwrap();
+        let q = m.flava.image_model.encoder.layer[0]
+            .attention
+            .attention
+            .query
+            .weight
+            .val();
+        (w, q.into_data().try_to_vec::<f32>().unwrap())
+    };
+    assert_eq!(flat(&got[1]), flat(&model), "rank 1 holds rank 0's weights");
+    assert_ne!(flat(&other).1, flat(&model).1, "rank 1 started elsewhere");
+    assert_eq!(
+        got[1].flava.logit_scale.id, other.flava.logit_scale.id,
+        "parameter ids are the rank's own"
+    );
+    assert!(
+        got[1].flava.logit_scale.val().is_require_grad(),
+        "weights stay trainable"
+    );
 }
 
 #[test]

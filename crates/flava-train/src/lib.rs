@@ -17,6 +17,7 @@ pub mod alloc;
 pub mod bulk_embed;
 pub mod data_cmd;
 pub mod device;
+pub mod distributed;
 pub mod dvae;
 pub mod dvae_cmd;
 pub mod embed;

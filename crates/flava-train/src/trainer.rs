@@ -34,15 +34,30 @@ pub enum Strategy {
         /// Micro-batches per device per step.
         accumulate: usize,
     },
+    /// One rank of a job over several processes ([`crate::distributed`]): the batch given to
+    /// the step is this rank's rows of the global batch (rank order), split into micro-batches
+    /// over `devices` as in `DataParallel`; contrastive features, batch counts and losses are
+    /// all-gathered and the gradients all-reduced, so every rank takes the same update.
+    Distributed {
+        /// The ranks.
+        group: crate::distributed::Group,
+        /// This rank's devices (the first is its main one).
+        devices: Vec<Device>,
+        /// Micro-batches per device per step.
+        accumulate: usize,
+    },
 }
 
 impl Strategy {
-    /// Micro-batches per step.
+    /// Micro-batches per step in this process.
     pub fn micro_batches(&self) -> usize {
         match self {
             Strategy::Single => 1,
             Strategy::Accumulate(k) => (*k).max(1),
-            Strategy::DataParallel { devices, accumulate } => devices.len().max(1) * (*accumulate).max(1),
+            Strategy::DataParallel { devices, accumulate }
+            | Strategy::Distributed {
+                devices, accumulate, ..
+            } => devices.len().max(1) * (*accumulate).max(1),
         }
     }
 }

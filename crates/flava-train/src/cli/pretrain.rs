@@ -3,7 +3,11 @@
 
 use std::path::PathBuf;
 
-use flava_train::observer::ProgressBars;
+use std::sync::Arc;
+
+use flava_objectives::SingleProcess;
+use flava_train::distributed::{launched_world_size, Group};
+use flava_train::observer::{Observer, ProgressBars};
 use flava_train::pretrain::{self, config::PretrainConfig};
 
 /// `flava pretrain` options; each overrides the same key of `--config`.
@@ -86,6 +90,10 @@ pub struct PretrainArgs {
     /// Several devices for data parallelism: cuda:0,cuda:1 (one replica and one share of each batch per device; flex,flex runs the same path on the CPU).
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
+    /// Split every batch into K data shares (default: the number of processes under mpiexec,
+    /// else 1); runs with the same K see the same batches however many processes or devices.
+    #[arg(long)]
+    data_shares: Option<usize>,
     /// Checkpoint every N steps.
     #[arg(long)]
     checkpoint_every: Option<usize>,
@@ -171,6 +179,9 @@ impl PretrainArgs {
         if !self.devices.is_empty() {
             c.devices = self.devices;
         }
+        if self.data_shares.is_some() {
+            c.data_shares = self.data_shares;
+        }
         if let Some(t) = self.dvae_time {
             c.dvae.time_limit_s = t;
         }
@@ -189,10 +200,81 @@ pub fn run(args: PretrainArgs, limits: &[String]) -> anyhow::Result<()> {
         print!("{}", cfg.to_toml());
         return Ok(());
     }
-    let summary = pretrain::run_with(&cfg, &mut ProgressBars::new())?;
+    let job = Job::start()?;
+    let (rank, world) = (job.group.get().rank(), job.group.get().world());
+    let result = if rank == 0 {
+        pretrain::run_in_group(&cfg, &job.group, &mut ProgressBars::new())
+    } else {
+        pretrain::run_in_group(&cfg, &job.group, &mut OtherRank(rank))
+    };
+    let summary = match result {
+        Ok(s) => s,
+        Err(e) if world > 1 => {
+            // Bring every rank down with this message, not leave them waiting in a collective.
+            eprintln!("error: rank {rank} of {world}: {e:#}");
+            job.abort()
+        }
+        Err(e) => return Err(e),
+    };
     if let Some(report) = &summary.eval {
         print!("{}", flava_train::eval::render_report(report));
         println!("evaluation saved to {}", cfg.out.join("eval.json").display());
     }
     Ok(())
+}
+
+/// A rank other than 0: its warnings, prefixed with the rank; rank 0 reports the rest.
+struct OtherRank(usize);
+
+impl Observer for OtherRank {
+    fn on_message(&mut self, msg: &str) {
+        if msg.starts_with("warning") {
+            eprintln!("rank {}: {msg}", self.0);
+        }
+    }
+}
+
+/// This process's place in the job: alone, or a rank of an MPI job when a launcher started it.
+struct Job {
+    group: Group,
+    #[cfg(feature = "mpi")]
+    mpi: Option<Arc<flava_train::distributed::MpiGroup>>,
+}
+
+impl Job {
+    #[cfg(feature = "mpi")]
+    fn start() -> anyhow::Result<Self> {
+        if launched_world_size().is_none() {
+            return Ok(Self {
+                group: Group(Arc::new(SingleProcess)),
+                mpi: None,
+            });
+        }
+        let mpi = Arc::new(flava_train::distributed::MpiGroup::init()?);
+        Ok(Self {
+            group: Group(mpi.clone()),
+            mpi: Some(mpi),
+        })
+    }
+
+    #[cfg(not(feature = "mpi"))]
+    fn start() -> anyhow::Result<Self> {
+        match launched_world_size() {
+            Some(n) if n > 1 => anyhow::bail!(
+                "started as one of {n} processes (mpiexec or srun), but this flava was built without MPI: every process would train alone into the same run directory. Build it with `--features mpi`, or start one process"
+            ),
+            _ => Ok(Self {
+                group: Group(Arc::new(SingleProcess)),
+            }),
+        }
+    }
+
+    /// Ends the whole job (every rank) with a failure.
+    fn abort(&self) -> ! {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            m.abort(1)
+        }
+        std::process::exit(1)
+    }
 }

@@ -144,6 +144,12 @@ pub struct PretrainConfig {
     /// of every batch per device, gradients summed on the first, which replaces `device`.
     /// (`flex,flex` runs the same path on the CPU, for testing.)
     pub devices: Vec<String>,
+    /// Data shares of every batch (default: the number of processes). Each of `K` shares reads
+    /// every `K`-th record of each source and builds `batch_size / K` rows; the batch is the
+    /// shares' rows in order, and a job of `N` processes gives each `K / N` of them. Two runs
+    /// with the same `K` see the same batches, whatever their number of processes, devices or
+    /// micro-batches (so a resume may change the number of processes when it divides `K`).
+    pub data_shares: Option<usize>,
     /// Checkpoint every N steps (0 = only at the end).
     pub checkpoint_every: usize,
     /// Checkpoints kept.
@@ -200,6 +206,7 @@ impl Default for PretrainConfig {
             tokenizer_vocab_size: 200,
             device: "flex".into(),
             devices: vec![],
+            data_shares: None,
             checkpoint_every: 200,
             keep_checkpoints: 2,
             max_nonfinite: 5,
@@ -382,6 +389,31 @@ impl PretrainConfig {
             );
         }
         Ok(())
+    }
+
+    /// The run's data shares for a job of `world` processes ([`Self::data_shares`], default
+    /// `world`), or why they do not fit the batch, the processes and the devices.
+    pub fn check_processes(&self, world: usize) -> anyhow::Result<usize> {
+        let k = self.data_shares.unwrap_or(world.max(1));
+        if k == 0 || !self.batch_size.is_multiple_of(k) {
+            anyhow::bail!("--data-shares {k} must divide --batch-size {}", self.batch_size);
+        }
+        if !k.is_multiple_of(world.max(1)) {
+            anyhow::bail!(
+                "--data-shares {k} cannot be split evenly over {world} processes (use a multiple of {world})"
+            );
+        }
+        let per_process = self.batch_size / world.max(1);
+        let micro = self.accumulate * self.devices.len().max(1);
+        if world > 1 && !per_process.is_multiple_of(micro) {
+            anyhow::bail!(
+                "each of the {world} processes takes {per_process} samples of --batch-size {}, which do not split into --accumulate {} micro-batches on {} device(s)",
+                self.batch_size,
+                self.accumulate,
+                self.devices.len().max(1)
+            );
+        }
+        Ok(k)
     }
 
     /// Checks values that would fail later with a less clear message, or train nonsense.

@@ -17,25 +17,28 @@ mod setup;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use burn::module::Module;
 use burn::prelude::*;
 use flava_data::batch::{BatchBuilder, BatchConfig};
-use flava_data::loader::{DataLoader, LoaderConfig};
+use flava_data::loader::{DataLoader, LoaderConfig, LoaderError, MixerState, Shares};
 use flava_data::masking::BlockMaskConfig;
 use flava_data::processor::ImageProcessor;
 use flava_data::transforms::TrainTransformConfig;
 use flava_fusion::checkpoint::read_config;
 use flava_fusion::FlavaConfig;
 use flava_objectives::checkpoint::load_pretraining;
-use flava_objectives::FlavaForPretraining;
+use flava_objectives::{all_gather_json, broadcast_module, materialize, FlavaForPretraining, SingleProcess};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::distributed::{broadcast_json, check_same_config, files_in, share_files, Group, Scratch};
 use crate::eval::EvalReport;
 use crate::observer::Observer;
-use crate::run_dir::{sha256_file, RunDir};
+use crate::run_dir::{sha256_file, RunDir, RunState};
 use crate::trainer::{Strategy, Trainer, TrainerConfig};
 pub use checkpoint::TrainState;
 use config::PretrainConfig;
@@ -119,8 +122,75 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
 /// FLAVA in phases with checkpoints, the model directory and the evaluation. Progress,
 /// messages and each step's metrics go to `observer`.
 pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Result<RunSummary> {
+    run_in_group(cfg, &Group(Arc::new(SingleProcess)), observer)
+}
+
+/// A step's data on one rank, as the ranks exchange it before computing (so a rank whose data
+/// failed stops every rank at the same step, and rank 0 can checkpoint every rank's position).
+#[derive(Serialize, Deserialize)]
+struct RankData {
+    error: Option<String>,
+    mixer: Option<MixerState>,
+    per_source: BTreeMap<String, StreamStats>,
+}
+
+/// [`run_with`] as one rank of `group` (a job launched with `mpiexec`, see
+/// [`crate::distributed`]): every rank trains on its share of each global batch of
+/// `cfg.batch_size` samples and takes the same update; rank 0 prepares the tokenizer and codebook,
+/// chooses the checkpoint to resume from and writes everything into `cfg.out` (checkpoints with
+/// every rank's data position, metrics, model, evaluation, report); the other ranks write
+/// nothing there. With a group of one it is [`run_with`].
+pub fn run_in_group(cfg: &PretrainConfig, group: &Group, observer: &mut dyn Observer) -> anyhow::Result<RunSummary> {
+    let (rank, world) = (group.get().rank(), group.get().world());
+    let rank0 = rank == 0;
     cfg.validate()?;
+    let data_shares = cfg.check_processes(world)?;
+    if world > 1 {
+        check_same_config(group.get(), &cfg.to_toml())?;
+    }
+    let mut cfg_written = cfg.clone();
+    // The run's share count is kept, so a resume with another number of processes that divides
+    // it reads the same data.
+    cfg_written.data_shares = Some(data_shares).filter(|&k| k > 1 || cfg.data_shares.is_some());
     flava_vit::limits::set(cfg.limits);
+    let out = cfg.out.clone();
+    let scratch = if rank0 { None } else { Some(Scratch::new(rank)?) };
+    // Rank 0's answer (a previous run in the way, a resume that changes options) is every rank's.
+    let prepared = if rank0 {
+        prepare_out_dir(&cfg_written, observer).map_err(|e| format!("{e:#}"))
+    } else {
+        Ok(())
+    };
+    let prepared: Result<(), String> = broadcast_json(group.get(), &prepared)?;
+    prepared.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let run_dir = RunDir::new(&out);
+    // Hub ids in `init` / `codebook` become their local snapshots (config.toml keeps the ids);
+    // rank 0 first, so the ranks of one machine do not download into one cache at once.
+    let mut resolved = cfg_written.clone();
+    for turn in [true, false] {
+        if rank0 == turn {
+            for (flag, p) in [("--init", &mut resolved.init), ("--codebook", &mut resolved.codebook)] {
+                if let Some(p) = p {
+                    *p = crate::hub::resolve(p).context(flag)?;
+                }
+            }
+        }
+        if world > 1 {
+            group.get().all_gather(&[])?;
+        }
+    }
+    run_prepared(
+        &resolved,
+        group,
+        scratch.as_ref().map(Scratch::path),
+        &run_dir,
+        observer,
+    )
+}
+
+/// Rank 0's part before the run: refuses or clears a previous run, recovers interrupted
+/// writes, checks a resumed configuration and writes `config.toml`.
+fn prepare_out_dir(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Result<()> {
     let out = cfg.out.clone();
     if !cfg.resume {
         if let Some(found) = previous_run(&out) {
@@ -163,14 +233,22 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
     }
     flava_vit::atomic::write_file(&config_path, cfg.to_toml().as_bytes())
         .with_context(|| format!("writing {}", config_path.display()))?;
-    // Hub ids in `init` / `codebook` become their local snapshots (config.toml keeps the ids).
-    let mut resolved = cfg.clone();
-    for (flag, p) in [("--init", &mut resolved.init), ("--codebook", &mut resolved.codebook)] {
-        if let Some(p) = p {
-            *p = crate::hub::resolve(p).context(flag)?;
-        }
-    }
-    let cfg = &resolved;
+    Ok(())
+}
+
+/// The run once its directory is ready: `scratch` is where a rank other than 0 keeps what rank
+/// 0 shares with it.
+fn run_prepared(
+    cfg: &PretrainConfig,
+    group: &Group,
+    scratch: Option<&Path>,
+    run_dir: &RunDir,
+    observer: &mut dyn Observer,
+) -> anyhow::Result<RunSummary> {
+    let (rank, world) = (group.get().rank(), group.get().world());
+    let rank0 = rank == 0;
+    let out = cfg.out.clone();
+    let data_shares = cfg.data_shares.unwrap_or(world);
 
     // Data parallelism: the first of `devices` is the main one (optimizer, checkpoints).
     let dp_devices: Vec<Device> = cfg
@@ -185,6 +263,21 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
     device.seed(cfg.seed);
     let ad = device.clone().autodiff();
 
+    // Rank 0 prepares the tokenizer and codebook (training them if needed); the other ranks
+    // receive its files and load those.
+    let mut local = cfg.clone();
+    if world > 1 {
+        let tok = if rank0 {
+            prepare_tokenizer(cfg, observer).map(|(_, t)| vec![t])
+        } else {
+            Ok(vec![])
+        };
+        let tok = share_files(group.get(), tok, &scratch.unwrap_or(&out).join("tokenizer"))?;
+        if !rank0 {
+            local.tokenizer = tok.into_iter().next();
+        }
+    }
+    let cfg = &local;
     let (tokenizer, tokenizer_path) = prepare_tokenizer(cfg, observer)?;
     let preset_cfg = match &cfg.init {
         Some(dir) => read_config(dir)?,
@@ -193,30 +286,72 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
     let image_size = preset_cfg.image_config.image_size as u32;
     let grid = image_size as usize / preset_cfg.image_config.patch_size;
     let codebook_side = 8 * grid as u32;
+    let mut local = cfg.clone();
+    if world > 1 {
+        let files = if rank0 {
+            prepare_codebook(cfg, codebook_side, &device, observer).and_then(|(_, _, dir)| files_in(&dir))
+        } else {
+            Ok(vec![])
+        };
+        let got = share_files(group.get(), files, &scratch.unwrap_or(&out).join("codebook"))?;
+        if !rank0 {
+            local.codebook = got.first().and_then(|p| p.parent()).map(Path::to_path_buf);
+        }
+    }
+    let cfg = &local;
     let (codebook, cb_cfg, codebook_dir) = prepare_codebook(cfg, codebook_side, &device, observer)?;
     let mc = model_config(cfg, &tokenizer, &cb_cfg)?;
+    if world > 1 {
+        observer.on_message(&format!(
+            "distributed: {world} processes, global batch {} in {data_shares} data shares ({} samples per process per step)",
+            cfg.batch_size,
+            cfg.batch_size / world
+        ));
+    }
     if dp_devices.len() > 1 {
         observer.on_message(&format!(
             "data parallel over {} devices: {} (batch {} = {} per device per micro-batch)",
             dp_devices.len(),
             cfg.devices.join(", "),
             cfg.batch_size,
-            cfg.batch_size / (cfg.accumulate * dp_devices.len())
+            cfg.batch_size / (world * cfg.accumulate * dp_devices.len())
         ));
     }
 
     // Seeded here, after the dVAE (which seeds and draws on its own), so the initial weights
-    // depend on the seed alone.
-    device.seed(cfg.seed);
-    let model = match &cfg.init {
-        Some(dir) => {
-            let l = load_pretraining(dir, true, &ad).with_context(|| format!("loading --init {}", dir.display()))?;
-            observer.on_message(&format!("init from {}: {}", dir.display(), l.report));
-            l.model
+    // depend on the seed alone. Rank 0 draws first (ranks that are threads of one process share
+    // the device's generator), and every rank then takes rank 0's weights.
+    let mut model = None;
+    for turn in [true, false] {
+        if rank0 == turn {
+            device.seed(cfg.seed);
+            model = Some(match &cfg.init {
+                Some(dir) => {
+                    let l = load_pretraining(dir, true, &ad)
+                        .with_context(|| format!("loading --init {}", dir.display()))?;
+                    observer.on_message(&format!("init from {}: {}", dir.display(), l.report));
+                    l.model
+                }
+                None => FlavaForPretraining::new(&mc, &ad),
+            });
+            model.as_ref().map(materialize);
         }
-        None => FlavaForPretraining::new(&mc, &ad),
-    };
-    let strategy = if dp_devices.len() > 1 {
+        if world > 1 {
+            group.get().all_gather(&[])?;
+        }
+    }
+    let model = broadcast_module(group.get(), model.context("no model was built")?, 0)?;
+    let strategy = if world > 1 {
+        Strategy::Distributed {
+            group: group.clone(),
+            devices: if dp_devices.len() > 1 {
+                dp_devices.clone()
+            } else {
+                vec![device.clone()]
+            },
+            accumulate: cfg.accumulate,
+        }
+    } else if dp_devices.len() > 1 {
         Strategy::DataParallel {
             devices: dp_devices.clone(),
             accumulate: cfg.accumulate,
@@ -237,14 +372,20 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
     );
     let mut state = TrainState::default();
     if cfg.resume {
-        // The newest checkpoint that verifies and loads; a damaged one falls back to the one before.
-        let resumed = run_dir.resume(
-            |dir, st: TrainState| {
-                trainer.load_records(dir, st.counters)?;
-                Ok(st)
-            },
-            observer,
-        )?;
+        // The newest checkpoint that verifies and loads; a damaged one falls back to the one
+        // before. Rank 0 chooses; the others load a copy of the same checkpoint.
+        let resumed = if rank0 {
+            run_dir.resume(
+                |dir, st: TrainState| {
+                    trainer.load_records(dir, st.counters)?;
+                    Ok(st)
+                },
+                observer,
+            )?
+        } else {
+            None
+        };
+        let chosen = resumed.as_ref().map(|r| (r.step, r.dir.clone()));
         if let Some(r) = resumed {
             state = r.value;
             observer.on_message(&format!(
@@ -252,6 +393,24 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
                 r.dir.display(),
                 state.counters.step
             ));
+        }
+        if world > 1 {
+            let step: Option<usize> = broadcast_json(group.get(), &chosen.as_ref().map(|c| c.0))?;
+            if let Some(step) = step {
+                let files = match &chosen {
+                    Some((_, dir)) => files_in(dir),
+                    None => Ok(vec![]),
+                };
+                let got = share_files(group.get(), files, &scratch.unwrap_or(&out).join("resume"))?;
+                if !rank0 {
+                    let dir = got
+                        .first()
+                        .and_then(|p| p.parent())
+                        .context("rank 0 sent an empty checkpoint")?;
+                    state = RunDir::verify(dir, step)?;
+                    trainer.load_records(dir, state.counters)?;
+                }
+            }
         }
     }
     // The codebook and tokenizer must be the ones the checkpoint was trained with.
@@ -314,8 +473,13 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
     };
     let builder = BatchBuilder::new(batch_cfg.clone(), Some(tokenizer.clone()))?;
 
-    let mut metrics = run_dir.metrics(state.counters.step)?;
-    let metrics_path = metrics.path().to_path_buf();
+    // Rank 0 alone writes into the run directory.
+    let mut metrics = if rank0 {
+        Some(run_dir.metrics(state.counters.step)?)
+    } else {
+        None
+    };
+    let metrics_path = run_dir.join("metrics.jsonl");
 
     let phases = cfg.phases()?;
     let total = cfg.steps;
@@ -323,7 +487,11 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
     observer.on_train_start("flava", trainer.step_count(), total);
     let started = Instant::now();
     let save = |trainer: &Trainer<Pretraining>, state: &TrainState, observer: &mut dyn Observer| {
-        run_dir.save_trainer(trainer, state, cfg.keep_checkpoints, observer)
+        if rank0 {
+            run_dir.save_trainer(trainer, state, cfg.keep_checkpoints, observer)
+        } else {
+            Ok(run_dir.checkpoint_dir(trainer.step_count()))
+        }
     };
     let mut phase_start = 0;
     for (pi, phase) in phases.iter().enumerate() {
@@ -336,8 +504,16 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
         let resume_mixer = if state.phase == pi { state.mixer.take() } else { None };
         state.phase = pi;
         let (srcs, mix) = sources(cfg, phase.kind)?;
-        let mut loader = DataLoader::new(
-            srcs,
+        // This process's data shares: all of them alone, a contiguous run of them as a rank.
+        let mut first = Some(srcs);
+        let mut loader = DataLoader::with_shares(
+            Shares::of_rank(data_shares, rank, world)?,
+            |_| match first.take() {
+                Some(s) => Ok(s),
+                None => sources(cfg, phase.kind)
+                    .map(|(s, _)| s)
+                    .map_err(|e| LoaderError::Shares(format!("{e:#}"))),
+            },
             builder.clone(),
             LoaderConfig {
                 mix,
@@ -356,7 +532,50 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
         let data_base = state.data.clone();
         while trainer.step_count() < phase_end.min(stop_at) {
             let t0 = Instant::now();
-            let lb = match loader.next_batch() {
+            let next = loader.next_batch();
+            // Every rank's data of this step: all go on, or all stop with the failing ranks' errors.
+            let (next, mixer, per_source) = if world > 1 {
+                let mine = match &next {
+                    Ok(lb) => RankData {
+                        error: None,
+                        mixer: Some(lb.state_after.clone()),
+                        per_source: lb.per_source.clone(),
+                    },
+                    Err(e) => RankData {
+                        error: Some(e.to_string()),
+                        mixer: None,
+                        per_source: BTreeMap::new(),
+                    },
+                };
+                let all = all_gather_json(group.get(), &mine)?;
+                let errors: Vec<String> = all
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(r, d)| d.error.as_ref().map(|e| format!("rank {r}: {e}")))
+                    .collect();
+                if errors.is_empty() {
+                    let states: Vec<MixerState> = all.iter().filter_map(|d| d.mixer.clone()).collect();
+                    let per_source = all
+                        .iter()
+                        .fold(BTreeMap::new(), |acc, d| merge_stats(&acc, &d.per_source));
+                    (
+                        next.map_err(|e| e.to_string()),
+                        Some(MixerState::merge(&states)?),
+                        per_source,
+                    )
+                } else {
+                    (Err(errors.join("; ")), None, BTreeMap::new())
+                }
+            } else {
+                match next {
+                    Ok(lb) => {
+                        let (m, p) = (lb.state_after.clone(), lb.per_source.clone());
+                        (Ok(lb), Some(m), p)
+                    }
+                    Err(e) => (Err(e.to_string()), None, BTreeMap::new()),
+                }
+            };
+            let lb = match next {
                 Ok(lb) => lb,
                 Err(e) => {
                     observer.on_train_end();
@@ -370,8 +589,8 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
             };
             let host = &lb.batch;
             let mut m = trainer.step(host, observer)?;
-            state.mixer = Some(lb.state_after.clone());
-            state.data = merge_stats(&data_base, &lb.per_source);
+            state.mixer = mixer;
+            state.data = merge_stats(&data_base, &per_source);
             if !m.updated {
                 if trainer.too_many_nonfinite() {
                     let dir = save(&trainer, &state, observer)?;
@@ -385,13 +604,17 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
                 }
                 continue;
             }
-            state.samples += host.batch_size as u64;
+            // Every rank's rows count.
+            m.samples = host.batch_size * world;
+            state.samples += m.samples as u64;
             // The step's time includes waiting for its batch.
             m.step_time_s = t0.elapsed().as_secs_f64();
             state.train_seconds += m.step_time_s;
             let mut line = m.to_json();
             line["skipped"] = json!(state.data.values().map(StreamStats::total_skipped).sum::<u64>());
-            metrics.write(&line)?;
+            if let Some(metrics) = metrics.as_mut() {
+                metrics.write(&line)?;
+            }
             let step = trainer.step_count();
             if cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every) && step < total {
                 save(&trainer, &state, observer)?;
@@ -400,14 +623,23 @@ pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Re
         drop(loader);
         phase_start = phase_end;
     }
-    run_dir.finish(&trainer, &mut state, cfg.keep_checkpoints, &mut metrics, observer)?;
+    match metrics.as_mut() {
+        Some(metrics) => run_dir.finish(&trainer, &mut state, cfg.keep_checkpoints, metrics, observer)?,
+        None => {
+            observer.on_train_end();
+            state.set_counters(trainer.counters);
+        }
+    }
     let train_seconds = started.elapsed().as_secs_f64();
     let counters = state.counters;
-    if counters.step < total {
-        observer.on_message(&format!(
-            "stopped after step {} of {total} (--stop-after); continue with --resume",
-            counters.step
-        ));
+    if counters.step < total || !rank0 {
+        if counters.step < total {
+            observer.on_message(&format!(
+                "stopped after step {} of {total} (--stop-after); continue with --resume",
+                counters.step
+            ));
+        }
+        // The model directory, evaluation and report are rank 0's.
         return Ok(RunSummary {
             steps: counters.step,
             nonfinite: counters.nonfinite_total,

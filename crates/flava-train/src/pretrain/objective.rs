@@ -1,6 +1,7 @@
 //! FLAVA pretraining as a [`crate::trainer::Objective`]: a host batch (pairs, images or text)
 //! in, the six losses (those the batch has) and their gradients out, by the step strategy: one
-//! pass, contrastive-exact accumulation over micro-batches, or data parallelism over devices.
+//! pass, contrastive-exact accumulation over micro-batches, data parallelism over devices, or
+//! one rank's share of a job over processes.
 
 use burn::module::Module;
 use burn::prelude::*;
@@ -8,8 +9,8 @@ use flava_data::batch::HostBatch;
 use flava_data::task::Task;
 use flava_dvae::ImageCodebook;
 use flava_objectives::{
-    accumulate_gradients, data_parallel_gradients, FlavaForPretraining, MlmTargets, PretrainingBatch, Replica,
-    StepOptions,
+    accumulate_gradients, distributed_gradients, FlavaForPretraining, MlmTargets, PretrainingBatch, ProcessGroup,
+    Replica, SingleProcess, StepOptions,
 };
 
 use crate::trainer::{Computed, Objective, Strategy};
@@ -48,7 +49,7 @@ impl Pretraining {
     /// The objective on `device` (the main one; autodiff is added here) with `strategy`.
     pub fn new(codebook: ImageCodebook, strategy: Strategy, device: &Device) -> Self {
         let replica_codebooks = match &strategy {
-            Strategy::DataParallel { devices, .. } => {
+            Strategy::DataParallel { devices, .. } | Strategy::Distributed { devices, .. } => {
                 devices.iter().skip(1).map(|d| codebook.clone().fork(d)).collect()
             }
             _ => vec![],
@@ -72,6 +73,47 @@ impl Pretraining {
     }
 }
 
+impl Pretraining {
+    /// This process's rows over its devices (`accumulate` micro-batches each), exchanged with
+    /// the other ranks of `group`: [`distributed_gradients`].
+    fn parallel(
+        &self,
+        group: &dyn ProcessGroup,
+        devices: &[Device],
+        accumulate: usize,
+        model: &FlavaForPretraining,
+        host: &HostBatch,
+    ) -> anyhow::Result<Computed> {
+        anyhow::ensure!(!devices.is_empty(), "a parallel step needs at least one device");
+        let n = devices.len();
+        let micro: Vec<PretrainingBatch> = host
+            .split(accumulate.max(1) * n)
+            .iter()
+            .enumerate()
+            .map(|(i, h)| to_pretraining(h, &devices[i % n].clone().autodiff()))
+            .collect();
+        // Replicas of this step's parameters on the other devices (same parameter ids).
+        let forks: Vec<FlavaForPretraining> = devices[1..]
+            .iter()
+            .map(|d| model.clone().fork(&d.clone().autodiff()))
+            .collect();
+        let mut replicas = vec![Replica {
+            model,
+            codebook: Some(&self.codebook),
+        }];
+        replicas.extend(forks.iter().zip(&self.replica_codebooks).map(|(m, c)| Replica {
+            model: m,
+            codebook: Some(c),
+        }));
+        let s = distributed_gradients(group, &replicas, &micro)?;
+        Ok(Computed {
+            loss: s.total,
+            terms: terms(s.losses),
+            grads: Some(s.grads),
+        })
+    }
+}
+
 fn terms(losses: Vec<(&'static str, f64)>) -> Vec<(String, f64)> {
     losses.into_iter().map(|(n, v)| (n.to_string(), v)).collect()
 }
@@ -89,33 +131,13 @@ impl Objective for Pretraining {
     ) -> anyhow::Result<Computed> {
         match &self.strategy {
             Strategy::DataParallel { devices, accumulate } if devices.len() > 1 => {
-                let n = devices.len();
-                let micro: Vec<PretrainingBatch> = host
-                    .split(accumulate.max(&1) * n)
-                    .iter()
-                    .enumerate()
-                    .map(|(i, h)| to_pretraining(h, &devices[i % n].clone().autodiff()))
-                    .collect();
-                // Replicas of this step's parameters on the other devices (same parameter ids).
-                let forks: Vec<FlavaForPretraining> = devices[1..]
-                    .iter()
-                    .map(|d| model.clone().fork(&d.clone().autodiff()))
-                    .collect();
-                let mut replicas = vec![Replica {
-                    model,
-                    codebook: Some(&self.codebook),
-                }];
-                replicas.extend(forks.iter().zip(&self.replica_codebooks).map(|(m, c)| Replica {
-                    model: m,
-                    codebook: Some(c),
-                }));
-                let s = data_parallel_gradients(&replicas, &micro)?;
-                Ok(Computed {
-                    loss: s.total,
-                    terms: terms(s.losses),
-                    grads: Some(s.grads),
-                })
+                self.parallel(&SingleProcess, devices, *accumulate, model, host)
             }
+            Strategy::Distributed {
+                group,
+                devices,
+                accumulate,
+            } => self.parallel(group.get(), devices, *accumulate, model, host),
             Strategy::Accumulate(k) if *k > 1 => {
                 let micro: Vec<PretrainingBatch> =
                     host.split(*k).iter().map(|h| to_pretraining(h, &self.device)).collect();

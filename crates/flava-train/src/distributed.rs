@@ -1,0 +1,353 @@
+//! Data parallelism over processes: how a process learns that a launcher started it as one rank
+//! of a job ([`launched_world_size`]), the MPI process group (`MpiGroup`, feature `mpi`), and
+//! what rank 0 shares with the other ranks before training: files (the tokenizer and codebook
+//! it prepared, the checkpoint it resumes from; [`share_files`]) and the check that every rank
+//! runs the same configuration ([`check_same_config`]).
+//!
+//! Only rank 0 writes into the run directory; the other ranks keep what they receive in a
+//! private scratch directory ([`Scratch`]), so no shared filesystem is needed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use flava_objectives::collective::all_gather_json;
+use flava_objectives::ProcessGroup;
+
+#[cfg(feature = "mpi")]
+pub use mpi_group::MpiGroup;
+
+/// The number of processes a launcher started this one among, read from the variables
+/// `mpiexec` (MPICH, Intel MPI: `PMI_SIZE`; Open MPI: `OMPI_COMM_WORLD_SIZE`; MVAPICH:
+/// `MV2_COMM_WORLD_SIZE`) and Slurm's `srun` (`SLURM_STEP_NUM_TASKS`) set; `None` when none is
+/// set (a plain start).
+pub fn launched_world_size() -> Option<usize> {
+    [
+        "PMI_SIZE",
+        "OMPI_COMM_WORLD_SIZE",
+        "MV2_COMM_WORLD_SIZE",
+        "SLURM_STEP_NUM_TASKS",
+    ]
+    .iter()
+    .filter_map(|v| std::env::var(v).ok()?.trim().parse::<usize>().ok())
+    .max()
+}
+
+/// A shared handle on a process group, as a training strategy holds it (equal when it is the
+/// same group).
+#[derive(Clone)]
+pub struct Group(pub Arc<dyn ProcessGroup>);
+
+impl Group {
+    /// The group.
+    pub fn get(&self) -> &dyn ProcessGroup {
+        self.0.as_ref()
+    }
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Group({:?})", self.0.as_ref())
+    }
+}
+
+impl PartialEq for Group {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// A rank's private directory (under the system's temporary directory), removed when dropped.
+#[derive(Debug)]
+pub struct Scratch {
+    path: PathBuf,
+}
+
+impl Scratch {
+    /// A fresh, empty directory for `rank` of this process.
+    pub fn new(rank: usize) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("flava-rank{rank}-{}", std::process::id()));
+        if path.exists() {
+            std::fs::remove_dir_all(&path).ok();
+        }
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path })
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.path).ok();
+    }
+}
+
+/// What travels in [`share_files`]: root's files, or why root could not read them.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Manifest {
+    /// File names and sizes, in the order their bytes follow the manifest.
+    files: Vec<(String, u64)>,
+    /// Root's error, when it failed (the other ranks fail with it).
+    error: Option<String>,
+}
+
+/// Rank 0's `files` on every rank. Rank 0 reads them (the argument is ignored on the other
+/// ranks) and gets its own paths back; every other rank writes them into `dest` under their
+/// file names and gets those paths. Rank 0's error (its `files` argument, or a file it cannot
+/// read) fails every rank with its message. Every rank must call it at the same point.
+pub fn share_files(
+    group: &dyn ProcessGroup,
+    files: anyhow::Result<Vec<PathBuf>>,
+    dest: &Path,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let root = group.rank() == 0;
+    let mut buf = Vec::new();
+    let files = if root { files } else { Ok(vec![]) };
+    if root {
+        // Each file's name and bytes, or the first error.
+        let read = || -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+            let mut out = Vec::new();
+            for f in files.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))? {
+                let name = f
+                    .file_name()
+                    .with_context(|| format!("{} has no file name", f.display()))?
+                    .to_string_lossy()
+                    .to_string();
+                out.push((
+                    name,
+                    std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
+                ));
+            }
+            Ok(out)
+        };
+        let (manifest, bytes) = match read() {
+            Ok(named) => {
+                let files = named.iter().map(|(n, b)| (n.clone(), b.len() as u64)).collect();
+                (
+                    Manifest { files, error: None },
+                    named.into_iter().map(|(_, b)| b).collect(),
+                )
+            }
+            Err(e) => (
+                Manifest {
+                    files: vec![],
+                    error: Some(format!("{e:#}")),
+                },
+                vec![],
+            ),
+        };
+        let head = serde_json::to_vec(&manifest)?;
+        buf.extend((head.len() as u64).to_le_bytes());
+        buf.extend(head);
+        bytes.into_iter().for_each(|b| buf.extend(b));
+    }
+    group.broadcast(&mut buf, 0)?;
+    let bad = || anyhow::anyhow!("rank 0 sent a damaged file bundle ({} bytes)", buf.len());
+    let head_len = u64::from_le_bytes(buf.get(..8).ok_or_else(bad)?.try_into()?) as usize;
+    let manifest: Manifest = serde_json::from_slice(buf.get(8..8 + head_len).ok_or_else(bad)?)?;
+    if let Some(e) = manifest.error {
+        anyhow::bail!("rank 0: {e}");
+    }
+    if root {
+        return files;
+    }
+    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let mut at = 8 + head_len;
+    let mut out = Vec::new();
+    for (name, len) in manifest.files {
+        let bytes = buf.get(at..at + len as usize).ok_or_else(bad)?;
+        // Names come from rank 0's file names: no separators, so they stay inside `dest`.
+        if name.contains(['/', '\\']) || name == ".." {
+            anyhow::bail!("rank 0 sent a file named {name:?}");
+        }
+        let p = dest.join(&name);
+        std::fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))?;
+        out.push(p);
+        at += len as usize;
+    }
+    Ok(out)
+}
+
+/// Rank 0's `value` on every rank (JSON on the wire; the other ranks' arguments are ignored).
+pub fn broadcast_json<T: serde::Serialize + serde::de::DeserializeOwned>(
+    group: &dyn ProcessGroup,
+    value: &T,
+) -> anyhow::Result<T> {
+    let mut buf = if group.rank() == 0 {
+        serde_json::to_vec(value)?
+    } else {
+        vec![]
+    };
+    group.broadcast(&mut buf, 0)?;
+    Ok(serde_json::from_slice(&buf)?)
+}
+
+/// The regular files directly inside `dir`, sorted by name.
+pub fn files_in(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// `Err` on every rank unless every rank's `config` (the run's configuration as text) equals
+/// rank 0's; the message names the first rank that differs and its first differing line.
+pub fn check_same_config(group: &dyn ProcessGroup, config: &str) -> anyhow::Result<()> {
+    let all: Vec<String> = all_gather_json(group, &config.to_string())?;
+    for (rank, c) in all.iter().enumerate().skip(1) {
+        if c != &all[0] {
+            let line = c
+                .lines()
+                .zip(all[0].lines())
+                .find(|(a, b)| a != b)
+                .map_or_else(String::new, |(a, b)| {
+                    format!(": rank 0 has `{b}`, rank {rank} has `{a}`")
+                });
+            anyhow::bail!(
+                "the ranks were started with different configurations{line}; give every rank the same options"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(feature = "mpi")]
+mod mpi_group {
+    use std::sync::Mutex;
+
+    use flava_objectives::collective::CollectiveError;
+    use flava_objectives::ProcessGroup;
+    use mpi::collective::SystemOperation;
+    use mpi::datatype::PartitionMut;
+    use mpi::topology::SimpleCommunicator;
+    use mpi::traits::*;
+
+    /// Elements per MPI call: counts are 32-bit, so larger buffers go in pieces.
+    const CHUNK: usize = 1 << 30;
+
+    /// `MPI_COMM_WORLD` as a [`ProcessGroup`]. Collectives are host-buffer MPI calls, one at a
+    /// time (a lock; MPI initialised with `MPI_THREAD_SERIALIZED`). Dropping it finalises MPI.
+    pub struct MpiGroup {
+        world: Mutex<SimpleCommunicator>,
+        rank: usize,
+        size: usize,
+        // Last: MPI is finalised when the universe drops, after the communicator.
+        _universe: mpi::environment::Universe,
+    }
+
+    // The communicator is a handle used under the lock only, and MPI was initialised for calls
+    // from any thread one at a time.
+    unsafe impl Send for MpiGroup {}
+    unsafe impl Sync for MpiGroup {}
+
+    impl MpiGroup {
+        /// Initialises MPI (once per process) and joins `MPI_COMM_WORLD`.
+        pub fn init() -> anyhow::Result<Self> {
+            let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+                .ok_or_else(|| anyhow::anyhow!("MPI was already initialised in this process"))?;
+            if threading < mpi::Threading::Serialized {
+                anyhow::bail!("the MPI library does not support MPI_THREAD_SERIALIZED (it offers {threading:?})");
+            }
+            let world = universe.world();
+            let (rank, size) = (world.rank() as usize, world.size() as usize);
+            // A panic on one rank ends the job instead of leaving the others waiting.
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                previous(info);
+                eprintln!("error: rank {rank} panicked; aborting the MPI job");
+                // SAFETY: MPI is initialised; MPI_Abort may be called from any thread.
+                unsafe {
+                    mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 101);
+                }
+            }));
+            Ok(Self {
+                world: Mutex::new(world),
+                rank,
+                size,
+                _universe: universe,
+            })
+        }
+
+        /// Ends every rank of the job with `code` (MPI_Abort): a rank that cannot go on brings
+        /// the others down instead of leaving them waiting in a collective.
+        pub fn abort(&self, code: i32) -> ! {
+            let w = self.world.lock().unwrap_or_else(|e| e.into_inner());
+            w.abort(code)
+        }
+
+        fn comm(&self) -> std::sync::MutexGuard<'_, SimpleCommunicator> {
+            self.world.lock().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+
+    fn too_large(op: &'static str, n: usize) -> CollectiveError {
+        CollectiveError {
+            op,
+            message: format!("{n} bytes in one all-gather exceed MPI's 32-bit counts"),
+        }
+    }
+
+    impl ProcessGroup for MpiGroup {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world(&self) -> usize {
+            self.size
+        }
+        fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+            let w = self.comm();
+            for part in buf.chunks_mut(CHUNK) {
+                let send = part.to_vec();
+                w.all_reduce_into(&send[..], part, SystemOperation::sum());
+            }
+            Ok(())
+        }
+        fn all_gather(&self, local: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError> {
+            let w = self.comm();
+            let n = i32::try_from(local.len()).map_err(|_| too_large("all_gather", local.len()))?;
+            let mut counts = vec![0i32; self.size];
+            w.all_gather_into(&n, &mut counts[..]);
+            let total: usize = counts.iter().map(|&c| c as usize).sum();
+            if total > i32::MAX as usize {
+                return Err(too_large("all_gather", total));
+            }
+            let displs: Vec<i32> = counts
+                .iter()
+                .scan(0i32, |at, &c| {
+                    let d = *at;
+                    *at += c;
+                    Some(d)
+                })
+                .collect();
+            let mut all = vec![0u8; total];
+            {
+                let mut p = PartitionMut::new(&mut all[..], &counts[..], &displs[..]);
+                w.all_gather_varcount_into(local, &mut p);
+            }
+            Ok(counts
+                .iter()
+                .zip(&displs)
+                .map(|(&c, &d)| all[d as usize..(d + c) as usize].to_vec())
+                .collect())
+        }
+        fn broadcast(&self, buf: &mut Vec<u8>, root: usize) -> Result<(), CollectiveError> {
+            let w = self.comm();
+            let r = w.process_at_rank(root as i32);
+            let mut len = buf.len() as u64;
+            r.broadcast_into(&mut len);
+            buf.resize(len as usize, 0);
+            for part in buf.chunks_mut(CHUNK) {
+                r.broadcast_into(part);
+            }
+            Ok(())
+        }
+    }
+}
