@@ -8,10 +8,12 @@
 //! private scratch directory ([`Scratch`]), so no shared filesystem is needed.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::Context;
-use flava_objectives::collective::all_gather_json;
+use flava_objectives::collective::{all_gather_json, CollectiveError};
 use flava_objectives::ProcessGroup;
 
 #[cfg(feature = "mpi")]
@@ -34,26 +36,89 @@ pub fn launched_world_size() -> Option<usize> {
 }
 
 /// A shared handle on a process group, as a training strategy holds it (equal when it is the
-/// same group).
+/// same group). Its collectives are timed: [`Group::take_times`] says how long this rank spent
+/// in each kind since the last call (waiting for slower ranks included).
 #[derive(Clone)]
-pub struct Group(pub Arc<dyn ProcessGroup>);
+pub struct Group(Arc<Timed>);
 
 impl Group {
-    /// The group.
+    /// A handle on `group`.
+    pub fn new(group: Arc<dyn ProcessGroup>) -> Self {
+        Self(Arc::new(Timed {
+            inner: group,
+            nanos: Default::default(),
+        }))
+    }
+
+    /// The group (timed).
     pub fn get(&self) -> &dyn ProcessGroup {
         self.0.as_ref()
+    }
+
+    /// Seconds spent in all-reduce, all-gather and broadcast since the last call (then zeroed).
+    pub fn take_times(&self) -> CommTimes {
+        let take = |i: usize| self.0.nanos[i].swap(0, Ordering::Relaxed) as f64 * 1e-9;
+        CommTimes {
+            all_reduce_s: take(0),
+            all_gather_s: take(1),
+            broadcast_s: take(2),
+        }
     }
 }
 
 impl std::fmt::Debug for Group {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Group({:?})", self.0.as_ref())
+        write!(f, "Group({:?})", self.0.inner.as_ref())
     }
 }
 
 impl PartialEq for Group {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// Time one rank spent in collectives.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CommTimes {
+    /// In all-reduce (the gradients, the presence flags).
+    pub all_reduce_s: f64,
+    /// In all-gather (batch counts, contrastive features, losses, the step's data status).
+    pub all_gather_s: f64,
+    /// In broadcast (weights and files at start).
+    pub broadcast_s: f64,
+}
+
+/// A process group whose collectives add their duration to a counter per kind.
+struct Timed {
+    inner: Arc<dyn ProcessGroup>,
+    nanos: [AtomicU64; 3],
+}
+
+impl Timed {
+    fn timed<T>(&self, kind: usize, f: impl FnOnce() -> T) -> T {
+        let t0 = Instant::now();
+        let out = f();
+        self.nanos[kind].fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+}
+
+impl ProcessGroup for Timed {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world(&self) -> usize {
+        self.inner.world()
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.timed(0, || self.inner.all_reduce_sum(buf))
+    }
+    fn all_gather(&self, local: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError> {
+        self.timed(1, || self.inner.all_gather(local))
+    }
+    fn broadcast(&self, buf: &mut Vec<u8>, root: usize) -> Result<(), CollectiveError> {
+        self.timed(2, || self.inner.broadcast(buf, root))
     }
 }
 

@@ -65,7 +65,7 @@ fn job(n: usize, cfg: &PretrainConfig) -> Vec<(anyhow::Result<RunSummary>, Vec<S
             .map(|g| {
                 let cfg = cfg.clone();
                 s.spawn(move || {
-                    let group = Group(Arc::new(g) as Arc<dyn ProcessGroup>);
+                    let group = Group::new(Arc::new(g) as Arc<dyn ProcessGroup>);
                     let mut seen = Collect::default();
                     let r = pretrain::run_in_group(&cfg, &group, &mut seen);
                     (r, seen.messages)
@@ -150,10 +150,19 @@ fn two_ranks_train_as_one_process_with_the_same_data_shares() {
     assert_eq!(want.len(), 6);
     assert_close(&curve(&dir.join("acc")), &want, 1e-4, "accumulate 2 vs 2 devices");
     assert_close(&curve(&dir.join("ranks")), &want, 1e-4, "2 ranks vs 2 devices");
-    // Every rank's rows count in the throughput (the global batch).
-    assert!(metrics(&dir.join("ranks"))
+    // Each step says how long rank 0 spent in collectives.
+    for m in metrics(&dir.join("ranks")) {
+        assert!(m["samples_per_s"].as_f64().unwrap() > 0.0);
+        let (r, g) = (
+            m["comm_all_reduce_s"].as_f64().unwrap(),
+            m["comm_all_gather_s"].as_f64().unwrap(),
+        );
+        let step = m["step_time_s"].as_f64().unwrap();
+        assert!(r > 0.0 && g > 0.0 && r + g < step, "{m}");
+    }
+    assert!(metrics(&dir.join("dp"))
         .iter()
-        .all(|m| m["samples_per_s"].as_f64().unwrap() > 0.0));
+        .all(|m| m.get("comm_all_reduce_s").is_none()));
     // The last checkpoint knows where both shares stand.
     let ck = dir
         .join("ranks")

@@ -246,13 +246,13 @@ impl Job {
     fn start() -> anyhow::Result<Self> {
         if launched_world_size().is_none() {
             return Ok(Self {
-                group: Group(Arc::new(SingleProcess)),
+                group: Group::new(Arc::new(SingleProcess)),
                 mpi: None,
             });
         }
         let mpi = Arc::new(flava_train::distributed::MpiGroup::init()?);
         Ok(Self {
-            group: Group(mpi.clone()),
+            group: Group::new(mpi.clone()),
             mpi: Some(mpi),
         })
     }
@@ -264,7 +264,7 @@ impl Job {
                 "started as one of {n} processes (mpiexec or srun), but this flava was built without MPI: every process would train alone into the same run directory. Build it with `--features mpi`, or start one process"
             ),
             _ => Ok(Self {
-                group: Group(Arc::new(SingleProcess)),
+                group: Group::new(Arc::new(SingleProcess)),
             }),
         }
     }

@@ -122,7 +122,7 @@ pub fn run(cfg: &PretrainConfig) -> anyhow::Result<RunSummary> {
 /// FLAVA in phases with checkpoints, the model directory and the evaluation. Progress,
 /// messages and each step's metrics go to `observer`.
 pub fn run_with(cfg: &PretrainConfig, observer: &mut dyn Observer) -> anyhow::Result<RunSummary> {
-    run_in_group(cfg, &Group(Arc::new(SingleProcess)), observer)
+    run_in_group(cfg, &Group::new(Arc::new(SingleProcess)), observer)
 }
 
 /// A step's data on one rank, as the ranks exchange it before computing (so a rank whose data
@@ -484,6 +484,8 @@ fn run_prepared(
     let phases = cfg.phases()?;
     let total = cfg.steps;
     let stop_at = cfg.stop_after.map_or(total, |n| (state.counters.step + n).min(total));
+    // Collective times are per step from here on (not the start's broadcasts and waits).
+    group.take_times();
     observer.on_train_start("flava", trainer.step_count(), total);
     let started = Instant::now();
     let save = |trainer: &Trainer<Pretraining>, state: &TrainState, observer: &mut dyn Observer| {
@@ -612,6 +614,12 @@ fn run_prepared(
             state.train_seconds += m.step_time_s;
             let mut line = m.to_json();
             line["skipped"] = json!(state.data.values().map(StreamStats::total_skipped).sum::<u64>());
+            if world > 1 {
+                // This step's time in collectives (rank 0's, waiting for slower ranks included).
+                let t = group.take_times();
+                line["comm_all_reduce_s"] = json!(t.all_reduce_s);
+                line["comm_all_gather_s"] = json!(t.all_gather_s);
+            }
             if let Some(metrics) = metrics.as_mut() {
                 metrics.write(&line)?;
             }
