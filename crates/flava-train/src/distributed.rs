@@ -35,6 +35,30 @@ pub fn launched_world_size() -> Option<usize> {
     .max()
 }
 
+/// This process's index among the ranks on its machine, as the launcher tells it (MPICH:
+/// `MPI_LOCALRANKID`; Open MPI: `OMPI_COMM_WORLD_LOCAL_RANK`; MVAPICH: `MV2_COMM_WORLD_LOCAL_RANK`;
+/// Slurm: `SLURM_LOCALID`).
+pub fn local_rank() -> Option<usize> {
+    [
+        "MPI_LOCALRANKID",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MV2_COMM_WORLD_LOCAL_RANK",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+}
+
+/// The device a rank uses for `--device name`: a GPU kind without an index (`cuda`) becomes
+/// the `local_rank`-th GPU of the machine (`cuda:3`), so the ranks of one machine do not share
+/// one GPU; anything else (`flex`, `cuda:1`) is kept as given.
+pub fn rank_device(name: &str, local_rank: Option<usize>) -> String {
+    match local_rank {
+        Some(i) if name == "cuda" => format!("{name}:{i}"),
+        _ => name.to_string(),
+    }
+}
+
 /// A shared handle on a process group, as a training strategy holds it (equal when it is the
 /// same group). Its collectives are timed: [`Group::take_times`] says how long this rank spent
 /// in each kind since the last call (waiting for slower ranks included).
@@ -414,5 +438,18 @@ mod mpi_group {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_rank_of_a_machine_takes_its_own_gpu() {
+        assert_eq!(rank_device("cuda", Some(3)), "cuda:3");
+        assert_eq!(rank_device("cuda", None), "cuda");
+        assert_eq!(rank_device("cuda:1", Some(3)), "cuda:1", "an explicit index is kept");
+        assert_eq!(rank_device("flex", Some(3)), "flex");
     }
 }

@@ -35,7 +35,9 @@ use flava_objectives::{all_gather_json, broadcast_module, materialize, FlavaForP
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::distributed::{broadcast_json, check_same_config, files_in, share_files, Group, Scratch};
+use crate::distributed::{
+    broadcast_json, check_same_config, files_in, local_rank, rank_device, share_files, Group, Scratch,
+};
 use crate::eval::EvalReport;
 use crate::observer::Observer;
 use crate::run_dir::{sha256_file, RunDir, RunState};
@@ -258,6 +260,8 @@ fn run_prepared(
         .collect::<anyhow::Result<_>>()?;
     let device = match dp_devices.first() {
         Some(d) if dp_devices.len() > 1 => d.clone(),
+        // The ranks of one machine each take their own GPU (`cuda` -> `cuda:LOCAL_RANK`).
+        _ if world > 1 => crate::pick_device(&rank_device(&cfg.device, local_rank()))?,
         _ => crate::pick_device(&cfg.device)?,
     };
     device.seed(cfg.seed);

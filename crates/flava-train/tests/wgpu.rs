@@ -1,0 +1,187 @@
+//! The GPU code path (Burn's cube kernels, which CUDA shares) on the `wgpu` device, run in CI on
+//! a software Vulkan driver (Mesa's lavapipe): `flava embed --device wgpu` against transformers'
+//! features, logits and ITM probabilities (tolerance 1e-3: other kernels, other summation
+//! order; flex holds 1e-4), and a few pretraining steps on wgpu against the same steps on flex
+//! (every loss within 1e-3 relative at step 1, where only the forward differs; 2e-2 over the
+//! following steps, as AdamW's first steps amplify last-bit differences of tiny gradients).
+//! Built only with `--features wgpu`; `FLAVA_REQUIRE_WGPU=1` (CI) turns a missing adapter into
+//! a failure instead of a skip.
+#![cfg(feature = "wgpu")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn flava() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_flava"))
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+/// Whether a wgpu adapter exists (a tiny embedding runs); without one the tests skip with a
+/// note, unless `FLAVA_REQUIRE_WGPU` is set.
+fn have_adapter() -> bool {
+    let o = flava()
+        .args(["embed", "--device", "wgpu", "--json", "--text", "a cat", "--model"])
+        .arg(fixtures().join("embed_model"))
+        .output()
+        .unwrap();
+    if o.status.success() {
+        return true;
+    }
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        std::env::var_os("FLAVA_REQUIRE_WGPU").is_none(),
+        "no usable wgpu adapter (install mesa-vulkan-drivers for lavapipe): {e}"
+    );
+    eprintln!("skipped: no wgpu adapter ({})", e.lines().last().unwrap_or(""));
+    false
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn matrix(v: &serde_json::Value) -> Vec<Vec<f32>> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+#[test]
+fn embedding_and_itm_on_wgpu_match_transformers() {
+    if !have_adapter() {
+        return;
+    }
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("embed_expected.json")).unwrap()).unwrap();
+    let mut cmd = flava();
+    cmd.args(["embed", "--device", "wgpu", "--json", "--max-length"])
+        .arg(e["max_length"].to_string())
+        .arg("--model")
+        .arg(fixtures().join("embed_model"));
+    for i in e["images"].as_array().unwrap() {
+        cmd.arg("--image")
+            .arg(fixtures().join("processor").join(i.as_str().unwrap()));
+    }
+    for t in e["texts"].as_array().unwrap() {
+        cmd.args(["--text", t.as_str().unwrap()]);
+    }
+    let v = json(&cmd.output().unwrap());
+    for k in ["image_features", "text_features", "logits_per_image"] {
+        let d = max_diff(&matrix(&v[k]), &matrix(&e[k]));
+        eprintln!("wgpu {k} vs transformers: {d:.1e}");
+        assert!(d <= 1e-3, "{k}: {d}");
+    }
+
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("itm_expected.json")).unwrap()).unwrap();
+    let mut cmd = flava();
+    cmd.args([
+        "embed",
+        "--device",
+        "wgpu",
+        "--json",
+        "--itm",
+        "--max-length",
+        "16",
+        "--model",
+    ])
+    .arg(fixtures().join("pretraining"));
+    for i in e["images"].as_array().unwrap() {
+        cmd.arg("--image")
+            .arg(fixtures().join("processor").join(i.as_str().unwrap()));
+    }
+    for t in e["texts"].as_array().unwrap() {
+        cmd.args(["--text", t.as_str().unwrap()]);
+    }
+    let v = json(&cmd.output().unwrap());
+    let d = max_diff(
+        &matrix(&v["itm_match_probability"]),
+        &matrix(&e["itm_match_probability"]),
+    );
+    eprintln!("wgpu itm_match_probability vs transformers: {d:.1e}");
+    assert!(d <= 1e-3, "{d}");
+}
+
+fn pretrain(out: &Path, device: &str) -> Vec<serde_json::Value> {
+    let o = flava()
+        .args([
+            "pretrain",
+            "--preset",
+            "tiny",
+            "--batch-size",
+            "8",
+            "--steps",
+            "4",
+            "--warmup",
+            "2",
+        ])
+        .args([
+            "--phases",
+            "joint",
+            "--no-eval",
+            "--checkpoint-every",
+            "100",
+            "--device",
+            device,
+        ])
+        .arg("--tokenizer")
+        .arg(fixtures().join("tokenizer").join("tokenizer.json"))
+        .arg("--codebook")
+        .arg(fixtures().join("codebook"))
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{device}: {}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn pretraining_steps_on_wgpu_follow_flex() {
+    if !have_adapter() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("flava-wgpu-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    let (flex, wgpu) = (pretrain(&dir.join("flex"), "flex"), pretrain(&dir.join("wgpu"), "wgpu"));
+    assert_eq!(wgpu.len(), 4);
+    for (i, (a, b)) in wgpu.iter().zip(&flex).enumerate() {
+        let tol = if i == 0 { 1e-3 } else { 2e-2 };
+        for k in [
+            "loss",
+            "mim",
+            "mlm",
+            "itm",
+            "global_contrastive",
+            "mmm_image",
+            "mmm_text",
+        ] {
+            if let (Some(x), Some(y)) = (a[k].as_f64(), b[k].as_f64()) {
+                eprintln!("step {} {k}: wgpu {x:.6} flex {y:.6}", i + 1);
+                assert!(
+                    (x - y).abs() <= tol * y.abs().max(1.0),
+                    "step {} {k}: wgpu {x} vs flex {y}",
+                    i + 1
+                );
+            }
+        }
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
