@@ -1,11 +1,11 @@
 //! The GPU code path (Burn's cube kernels, which CUDA shares) on the `wgpu` device, run in CI on
 //! a software Vulkan driver (Mesa's lavapipe): `flava embed --device wgpu` against transformers'
-//! features, logits and ITM probabilities (tolerance 1e-3: other kernels, other summation
-//! order; flex holds 1e-4), and a few pretraining steps on wgpu against the same steps on flex
-//! (every loss within 1e-3 relative at step 1, where only the forward differs; 2e-2 over the
-//! following steps, as AdamW's first steps amplify last-bit differences of tiny gradients).
-//! Built only with `--features wgpu`; `FLAVA_REQUIRE_WGPU=1` (CI) turns a missing adapter into
-//! a failure instead of a skip.
+//! features, logits and ITM probabilities (tolerance 1e-4, as on flex; measured on lavapipe:
+//! 7.2e-7), and 4 pretraining steps on wgpu against the same steps on flex from the same initial
+//! weights (drawn on the CPU whatever the device): every loss within 1e-5 relative at step 1,
+//! where only the forward differs (measured 3e-7), and 1e-4 at steps 2-4, after updates
+//! (measured 4.4e-6). Built only with `--features wgpu`; `FLAVA_REQUIRE_WGPU=1` (CI) turns a
+//! missing adapter into a failure instead of a skip.
 #![cfg(feature = "wgpu")]
 
 use std::path::{Path, PathBuf};
@@ -15,8 +15,12 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
+/// The binary with CubeCL's autotuning at its minimum: on a software driver, benchmarking
+/// kernel variants costs far more than it saves.
 fn flava() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_flava"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_flava"));
+    c.env("CUBECL_AUTOTUNE_LEVEL", "minimal");
+    c
 }
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
@@ -50,6 +54,17 @@ fn have_adapter() -> bool {
     false
 }
 
+/// The fixture's images and texts as `--image` / `--text` arguments.
+fn inputs(cmd: &mut Command, e: &serde_json::Value) {
+    for i in e["images"].as_array().unwrap() {
+        cmd.arg("--image")
+            .arg(fixtures().join("processor").join(i.as_str().unwrap()));
+    }
+    for t in e["texts"].as_array().unwrap() {
+        cmd.args(["--text", t.as_str().unwrap()]);
+    }
+}
+
 fn json(o: &Output) -> serde_json::Value {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&o.stdout).unwrap()
@@ -71,18 +86,12 @@ fn embedding_and_itm_on_wgpu_match_transformers() {
         .arg(e["max_length"].to_string())
         .arg("--model")
         .arg(fixtures().join("embed_model"));
-    for i in e["images"].as_array().unwrap() {
-        cmd.arg("--image")
-            .arg(fixtures().join("processor").join(i.as_str().unwrap()));
-    }
-    for t in e["texts"].as_array().unwrap() {
-        cmd.args(["--text", t.as_str().unwrap()]);
-    }
+    inputs(&mut cmd, &e);
     let v = json(&cmd.output().unwrap());
     for k in ["image_features", "text_features", "logits_per_image"] {
         let d = max_diff(&matrix(&v[k]), &matrix(&e[k]));
         eprintln!("wgpu {k} vs transformers: {d:.1e}");
-        assert!(d <= 1e-3, "{k}: {d}");
+        assert!(d <= 1e-4, "{k}: {d}");
     }
 
     let e: serde_json::Value =
@@ -99,20 +108,14 @@ fn embedding_and_itm_on_wgpu_match_transformers() {
         "--model",
     ])
     .arg(fixtures().join("pretraining"));
-    for i in e["images"].as_array().unwrap() {
-        cmd.arg("--image")
-            .arg(fixtures().join("processor").join(i.as_str().unwrap()));
-    }
-    for t in e["texts"].as_array().unwrap() {
-        cmd.args(["--text", t.as_str().unwrap()]);
-    }
+    inputs(&mut cmd, &e);
     let v = json(&cmd.output().unwrap());
     let d = max_diff(
         &matrix(&v["itm_match_probability"]),
         &matrix(&e["itm_match_probability"]),
     );
     eprintln!("wgpu itm_match_probability vs transformers: {d:.1e}");
-    assert!(d <= 1e-3, "{d}");
+    assert!(d <= 1e-4, "{d}");
 }
 
 fn pretrain(out: &Path, device: &str) -> Vec<serde_json::Value> {
@@ -163,7 +166,7 @@ fn pretraining_steps_on_wgpu_follow_flex() {
     let (flex, wgpu) = (pretrain(&dir.join("flex"), "flex"), pretrain(&dir.join("wgpu"), "wgpu"));
     assert_eq!(wgpu.len(), 4);
     for (i, (a, b)) in wgpu.iter().zip(&flex).enumerate() {
-        let tol = if i == 0 { 1e-3 } else { 2e-2 };
+        let tol = if i == 0 { 1e-5 } else { 1e-4 };
         for k in [
             "loss",
             "mim",

@@ -324,11 +324,10 @@ fn run_prepared(
 
     // Seeded here, after the dVAE (which seeds and draws on its own), so the initial weights
     // depend on the seed alone. Rank 0 draws first (ranks that are threads of one process share
-    // the device's generator), and every rank then takes rank 0's weights.
+    // the generator), and every rank then takes rank 0's weights.
     let mut model = None;
     for turn in [true, false] {
         if rank0 == turn {
-            device.seed(cfg.seed);
             model = Some(match &cfg.init {
                 Some(dir) => {
                     let l = load_pretraining(dir, true, &ad)
@@ -336,7 +335,15 @@ fn run_prepared(
                     observer.on_message(&format!("init from {}: {}", dir.display(), l.report));
                     l.model
                 }
-                None => FlavaForPretraining::new(&mc, &ad),
+                None => {
+                    // Drawn on the CPU whatever the device (as PyTorch initialises before
+                    // `.to(device)`), so the initial weights depend on the seed alone.
+                    let cpu = Device::flex();
+                    cpu.seed(cfg.seed);
+                    let m = FlavaForPretraining::new(&mc, &cpu.autodiff());
+                    materialize(&m);
+                    m.fork(&ad)
+                }
             });
             model.as_ref().map(materialize);
         }
