@@ -211,7 +211,16 @@ pub fn run(args: PretrainArgs, limits: &[String]) -> anyhow::Result<()> {
         Ok(s) => s,
         Err(e) if world > 1 => {
             // Bring every rank down with this message, not leave them waiting in a collective.
-            eprintln!("error: rank {rank} of {world}: {e:#}");
+            // The message goes out in one write, and the abort waits a moment: the launcher
+            // forwards output asynchronously and drops what is pending when the job is killed.
+            // Other ranks wait longer, so an error every rank saw is reported by rank 0.
+            use std::io::Write;
+            let msg = format!("error: rank {rank} of {world}: {e:#}\n");
+            let mut err = std::io::stderr().lock();
+            err.write_all(msg.as_bytes()).ok();
+            err.flush().ok();
+            drop(err);
+            std::thread::sleep(std::time::Duration::from_millis(if rank == 0 { 500 } else { 1500 }));
             job.abort()
         }
         Err(e) => return Err(e),
