@@ -289,6 +289,8 @@ def main():
                                 "--iters", "10", "--device", args.device])):
         res = run_json(cmd)
         peak[who] = 2 * SGEMM_N ** 3 / statistics.median(res["times_ms"]) / 1e6
+        if who == "ours":
+            backend = res.get("sgemm_backend", "?")
     peak_gflops = max(peak.values())
     print(f"sgemm {SGEMM_N}^3: flava-rs (flex) {peak['ours']:.0f} GFLOP/s, PyTorch {peak['torch']:.0f} GFLOP/s",
           file=sys.stderr, flush=True)
@@ -321,6 +323,7 @@ def main():
                   f"PyTorch {statistics.median(theirs['times_ms']):.1f} ms", file=sys.stderr, flush=True)
     where = f"GPU {torch.cuda.get_device_name(0)}, " if gpu else ""
     print(f"\nCPU: {cpu_model()}; flags: {cpu_flags()}")
+    print(f"flava-rs kernels' products (FLAVA_BLAS={os.environ.get('FLAVA_BLAS', 'auto')}): {backend}")
     print(f"sgemm peak ({SGEMM_N}^3 f32): flava-rs flex {peak['ours']:.0f} GFLOP/s, torch.mm {peak['torch']:.0f} GFLOP/s; "
           f"shares below are of {peak_gflops:.0f} GFLOP/s")
     print(f"\ntorch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "

@@ -41,7 +41,8 @@ enum What {
     /// Fine-tuning step: FlavaModel + classifier head on the multimodal CLS (3 classes,
     /// cross-entropy), forward, backward, AdamW.
     Finetune,
-    /// One square f32 matmul [n, n]·[n, n] with n = `--batch` (the sgemm peak probe).
+    /// One square f32 matmul [n, n]·[n, n] with n = `--batch` through the kernels' product (the
+    /// sgemm peak probe).
     Sgemm,
 }
 
@@ -118,8 +119,9 @@ fn main() -> anyhow::Result<()> {
         What::Sgemm => {
             let a = Tensor::<2>::random([b, b], burn::tensor::Distribution::Uniform(-1.0, 1.0), &device);
             let c = Tensor::<2>::random([b, b], burn::tensor::Distribution::Uniform(-1.0, 1.0), &device);
+            // Through the kernels' product (the model's Linear layers), so on the backend they use.
             time(args.iters, || {
-                a.clone().matmul(c.clone()).into_data();
+                flava_vit::kernels::linear(a.clone(), c.clone(), None).into_data();
             })
         }
         What::Image | What::Text => {
@@ -231,6 +233,8 @@ fn main() -> anyhow::Result<()> {
         "optimizer_ms": median(2),
         "peak_rss_mb": peak_rss_mb(),
         "device": args.device,
+        // Where the flex kernels' matrix products ran (the gemm crate or a BLAS, FLAVA_BLAS).
+        "sgemm_backend": flava_vit::kernels::blas::gemm_backend().describe(),
         // What the GPU allocator holds at the end (its pools keep pages): the peak, near enough.
         "device_reserved_mb": device.memory_pool_usage().map(|u| u.bytes_reserved as f64 / 1048576.0),
     });

@@ -5,7 +5,7 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::prelude::*;
 use flava_text::TextModel;
-use flava_vit::encoder::{linear, linear_rows, EncoderOutput};
+use flava_vit::encoder::{linear, linear_2d, linear_rows, EncoderOutput};
 use flava_vit::ImageModel;
 
 use crate::config::FlavaConfig;
@@ -149,7 +149,7 @@ impl FlavaModel {
     /// Projects token 0 of [batch, seq, hidden] states → [batch, projection_dim].
     pub fn project_cls(&self, projection: &Linear, states: Tensor<3>) -> Tensor<2> {
         let [b, _, d] = states.dims();
-        projection.forward(states.slice(s![.., 0..1, ..]).reshape([b, d]))
+        linear_2d(projection, states.slice(s![.., 0..1, ..]).reshape([b, d]))
     }
 
     /// `exp(logit_scale) · cos(image_i, text_j)`: [n_images, n_texts] from unnormalised features.

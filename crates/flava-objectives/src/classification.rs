@@ -10,7 +10,7 @@ use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::prelude::*;
 use flava_fusion::{FlavaConfig, FlavaInput, FlavaModel, Tower};
-use flava_vit::encoder::linear;
+use flava_vit::encoder::{linear, linear_2d};
 use flava_vit::weights::{load_module, module_state_dict, LoadReport, StateDict, WeightsError};
 use serde::{Deserialize, Serialize};
 
@@ -71,10 +71,10 @@ impl ClassifierHead {
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         match &self.hidden {
             Some(hidden) => {
-                let h = burn::tensor::activation::relu(hidden.forward(x));
-                self.output.forward(self.dropout.forward(h))
+                let h = burn::tensor::activation::relu(linear_2d(hidden, x));
+                linear_2d(&self.output, self.dropout.forward(h))
             }
-            None => self.output.forward(x),
+            None => linear_2d(&self.output, x),
         }
     }
 }

@@ -5,7 +5,7 @@
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::prelude::*;
-use flava_vit::encoder::{layer_norm, linear, HiddenAct, Pooler};
+use flava_vit::encoder::{layer_norm, linear, linear_2d, HiddenAct, Pooler};
 use flava_vit::LayerNorm;
 
 /// `LayerNorm(act(dense(x)))` (HF `FlavaPredictionHeadTransform`).
@@ -46,8 +46,8 @@ impl MaskedPredictionHead {
     /// Logits of the selected positions: [n, hidden] → [n, vocab].
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let t = &self.transform;
-        let x = t.layer_norm.forward(t.act.apply(t.dense.forward(x)));
-        self.decoder.forward(x)
+        let x = t.layer_norm.forward(t.act.apply(linear_2d(&t.dense, x)));
+        linear_2d(&self.decoder, x)
     }
 }
 
@@ -72,7 +72,7 @@ impl ItmHead {
 
     /// Multimodal states [batch, seq, hidden] → logits [batch, 2].
     pub fn forward(&self, states: Tensor<3>) -> Tensor<2> {
-        self.seq_relationship.forward(self.pooler.forward(states))
+        linear_2d(&self.seq_relationship, self.pooler.forward(states))
     }
 
     /// Softmax probability of "matches" per pair: [batch, seq, hidden] → `[batch]`.

@@ -89,6 +89,13 @@ pub fn linear_rows(layer: &Linear, x: Tensor<3>) -> Tensor<3> {
     y.reshape([b, s, out])
 }
 
+/// `layer` applied to the rows of `x` [n, d_in] → [n, d_out]: the one-gemm linear kernel on flex
+/// (Burn's `Linear::forward` allocates its matmul output zero-filled, copies it, and adds the
+/// bias as a second operation; for the MLM head's [n, 30522] logits that is most of the head).
+pub fn linear_2d(layer: &Linear, x: Tensor<2>) -> Tensor<2> {
+    crate::kernels::linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
+}
+
 /// Wraps one `Linear` under the field name `dense`, as HF nests it.
 #[derive(Module, Debug)]
 pub struct Dense {
@@ -259,7 +266,7 @@ impl Pooler {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<2> {
         let [b, _, d] = x.dims();
         let cls = x.slice(s![.., 0..1, ..]).reshape([b, d]);
-        tanh(self.dense.forward(cls))
+        tanh(linear_2d(&self.dense, cls))
     }
 }
 

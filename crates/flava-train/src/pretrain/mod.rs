@@ -459,6 +459,13 @@ fn run_prepared(
         mc.image_config.vocab_size,
         codebook_dir.display()
     ));
+    if matches!(
+        device.clone().without_autodiff().as_dispatch(),
+        burn::backend::DispatchDevice::Flex(_)
+    ) {
+        // Which library the CPU kernels multiply with (FLAVA_BLAS; chosen by a probe at first use).
+        observer.on_message(flava_vit::kernels::blas::gemm_backend().describe());
+    }
 
     let num_patches = grid * grid;
     let masking = cfg.mask_patches.unwrap_or((num_patches * 2).div_ceil(5));

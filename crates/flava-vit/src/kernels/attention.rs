@@ -18,47 +18,19 @@ use burn::prelude::*;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use super::blas::{sgemm, Threads, View};
 use super::contiguous;
 use super::softmax::{backward_row, forward_row};
 
-/// A strided matrix view for `gemm`: element (r, c) at `ptr + r·rs + c·cs`.
-#[derive(Clone, Copy)]
-struct View {
-    ptr: *const f32,
-    rs: isize,
-    cs: isize,
-}
-
-/// `dst[m×n] = a[m×k] · b[k×n]` (overwritten), single-threaded (the callers run in parallel).
+/// `dst[m×n] = a[m×k] · b[k×n]` (overwritten), single-threaded (the callers run in parallel),
+/// on the process's sgemm backend ([`super::blas`]).
 ///
 /// # Safety
 /// Every element (r, c) the shapes and strides reach must be in bounds of its buffer, and `dst`
 /// must not overlap `a` or `b` nor be written by another thread at the same elements.
 unsafe fn matmul(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: isize, a: View, b: View) {
     // SAFETY: the caller's contract.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs,
-            false,
-            a.ptr,
-            a.cs,
-            a.rs,
-            b.ptr,
-            b.cs,
-            b.rs,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    unsafe { sgemm(m, n, k, dst, dst_rs, a, b, false, Threads::One) }
 }
 
 /// A pointer that may be sent to the rayon tasks, each writing a disjoint set of elements.

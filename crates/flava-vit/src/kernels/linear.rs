@@ -11,18 +11,8 @@ use burn::prelude::*;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use super::blas::{sgemm, Threads, View};
 use super::contiguous;
-
-/// Matrices smaller than this many multiply-adds run on one thread (as Burn's flex matmul).
-const PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
-
-fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
-    if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_THRESHOLD {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    }
-}
 
 fn dims2(t: &FlexTensor) -> [usize; 2] {
     burn::backend::TensorMetadata::shape(t).dims::<2>()
@@ -33,13 +23,12 @@ fn f32s(t: &FlexTensor) -> &[f32] {
 }
 
 /// `dst[m×n] (+)= a[m×k]·b[k×n]` with `a`, `b` given as (pointer, row stride, column stride);
-/// `accumulate` adds to what `dst` holds.
+/// `accumulate` adds to what `dst` holds. On the process's sgemm backend ([`super::blas`]).
 ///
 /// # Safety
 /// Every element the shapes and strides reach must be inside its buffer; `dst` (row-major, n
 /// columns) holds m·n values and overlaps neither input; with `accumulate` false every element
 /// of `dst` is written (k > 0).
-#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_into(
     m: usize,
     n: usize,
@@ -49,30 +38,9 @@ unsafe fn gemm_into(
     b: (*const f32, isize, isize),
     accumulate: bool,
 ) {
+    let view = |(ptr, rs, cs): (*const f32, isize, isize)| View { ptr, rs, cs };
     // SAFETY: the caller's contract.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            n as isize,
-            accumulate,
-            a.0,
-            a.2,
-            a.1,
-            b.0,
-            b.2,
-            b.1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(m, n, k),
-        )
-    }
+    unsafe { sgemm(m, n, k, dst, n as isize, view(a), view(b), accumulate, Threads::All) }
 }
 
 /// `x` [n, in] · `w` [in, out] + `b` [out] → [n, out].

@@ -50,6 +50,7 @@ macro_rules! multiversion {
 }
 
 mod attention;
+pub mod blas;
 mod cross_entropy;
 mod gelu;
 mod layer_norm;
