@@ -89,6 +89,21 @@ pub fn linear_rows(layer: &Linear, x: Tensor<3>) -> Tensor<3> {
     y.reshape([b, s, out])
 }
 
+/// `residual + layer(x)` for `x` [batch, seq, d_in] and `residual` [batch, seq, d_out]: as
+/// [`linear_rows`], with the residual added in the pass that writes the bias (a pre-LN layer's
+/// skip connection without a tensor and a pass of its own).
+pub fn linear_rows_residual(layer: &Linear, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
+    let [b, s, d] = x.dims();
+    let out = layer.weight.dims()[1];
+    let y = crate::kernels::linear_residual(
+        x.reshape([b * s, d]),
+        layer.weight.val(),
+        layer.bias.as_ref().map(|b| b.val()),
+        residual.reshape([b * s, out]),
+    );
+    y.reshape([b, s, out])
+}
+
 /// `layer` applied to the rows of `x` [n, d_in] → [n, d_out]: the one-gemm linear kernel on flex
 /// (Burn's `Linear::forward` allocates its matmul output zero-filled, copies it, and adds the
 /// bias as a second operation; for the MLM head's [n, 30522] logits that is most of the head).
@@ -138,11 +153,20 @@ impl Attention {
     /// `x`: [batch, seq, hidden]; `key_mask`: [batch, seq], `true` = padding (never attended).
     /// Returns [batch, seq, hidden].
     pub fn forward(&self, x: Tensor<3>, key_mask: Option<&Tensor<2, Bool>>) -> Tensor<3> {
+        linear_rows(&self.output.dense, self.context(x, key_mask))
+    }
+
+    /// `residual + forward(x)`, the residual added by the output projection's kernel.
+    pub fn forward_residual(&self, x: Tensor<3>, residual: Tensor<3>, key_mask: Option<&Tensor<2, Bool>>) -> Tensor<3> {
+        linear_rows_residual(&self.output.dense, self.context(x, key_mask), residual)
+    }
+
+    /// The heads' context before the output projection, [batch, seq, hidden].
+    fn context(&self, x: Tensor<3>, key_mask: Option<&Tensor<2, Bool>>) -> Tensor<3> {
         let q = linear_rows(&self.attention.query, x.clone());
         let k = linear_rows(&self.attention.key, x.clone());
         let v = linear_rows(&self.attention.value, x);
-        let ctx = crate::kernels::multi_head_attention(q, k, v, self.attention.num_heads, key_mask);
-        linear_rows(&self.output.dense, ctx)
+        crate::kernels::multi_head_attention(q, k, v, self.attention.num_heads, key_mask)
     }
 }
 
@@ -195,12 +219,11 @@ impl Layer {
 
     /// [batch, seq, hidden] → [batch, seq, hidden].
     pub fn forward(&self, x: Tensor<3>, key_mask: Option<&Tensor<2, Bool>>) -> Tensor<3> {
-        let a = self
+        let x = self
             .attention
-            .forward(self.layernorm_before.forward(x.clone()), key_mask);
-        let x = x + a;
+            .forward_residual(self.layernorm_before.forward(x.clone()), x, key_mask);
         let y = linear_rows(&self.intermediate.dense, self.layernorm_after.forward(x.clone()));
-        x + linear_rows(&self.output.dense, self.act.apply(y))
+        linear_rows_residual(&self.output.dense, self.act.apply(y), x)
     }
 }
 

@@ -49,7 +49,16 @@ fn dims3(t: &FlexTensor) -> [usize; 3] {
     burn::backend::TensorMetadata::shape(t).dims::<3>()
 }
 
-/// `(ctx, probs)`: ctx [batch, seq, hidden], probs [batch, heads, seq, seq].
+thread_local! {
+    /// Each rayon thread's scores and probabilities of one (sample, head): reused, so they stay
+    /// in its cache from one head to the next.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// `(ctx, probs)`: ctx [batch, seq, hidden], and with `keep_probs` the probabilities [batch,
+/// heads, seq, seq] the backward needs. Without them (inference) each head's probabilities live
+/// only in the thread's scratch: no [batch, heads, seq, seq] tensor is written (15 MB per layer
+/// for `full` image embedding at batch 8).
 pub(super) fn forward(
     q: FlexTensor,
     k: FlexTensor,
@@ -57,7 +66,8 @@ pub(super) fn forward(
     heads: usize,
     scale: f64,
     mask: &[bool],
-) -> (FlexTensor, FlexTensor) {
+    keep_probs: bool,
+) -> (FlexTensor, Option<FlexTensor>) {
     let [b, s, d] = dims3(&q);
     assert!(
         heads > 0 && d % heads == 0,
@@ -75,53 +85,75 @@ pub(super) fn forward(
     let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
     let slice = |t: &FlexTensor| In(t.as_slice::<f32>().expect("contiguous f32 tensor").as_ptr());
     let (qp, kp, vp) = (slice(&q), slice(&k), slice(&v));
-    let mut ctx = vec![0f32; b * s * d];
-    let mut probs = vec![0f32; b * heads * s * s];
+    // Written only through `out` below, every element once (each head's p·v covers its columns
+    // of every row), so it is never read before it is written.
+    let mut ctx: Vec<f32> = Vec::with_capacity(b * s * d);
+    let mut probs = if keep_probs {
+        vec![0f32; b * heads * s * s]
+    } else {
+        Vec::new()
+    };
     let out = Out(ctx.as_mut_ptr());
+    let kept = Out(probs.as_mut_ptr());
     let (di, si) = (d as isize, s as isize);
-    probs.par_chunks_mut((s * s).max(1)).enumerate().for_each(|(bh, p)| {
+    (0..b * heads).into_par_iter().for_each(|bh| {
         let (bi, hi) = (bh / heads, bh % heads);
         let base = bi * s * d + hi * dh;
-        let mut scores = vec![0f32; s * s];
-        let (qp, kp, vp, out) = (qp, kp, vp, out);
-        // SAFETY: q, k, v and ctx hold b·s·d values; rows of this sample (s of stride d) and this
-        // head's dh columns from `base` stay inside; `scores` and `p` hold s·s; this task alone
-        // writes this head's columns of this sample in ctx.
-        unsafe {
-            let q_bh = View {
-                ptr: qp.0.add(base),
-                rs: di,
-                cs: 1,
+        let (qp, kp, vp, out, kept) = (qp, kp, vp, out, kept);
+        SCRATCH.with_borrow_mut(|(scores, scratch_p)| {
+            scores.resize(s * s, 0.0);
+            // SAFETY: q, k hold b·s·d values; rows of this sample (s of stride d) and this head's
+            // dh columns from `base` stay inside; `scores` holds s·s.
+            unsafe {
+                let q_bh = View {
+                    ptr: qp.0.add(base),
+                    rs: di,
+                    cs: 1,
+                };
+                let kt_bh = View {
+                    ptr: kp.0.add(base),
+                    rs: 1,
+                    cs: di,
+                };
+                matmul(s, s, dh, scores.as_mut_ptr(), si, q_bh, kt_bh);
+            }
+            let p: &mut [f32] = if keep_probs {
+                // SAFETY: `probs` holds b·heads·s·s values and this task alone touches block bh.
+                unsafe { std::slice::from_raw_parts_mut(kept.0.add(bh * s * s), s * s) }
+            } else {
+                scratch_p.resize(s * s, 0.0);
+                scratch_p
             };
-            let kt_bh = View {
-                ptr: kp.0.add(base),
-                rs: 1,
-                cs: di,
-            };
-            matmul(s, s, dh, scores.as_mut_ptr(), si, q_bh, kt_bh);
-        }
-        let m = (!mask.is_empty()).then(|| &mask[bi * s..(bi + 1) * s]);
-        for (row, o) in scores.chunks_exact(s).zip(p.chunks_exact_mut(s)) {
-            forward_row(row, m, scale as f32, o);
-        }
-        // SAFETY: as above.
-        unsafe {
-            let p_bh = View {
-                ptr: p.as_ptr(),
-                rs: si,
-                cs: 1,
-            };
-            let v_bh = View {
-                ptr: vp.0.add(base),
-                rs: di,
-                cs: 1,
-            };
-            matmul(s, dh, s, out.0.add(base), di, p_bh, v_bh);
-        }
+            let m = (!mask.is_empty()).then(|| &mask[bi * s..(bi + 1) * s]);
+            for (row, o) in scores.chunks_exact(s).zip(p.chunks_exact_mut(s)) {
+                forward_row(row, m, scale as f32, o);
+            }
+            // SAFETY: v and ctx hold b·s·d values, the views stay inside as above, `p` holds s·s;
+            // this task alone writes this head's columns of this sample in ctx.
+            unsafe {
+                let p_bh = View {
+                    ptr: p.as_ptr(),
+                    rs: si,
+                    cs: 1,
+                };
+                let v_bh = View {
+                    ptr: vp.0.add(base),
+                    rs: di,
+                    cs: 1,
+                };
+                matmul(s, dh, s, out.0.add(base), di, p_bh, v_bh);
+            }
+        });
     });
+    if s > 0 && dh > 0 {
+        // SAFETY: the tasks above wrote all b·s·d values (every head's columns of every row).
+        unsafe { ctx.set_len(b * s * d) };
+    } else {
+        ctx.resize(b * s * d, 0.0);
+    }
     (
         FlexTensor::from_data(TensorData::new(ctx, [b, s, d])),
-        FlexTensor::from_data(TensorData::new(probs, [b, heads, s, s])),
+        keep_probs.then(|| FlexTensor::from_data(TensorData::new(probs, [b, heads, s, s]))),
     )
 }
 
@@ -147,67 +179,79 @@ pub(super) fn backward(
     let slice = |t: &FlexTensor| In(t.as_slice::<f32>().expect("contiguous f32 tensor").as_ptr());
     let (qp, kp, vp, gp) = (slice(&q), slice(&k), slice(&v), slice(&grad));
     let p_all = probs.as_slice::<f32>().expect("contiguous f32 tensor");
-    let mut dq = vec![0f32; b * s * d];
-    let mut dk = vec![0f32; b * s * d];
-    let mut dv = vec![0f32; b * s * d];
+    // Written only through the raw pointers below, every element once (each head's gemms
+    // cover its columns of every row), so never read before written.
+    let mut dq: Vec<f32> = Vec::with_capacity(b * s * d);
+    let mut dk: Vec<f32> = Vec::with_capacity(b * s * d);
+    let mut dv: Vec<f32> = Vec::with_capacity(b * s * d);
     let (dqp, dkp, dvp) = (Out(dq.as_mut_ptr()), Out(dk.as_mut_ptr()), Out(dv.as_mut_ptr()));
     let (di, si) = (d as isize, s as isize);
     p_all.par_chunks((s * s).max(1)).enumerate().for_each(|(bh, p)| {
         let (bi, hi) = (bh / heads, bh % heads);
         let base = bi * s * d + hi * dh;
         let (qp, kp, vp, gp, dqp, dkp, dvp) = (qp, kp, vp, gp, dqp, dkp, dvp);
-        let mut dp = vec![0f32; s * s];
-        let mut ds = vec![0f32; s * s];
-        // SAFETY: as in `forward`: every view stays inside its b·s·d (or s·s) buffer, and this
-        // task alone writes this head's columns of this sample in dq, dk and dv.
-        unsafe {
-            let g_bh = View {
-                ptr: gp.0.add(base),
-                rs: di,
-                cs: 1,
-            };
-            let vt_bh = View {
-                ptr: vp.0.add(base),
-                rs: 1,
-                cs: di,
-            };
-            matmul(s, s, dh, dp.as_mut_ptr(), si, g_bh, vt_bh);
-            let pt = View {
-                ptr: p.as_ptr(),
-                rs: 1,
-                cs: si,
-            };
-            matmul(s, dh, s, dvp.0.add(base), di, pt, g_bh);
-        }
-        for ((y, dy), o) in p.chunks_exact(s).zip(dp.chunks_exact(s)).zip(ds.chunks_exact_mut(s)) {
-            backward_row(y, dy, scale as f32, o);
-        }
-        // SAFETY: as above.
-        unsafe {
-            let ds_v = View {
-                ptr: ds.as_ptr(),
-                rs: si,
-                cs: 1,
-            };
-            let dst_v = View {
-                ptr: ds.as_ptr(),
-                rs: 1,
-                cs: si,
-            };
-            let k_bh = View {
-                ptr: kp.0.add(base),
-                rs: di,
-                cs: 1,
-            };
-            let q_bh = View {
-                ptr: qp.0.add(base),
-                rs: di,
-                cs: 1,
-            };
-            matmul(s, dh, s, dqp.0.add(base), di, ds_v, k_bh);
-            matmul(s, dh, s, dkp.0.add(base), di, dst_v, q_bh);
-        }
+        SCRATCH.with_borrow_mut(|(dp, ds)| {
+            dp.resize(s * s, 0.0);
+            ds.resize(s * s, 0.0);
+            // SAFETY: as in `forward`: every view stays inside its b·s·d (or s·s) buffer, and this
+            // task alone writes this head's columns of this sample in dq, dk and dv.
+            unsafe {
+                let g_bh = View {
+                    ptr: gp.0.add(base),
+                    rs: di,
+                    cs: 1,
+                };
+                let vt_bh = View {
+                    ptr: vp.0.add(base),
+                    rs: 1,
+                    cs: di,
+                };
+                matmul(s, s, dh, dp.as_mut_ptr(), si, g_bh, vt_bh);
+                let pt = View {
+                    ptr: p.as_ptr(),
+                    rs: 1,
+                    cs: si,
+                };
+                matmul(s, dh, s, dvp.0.add(base), di, pt, g_bh);
+            }
+            for ((y, dy), o) in p.chunks_exact(s).zip(dp.chunks_exact(s)).zip(ds.chunks_exact_mut(s)) {
+                backward_row(y, dy, scale as f32, o);
+            }
+            // SAFETY: as above.
+            unsafe {
+                let ds_v = View {
+                    ptr: ds.as_ptr(),
+                    rs: si,
+                    cs: 1,
+                };
+                let dst_v = View {
+                    ptr: ds.as_ptr(),
+                    rs: 1,
+                    cs: si,
+                };
+                let k_bh = View {
+                    ptr: kp.0.add(base),
+                    rs: di,
+                    cs: 1,
+                };
+                let q_bh = View {
+                    ptr: qp.0.add(base),
+                    rs: di,
+                    cs: 1,
+                };
+                matmul(s, dh, s, dqp.0.add(base), di, ds_v, k_bh);
+                matmul(s, dh, s, dkp.0.add(base), di, dst_v, q_bh);
+            }
+        });
     });
-    let t = |x: Vec<f32>| FlexTensor::from_data(TensorData::new(x, [b, s, d]));
+    let t = |mut x: Vec<f32>| {
+        if s > 0 && dh > 0 {
+            // SAFETY: the tasks above wrote all b·s·d values (every head's columns of every row).
+            unsafe { x.set_len(b * s * d) };
+        } else {
+            x.resize(b * s * d, 0.0);
+        }
+        FlexTensor::from_data(TensorData::new(x, [b, s, d]))
+    };
     (t(dq), t(dk), t(dv))
 }

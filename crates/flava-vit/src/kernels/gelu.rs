@@ -24,6 +24,12 @@ multiversion!(pub(super) gelu_slice(x: &[f32], out: &mut [f32]) {
     }
 });
 
+multiversion!(pub(super) gelu_in_place(x: &mut [f32]) {
+    for x in x.iter_mut() {
+        *x = gelu_one(*x);
+    }
+});
+
 multiversion!(pub(super) gelu_grad_slice(x: &[f32], g: &[f32], out: &mut [f32]) {
     for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
         *o = gelu_grad_one(x, g);

@@ -43,19 +43,63 @@ unsafe fn gemm_into(
     unsafe { sgemm(m, n, k, dst, n as isize, view(a), view(b), accumulate, Threads::All) }
 }
 
-/// `x` [n, in] · `w` [in, out] + `b` [out] → [n, out].
-pub(super) fn forward(x: FlexTensor, w: FlexTensor, b: FlexTensor) -> FlexTensor {
+/// A pointer that rayon's tasks may share (each writes its own rows).
+#[derive(Clone, Copy)]
+struct Rows(*mut f32);
+// SAFETY: the tasks write disjoint rows.
+unsafe impl Send for Rows {}
+unsafe impl Sync for Rows {}
+
+impl Rows {
+    /// The element at `offset` (a method, so that closures capture the whole `Rows`).
+    ///
+    /// # Safety
+    /// `offset` is inside the buffer.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: the caller's contract.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// `x` [n, in] · `w` [in, out] + `b` [out] (+ `residual` [n, out]) → [n, out].
+///
+/// The output starts as the bias rows (plus the residual's), written over rayon's threads, and
+/// the product is added to them: one write pass before the gemm's, where the residual connection
+/// of a pre-LN layer otherwise costs a second full pass and a second tensor.
+pub(super) fn forward(x: FlexTensor, w: FlexTensor, b: FlexTensor, residual: Option<FlexTensor>) -> FlexTensor {
     let [n, d_in] = dims2(&x);
     let [w_in, d_out] = dims2(&w);
     assert_eq!(d_in, w_in, "x has {d_in} columns, the weight {w_in} rows");
     let (x, w, b) = (contiguous(x), contiguous(w), contiguous(b));
     let bias = f32s(&b);
     assert_eq!(bias.len(), d_out, "one bias per output");
-    // The bias rows, then the product added to them (one write pass before the gemm's).
-    let mut y = Vec::with_capacity(n * d_out);
-    for _ in 0..n {
-        y.extend_from_slice(bias);
+    let residual = residual.map(contiguous);
+    let res = residual.as_ref().map(f32s);
+    if let Some(r) = res {
+        assert_eq!(r.len(), n * d_out, "the residual has the output's shape [{n}, {d_out}]");
     }
+    let mut y: Vec<f32> = Vec::with_capacity(n * d_out);
+    let dst = Rows(y.as_mut_ptr());
+    const ROWS: usize = 64;
+    (0..n.div_ceil(ROWS)).into_par_iter().for_each(|block| {
+        for row in block * ROWS..((block + 1) * ROWS).min(n) {
+            // SAFETY: y has capacity n·out; this task alone writes rows of this block.
+            let out = unsafe { dst.at(row * d_out) };
+            match res {
+                Some(r) => {
+                    let r = &r[row * d_out..(row + 1) * d_out];
+                    for (j, (&rv, &bv)) in r.iter().zip(bias).enumerate() {
+                        // SAFETY: j < out, inside this row.
+                        unsafe { out.add(j).write(rv + bv) };
+                    }
+                }
+                // SAFETY: bias holds out values; the row holds out values; distinct buffers.
+                None => unsafe { std::ptr::copy_nonoverlapping(bias.as_ptr(), out, d_out) },
+            }
+        }
+    });
+    // SAFETY: every row was written above (f32 has no invalid bit patterns).
+    unsafe { y.set_len(n * d_out) };
     if d_in > 0 && n > 0 && d_out > 0 {
         // SAFETY: x is n·in, w is in·out (row-major), y holds n·out; distinct buffers.
         unsafe {

@@ -105,6 +105,14 @@ pub trait FlavaKernels: Backend {
     fn attention_softmax_backward(probs: FloatTensor<Self>, scale: f64, grad: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `x·w + b` for x [n, in], w [in, out] (Burn's Linear layout), b `[out]` → [n, out].
     fn linear_rows_forward(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `x·w + b + r`: [`FlavaKernels::linear_rows_forward`] with the residual `r` [n, out] added
+    /// in the same pass (a pre-LN layer's `x + f(x)`).
+    fn linear_rows_residual_forward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        r: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
     /// `grad·wᵀ`: the input gradient of [`FlavaKernels::linear_rows_forward`], [n, in].
     fn linear_rows_backward_input(w: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `xᵀ·grad`: the weight gradient, [in, out].
@@ -228,6 +236,31 @@ pub fn linear(x: Tensor<2>, w: Tensor<2>, b: Option<Tensor<1>>) -> Tensor<2> {
     Tensor::from_dispatch(out)
 }
 
+/// `x·w + b + residual` over the rows of `x` [n, in] with `w` [in, out], `b` `[out]` and
+/// `residual` [n, out] → [n, out]: [`linear`] with a pre-LN layer's residual connection added in
+/// the pass that writes the bias (one tensor and one pass fewer than `linear(..) + residual`); the
+/// residual's gradient is the output's. Burn's ops elsewhere.
+///
+/// # Panics
+/// If the shapes do not fit.
+pub fn linear_residual(x: Tensor<2>, w: Tensor<2>, b: Option<Tensor<1>>, residual: Tensor<2>) -> Tensor<2> {
+    let on_flex = on_flex_f32(&x) && on_flex_f32(&w) && on_flex_f32(&residual) && b.as_ref().is_none_or(on_flex_f32);
+    if !on_flex {
+        return burn::tensor::module::linear(x, w, b) + residual;
+    }
+    let [n, _] = x.dims();
+    let d_out = w.dims()[1];
+    assert_eq!(residual.dims(), [n, d_out], "the residual has the output's shape");
+    let b = b.unwrap_or_else(|| Tensor::zeros([d_out], &w.device()));
+    let out = burn::backend::Dispatch::linear_rows_residual_forward(
+        x.into_dispatch(),
+        w.into_dispatch(),
+        b.into_dispatch(),
+        residual.into_dispatch(),
+    );
+    Tensor::from_dispatch(out)
+}
+
 /// `Σ x²` over every element of `x` as f64, without autodiff (a gradient norm's term): on flex
 /// one read pass accumulated in f64; elsewhere Burn's `square().sum()` (f32).
 pub fn sum_of_squares<const D: usize>(x: &Tensor<D>) -> f64 {
@@ -342,7 +375,18 @@ fn cross_entropy_rows_composed(logits: Tensor<2>, targets: &[usize]) -> Tensor<1
 }
 
 impl FlavaKernels for Flex {
-    fn exact_gelu(x: FlexTensor) -> FlexTensor {
+    fn exact_gelu(mut x: FlexTensor) -> FlexTensor {
+        // Without autodiff nothing else holds the pre-activation (the FFN's [n, 4·d], the largest
+        // tensor of a layer): overwrite it rather than allocate and fill a second one.
+        let n = x.layout().num_elements();
+        let whole = x.layout().contiguous_offsets() == Some((0, n));
+        if whole && x.dtype() == burn::tensor::DType::F32 {
+            if let Some(data) = x.try_storage_mut::<f32>() {
+                const CHUNK: usize = 1 << 14;
+                data[..n].par_chunks_mut(CHUNK).for_each(gelu::gelu_in_place);
+                return x;
+            }
+        }
         map_f32([x], |[x], out| gelu::gelu_slice(x, out))
     }
 
@@ -380,7 +424,11 @@ impl FlavaKernels for Flex {
     }
 
     fn linear_rows_forward(x: FlexTensor, w: FlexTensor, b: FlexTensor) -> FlexTensor {
-        linear::forward(x, w, b)
+        linear::forward(x, w, b, None)
+    }
+
+    fn linear_rows_residual_forward(x: FlexTensor, w: FlexTensor, b: FlexTensor, r: FlexTensor) -> FlexTensor {
+        linear::forward(x, w, b, Some(r))
     }
 
     fn linear_rows_backward_input(w: FlexTensor, grad: FlexTensor) -> FlexTensor {
@@ -414,7 +462,7 @@ impl FlavaKernels for Flex {
         scale: f64,
         key_padding: Vec<bool>,
     ) -> FlexTensor {
-        attention::forward(q, k, v, heads, scale, &key_padding).0
+        attention::forward(q, k, v, heads, scale, &key_padding, false).0
     }
 
     fn multi_head_attention_probs(
@@ -425,7 +473,8 @@ impl FlavaKernels for Flex {
         scale: f64,
         key_padding: Vec<bool>,
     ) -> (FlexTensor, FlexTensor) {
-        attention::forward(q, k, v, heads, scale, &key_padding)
+        let (ctx, probs) = attention::forward(q, k, v, heads, scale, &key_padding, true);
+        (ctx, probs.expect("kept probabilities"))
     }
 
     fn multi_head_attention_backward(
@@ -640,6 +689,54 @@ impl<B: Backend + FlavaKernels, C: CheckpointStrategy> FlavaKernels for Autodiff
         }
     }
 
+    fn linear_rows_residual_forward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        r: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LinearRowsResidual;
+
+        impl<B: Backend + FlavaKernels> Backward<B, 4> for LinearRowsResidual {
+            type State = (FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let [node_x, node_w, node_b, node_r] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x, w) = ops.state;
+                if let Some(node) = node_w {
+                    grads.register::<B>(node.id, B::linear_rows_backward_weight(x, grad.clone()));
+                }
+                if let Some(node) = node_b {
+                    grads.register::<B>(node.id, B::linear_rows_backward_bias(grad.clone()));
+                }
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, B::linear_rows_backward_input(w, grad.clone()));
+                }
+                // The residual's gradient is the output's.
+                if let Some(node) = node_r {
+                    grads.register::<B>(node.id, grad);
+                }
+            }
+        }
+
+        let guards = [x.node(), w.node(), b.node(), r.node()];
+        let (x, w, b, r) = (
+            x.into_primitive(),
+            w.into_primitive(),
+            b.into_primitive(),
+            r.into_primitive(),
+        );
+        match LinearRowsResidual.prepare::<C>(guards).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::linear_rows_residual_forward(x.clone(), w.clone(), b, r);
+                prep.finish((x, w), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::linear_rows_residual_forward(x, w, b, r)),
+        }
+    }
+
     fn linear_rows_backward_input(w: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         let _ = (w, grad);
         unreachable!("linear_rows_backward_input is called on the inner backend only")
@@ -809,6 +906,11 @@ mod tests {
             let b = 0.5 * xs[i] as f64 * (1.0 + erf_f64(xs[i] as f64 * std::f64::consts::FRAC_1_SQRT_2));
             assert!((*a as f64 - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
         }
+        // A uniquely held input is overwritten in place; a shared one must be left as it was.
+        let shared = Tensor::<2>::from_data(TensorData::new(xs.clone(), [64, 64]), &Device::flex());
+        let y_shared = gelu(shared.clone()).into_data().try_into_vec::<f32>().expect("f32 data");
+        assert_eq!(y_shared, y_plain, "the same GELU in place and into a new tensor");
+        assert_eq!(shared.into_data().try_into_vec::<f32>().expect("f32 data"), xs, "the shared input unchanged");
     }
 
     /// Row losses and the logits' gradient against Burn's `log_softmax` + `gather`, on an autodiff
@@ -1114,6 +1216,71 @@ mod tests {
 
     /// The one-pass sum of squares against an f64 sum, on a tensor of an autodiff device with a
     /// gradient, a transposed one, and sizes that are not multiples of the lane count or chunk.
+    /// `linear_residual` against Burn's `linear(..) + r`: the output and every gradient, with the
+    /// residual also used elsewhere in the loss (its gradient is the sum of both uses), with and
+    /// without a bias; tolerance 1e-5 of the largest reference value.
+    #[test]
+    fn linear_residual_and_its_gradients_match_burns() {
+        let device = Device::flex().autodiff();
+        for (n, d_in, d_out, bias) in [(5, 7, 3, true), (300, 200, 150, true), (70, 33, 65, false)] {
+            let data = |len: usize, seed: usize| -> Vec<f32> {
+                (0..len)
+                    .map(|i| (((i * 7919 + seed * 104729) % 6007) as f32 / 6007.0 - 0.5) * 2.0)
+                    .collect()
+            };
+            let (xs, ws, bs, rs, gs) = (
+                data(n * d_in, 1),
+                data(d_in * d_out, 2),
+                data(d_out, 3),
+                data(n * d_out, 5),
+                data(n * d_out, 4),
+            );
+            let run = |fused: bool| {
+                let t2 = |v: &Vec<f32>, shape: [usize; 2]| {
+                    Tensor::<2>::from_data(TensorData::new(v.clone(), shape), &device).require_grad()
+                };
+                let (x, w, r) = (t2(&xs, [n, d_in]), t2(&ws, [d_in, d_out]), t2(&rs, [n, d_out]));
+                let b =
+                    bias.then(|| Tensor::<1>::from_data(TensorData::new(bs.clone(), [d_out]), &device).require_grad());
+                let y = if fused {
+                    linear_residual(x.clone(), w.clone(), b.clone(), r.clone())
+                } else {
+                    burn::tensor::module::linear(x.clone(), w.clone(), b.clone()) + r.clone()
+                };
+                let g = Tensor::<2>::from_data(TensorData::new(gs.clone(), [n, d_out]), &device);
+                // r also enters the loss on its own: its gradient is g + 2·r·0.5.
+                let loss = (y.clone() * g).sum() + (r.clone() * r.clone()).sum() * 0.5;
+                let grads = loss.backward();
+                let v2 = |t: Tensor<2>| t.into_data().try_into_vec::<f32>().expect("f32");
+                let v1 = |t: Tensor<1>| t.into_data().try_into_vec::<f32>().expect("f32");
+                (
+                    v2(y),
+                    v2(x.grad(&grads).expect("dx")),
+                    v2(w.grad(&grads).expect("dW")),
+                    v2(r.grad(&grads).expect("dr")),
+                    b.and_then(|b| b.grad(&grads)).map(v1),
+                )
+            };
+            let (got, want) = (run(true), run(false));
+            let close = |name: &str, a: &[f32], r: &[f32]| {
+                assert_eq!(a.len(), r.len(), "{name}");
+                let top = r.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(top > 1e-3, "{name} is not trivially zero");
+                for (a, r) in a.iter().zip(r) {
+                    assert!((a - r).abs() <= 1e-5 * top, "{n}x{d_in}x{d_out}, {name}: {a} vs {r}");
+                }
+            };
+            close("y", &got.0, &want.0);
+            close("dx", &got.1, &want.1);
+            close("dW", &got.2, &want.2);
+            close("dr", &got.3, &want.3);
+            assert_eq!(got.4.is_some(), bias);
+            if let (Some(a), Some(r)) = (&got.4, &want.4) {
+                close("db", a, r);
+            }
+        }
+    }
+
     #[test]
     fn sum_of_squares_matches_f64() {
         for n in [1usize, 7, 1000, 70_001] {

@@ -20,32 +20,50 @@ fn rows_per_task(s: usize) -> usize {
 }
 
 multiversion!(pub(super) forward_row(x: &[f32], masked: Option<&[bool]>, scale: f32, out: &mut [f32]) {
+    // One pass: the scaled (and masked) scores, their lane maxima, and `Σ v·0`, which is NaN
+    // exactly when a score is NaN or infinite. The maxima are `if v > m { v } else { m }`, which
+    // passes over NaN as `f32::max` does but compiles to one vector max (`f32::max` did not
+    // vectorise: this loop ran one element at a time).
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut poison = [0f32; 16];
+    let (n, mut max, mut tail_poison) = (x.len(), f32::NEG_INFINITY, 0f32);
+    let full = n - n % 16;
     match masked {
         Some(m) => {
-            for ((o, &v), &pad) in out.iter_mut().zip(x).zip(m) {
-                *o = v * scale + if pad { f32::MIN } else { 0.0 };
+            for ((o, x), m) in out[..full].chunks_exact_mut(16).zip(x.chunks_exact(16)).zip(m.chunks_exact(16)) {
+                for k in 0..16 {
+                    let v = x[k] * scale + if m[k] { f32::MIN } else { 0.0 };
+                    o[k] = v;
+                    lanes[k] = if v > lanes[k] { v } else { lanes[k] };
+                    poison[k] += v * 0.0;
+                }
+            }
+            for i in full..n {
+                let v = x[i] * scale + if m[i] { f32::MIN } else { 0.0 };
+                out[i] = v;
+                max = if v > max { v } else { max };
+                tail_poison += v * 0.0;
             }
         }
         None => {
-            for (o, &v) in out.iter_mut().zip(x) {
-                *o = v * scale;
+            for (o, x) in out[..full].chunks_exact_mut(16).zip(x.chunks_exact(16)) {
+                for k in 0..16 {
+                    let v = x[k] * scale;
+                    o[k] = v;
+                    lanes[k] = if v > lanes[k] { v } else { lanes[k] };
+                    poison[k] += v * 0.0;
+                }
+            }
+            for i in full..n {
+                let v = x[i] * scale;
+                out[i] = v;
+                max = if v > max { v } else { max };
+                tail_poison += v * 0.0;
             }
         }
     }
-    // Lane maxima, and `Σ v·0`, which is NaN exactly when a score is NaN or infinite (`max`
-    // passes over NaN, and so does the clamped exp below).
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    let mut poison = [0f32; 16];
-    let mut chunks = out.chunks_exact(16);
-    for c in &mut chunks {
-        for k in 0..16 {
-            lanes[k] = lanes[k].max(c[k]);
-            poison[k] += c[k] * 0.0;
-        }
-    }
-    let rest = chunks.remainder();
-    let max = rest.iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-    let poison = rest.iter().fold(poison.iter().sum::<f32>(), |a, &v| a + v * 0.0);
+    let max = lanes.iter().fold(max, |a, &v| if v > a { v } else { a });
+    let poison = poison.iter().sum::<f32>() + tail_poison;
     if poison.is_nan() || !max.is_finite() {
         out.iter_mut().for_each(|o| *o = f32::NAN);
         return;
