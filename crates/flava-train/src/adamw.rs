@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use burn::optim::{AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, LearningRate, Optimizer};
 use burn::prelude::*;
-use flava_vit::kernels::on_flex_f32;
+use flava_vit::kernels::{on_flex_f32, update_f32_in_place};
 use rayon::prelude::*;
 
 /// The gradient scale of the current update (global-norm clipping), shared by every
@@ -71,6 +71,7 @@ impl FusedAdamW {
     }
 }
 
+#[cfg(test)]
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().try_into_vec::<f32>().expect("f32 tensor data")
 }
@@ -158,7 +159,10 @@ impl Optimizer for FusedAdamW {
         let scale = self.scale.get();
         // As `Tensor * f64`: the factors are applied as f32 scalars.
         let decay = (self.weight_decay != 0.0 && lr != 0.0).then_some((1.0 - lr * self.weight_decay) as f32);
-        if !(on_flex_f32(&tensor) && on_flex_f32(&grad)) {
+        let moments_on_flex = state
+            .as_ref()
+            .is_none_or(|s| on_flex_f32(&s.momentum.moment_1) && on_flex_f32(&s.momentum.moment_2));
+        if !(on_flex_f32(&tensor) && on_flex_f32(&grad) && moments_on_flex) {
             let grad = if scale == 1.0 { grad } else { grad * scale };
             let tensor = match decay {
                 Some(d) => tensor * d,
@@ -169,18 +173,16 @@ impl Optimizer for FusedAdamW {
         let scale = (scale != 1.0).then_some(scale as f32);
         let device = tensor.device();
         let shape = tensor.shape();
-        let mut theta = values(tensor);
-        let g = values(grad);
         let (b1, b2, eps) = (self.beta_1, self.beta_2, self.epsilon);
         let (f1, f2) = (1.0 - b1, 1.0 - b2);
-        let (time, mut m, mut v, fresh) = match state {
-            Some(s) => (
-                s.momentum.time + 1,
-                values(s.momentum.moment_1),
-                values(s.momentum.moment_2),
-                false,
+        let (time, m, v, fresh) = match state {
+            Some(s) => (s.momentum.time + 1, s.momentum.moment_1, s.momentum.moment_2, false),
+            None => (
+                1,
+                Tensor::<D>::zeros(shape.clone(), &device),
+                Tensor::<D>::zeros(shape, &device),
+                true,
             ),
-            None => (1, vec![0f32; g.len()], vec![0f32; g.len()], true),
         };
         // As Burn: bias corrections in f32 with `powi`, the learning rate as an f32 scalar.
         let c1 = 1f32 - b1.powi(time as i32);
@@ -198,20 +200,22 @@ impl Optimizer for FusedAdamW {
             eps,
             lr,
         };
-        theta
-            .par_chunks_mut(CHUNK)
-            .zip(m.par_chunks_mut(CHUNK))
-            .zip(v.par_chunks_mut(CHUNK))
-            .zip(g.par_chunks(CHUNK))
-            .for_each(|(((theta, m), v), g)| update_slice(theta, m, v, g, &k, fresh));
-        let tensor = |x: Vec<f32>| Tensor::<D>::from_data(TensorData::new(x, shape.clone()), &device);
+        // Parameters and moments updated where they lie (copied first only if shared).
+        let [theta, moment_1, moment_2] = update_f32_in_place([tensor, m, v], grad, |[theta, m, v], g| {
+            theta
+                .par_chunks_mut(CHUNK)
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(((theta, m), v), g)| update_slice(theta, m, v, g, &k, fresh));
+        });
         let momentum = AdaptiveMomentumState {
             time,
-            moment_1: tensor(m),
-            moment_2: tensor(v),
+            moment_1,
+            moment_2,
             max_moment_2: None,
         };
-        (tensor(theta), Some(AdamWState { momentum }))
+        (theta, Some(AdamWState { momentum }))
     }
 
     fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
