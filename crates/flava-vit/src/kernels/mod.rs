@@ -1346,7 +1346,7 @@ mod tests {
             TensorData::new((0..10).map(|i| i as f32).collect::<Vec<_>>(), [10]),
             &device,
         );
-        let view = big.clone().slice([2..6]);
+        let view = big.clone().narrow(0, 2, 4);
         let shared = Tensor::<1>::from_data(TensorData::new(vec![1f32, 2.0, 3.0, 4.0], [4]), &device);
         let kept = shared.clone();
         let tracked = Tensor::<1>::from_data(TensorData::new(vec![0f32; 4], [4]), &device.clone().autodiff());
