@@ -18,6 +18,10 @@
 //! - a path: that library, without the probe (an error opening it is reported and the `gemm`
 //!   crate is used).
 //!
+//! A library is used only after two checks: its own query says its `cblas_sgemm` takes 32-bit
+//! integers (MKL is asked for its LP64 layer; an ILP64 OpenBLAS or BLIS is refused), and a few
+//! small products in every operand layout agree with the `gemm` crate's.
+//!
 //! The BLAS runs single-threaded (MKL's sequential layer, `openblas_set_num_threads(1)`); large
 //! products are split into row or column blocks over rayon's threads, as the rest of the
 //! kernels are, so that no second thread pool spins beside rayon's.
@@ -106,6 +110,7 @@ impl Blas {
         let sgemm: CblasSgemm = unsafe { lib.get::<CblasSgemm>(b"cblas_sgemm\0") }
             .map(|f| *f)
             .map_err(|e| format!("{name}: no cblas_sgemm ({e})"))?;
+        lp64(&lib).map_err(|e| format!("{name}: {e}"))?;
         // SAFETY: these setters take one int and are called before any product.
         unsafe {
             if let Ok(f) = lib.get::<unsafe extern "C" fn(i32) -> i32>(b"MKL_Set_Threading_Layer\0") {
@@ -178,6 +183,42 @@ impl Blas {
     }
 }
 
+/// Checks, with each library's own query, that its `cblas_sgemm` takes 32-bit integers (the
+/// signature it is called with): an ILP64 build called with 32-bit sizes reads garbage sizes and
+/// may crash. MKL's `libmkl_rt` is asked for its LP64 layer; an OpenBLAS built with
+/// `USE64BITINT` and a BLIS with 64-bit BLAS integers are refused.
+fn lp64(lib: &libloading::Library) -> Result<(), String> {
+    // SAFETY: each query has this signature in the library that exports it, takes no pointers
+    // (or returns a static NUL-terminated string) and is called before any product.
+    unsafe {
+        if let Ok(f) = lib.get::<unsafe extern "C" fn(i32) -> i32>(b"MKL_Set_Interface_Layer\0") {
+            // MKL_INTERFACE_LP64 = 0; the call returns the layer in force.
+            let layer = f(0);
+            if layer != 0 {
+                return Err(format!(
+                    "MKL keeps interface layer {layer}, not LP64 (MKL_INTERFACE_LAYER?)"
+                ));
+            }
+        }
+        if let Ok(f) = lib.get::<unsafe extern "C" fn() -> *const std::ffi::c_char>(b"openblas_get_config\0") {
+            let config = f();
+            if !config.is_null() {
+                let config = std::ffi::CStr::from_ptr(config).to_string_lossy();
+                if config.contains("USE64BITINT") {
+                    return Err(format!("OpenBLAS built with 64-bit integers ({config})"));
+                }
+            }
+        }
+        if let Ok(f) = lib.get::<unsafe extern "C" fn() -> i64>(b"bli_info_get_blas_int_type_size\0") {
+            let bits = f();
+            if bits == 64 {
+                return Err("BLIS built with 64-bit BLAS integers".to_string());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// CBLAS's (transpose flag, leading dimension) for a `rows × cols` view, if its strides have
 /// one of the two layouts CBLAS takes.
 fn operand(v: View, rows: usize, cols: usize) -> Option<(i32, i32)> {
@@ -237,6 +278,10 @@ impl GemmBackend {
             Some("off") | Some("gemm") => Self::gemm_crate("FLAVA_BLAS=off"),
             None | Some("") | Some("auto") => Self::auto(),
             Some(path) => match Blas::open(path) {
+                Ok(blas) if !agrees_with_gemm_crate(&blas) => {
+                    log::warn!("FLAVA_BLAS: {path}: its sgemm disagrees with the gemm crate's; using the gemm crate");
+                    Self::gemm_crate(&format!("FLAVA_BLAS={path} computes different products"))
+                }
                 Ok(blas) => Self {
                     note: format!("sgemm: {path} (FLAVA_BLAS)"),
                     blas: Some(blas),
@@ -250,9 +295,16 @@ impl GemmBackend {
     }
 
     fn auto() -> Self {
-        let found = find_blas();
+        let (found, wrong): (Vec<Blas>, Vec<Blas>) = find_blas().into_iter().partition(agrees_with_gemm_crate);
+        for blas in &wrong {
+            log::warn!("{}: its sgemm disagrees with the gemm crate's; not used", blas.path);
+        }
         if found.is_empty() {
-            return Self::gemm_crate("no BLAS library found");
+            return Self::gemm_crate(if wrong.is_empty() {
+                "no BLAS library found"
+            } else {
+                "no BLAS library found that computes the same products"
+            });
         }
         // Alternating rounds, so that a busy moment of the machine falls on every candidate.
         let mut candidates: Vec<Option<&Blas>> = vec![None];
@@ -308,6 +360,59 @@ fn find_blas() -> Vec<Blas> {
         }
     }
     found
+}
+
+/// Whether `blas` computes the probe's first product and a small odd-sized one with every
+/// operand layout as the gemm crate does (within 1e-4 of the largest value): a library is only
+/// timed, and chosen, once its results are right.
+fn agrees_with_gemm_crate(blas: &Blas) -> bool {
+    let (m0, n0, k0) = PROBES[0];
+    [(37, 29, 41, false), (m0, n0, k0, false), (19, 23, 17, true)]
+        .into_iter()
+        .all(|(m, n, k, transposed)| {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1).collect();
+            // Row-major a and b, or both as transposes (column-major).
+            let (av, bv) = if transposed {
+                (
+                    View {
+                        ptr: a.as_ptr(),
+                        rs: 1,
+                        cs: m as isize,
+                    },
+                    View {
+                        ptr: b.as_ptr(),
+                        rs: 1,
+                        cs: k as isize,
+                    },
+                )
+            } else {
+                (
+                    View {
+                        ptr: a.as_ptr(),
+                        rs: k as isize,
+                        cs: 1,
+                    },
+                    View {
+                        ptr: b.as_ptr(),
+                        rs: n as isize,
+                        cs: 1,
+                    },
+                )
+            };
+            let (mut ours, mut theirs) = (vec![0f32; m * n], vec![f32::NAN; m * n]);
+            // SAFETY: a holds m·k and b k·n values in either layout; the outputs hold m·n; k > 0.
+            unsafe {
+                gemm_crate(m, n, k, ours.as_mut_ptr(), n as isize, av, bv, false);
+                if !blas.product(m, n, k, theirs.as_mut_ptr(), n as isize, av, bv, false) {
+                    return false;
+                }
+            }
+            let top = ours.iter().fold(0f32, |t, v| t.max(v.abs()));
+            ours.iter()
+                .zip(&theirs)
+                .all(|(o, t)| (o - t).abs() <= 1e-4 * top.max(1.0))
+        })
 }
 
 /// The probe's products (one thread each): a `tiny` encoder layer's forward and a `full` one's.
@@ -602,5 +707,51 @@ mod tests {
             missing.describe()
         );
         assert!(Blas::open("/nonexistent/libblas.so").is_err());
+    }
+
+    /// Builds a shared library from C source with the system C compiler (the linker Rust uses).
+    fn fake_blas(dir: &Path, name: &str, source: &str) -> PathBuf {
+        let c = dir.join(format!("{name}.c"));
+        let lib = dir.join(format!("lib{name}.so"));
+        std::fs::write(&c, source).expect("write the C source");
+        let status = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-o"])
+            .arg(&lib)
+            .arg(&c)
+            .status()
+            .expect("run cc");
+        assert!(status.success(), "cc failed on {name}");
+        lib
+    }
+
+    /// Hostile libraries: one that says it was built with 64-bit integers (an ILP64 OpenBLAS) is
+    /// refused before any product; one whose `cblas_sgemm` computes wrong values is refused by
+    /// name (`FLAVA_BLAS=path`), and the gemm crate does the products.
+    #[test]
+    fn libraries_with_64_bit_integers_or_wrong_products_are_refused() {
+        let dir = std::env::temp_dir().join(format!("flava-fake-blas-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let sgemm = "void cblas_sgemm(int l, int ta, int tb, int m, int n, int k, float alpha, \
+                     const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc) \
+                     { for (int i = 0; i < m; i++) for (int j = 0; j < n; j++) c[i * ldc + j] = 1.0f; }";
+        let ilp64 = fake_blas(
+            &dir,
+            "ilp64",
+            &format!("{sgemm}\nconst char *openblas_get_config(void) {{ return \"OpenBLAS 0.3 USE64BITINT\"; }}\n"),
+        );
+        let err = Blas::open(&ilp64.to_string_lossy()).expect_err("an ILP64 library is refused");
+        assert!(err.contains("64-bit integers"), "{err}");
+
+        let wrong = fake_blas(&dir, "wrong", &format!("{sgemm}\n"));
+        let blas = Blas::open(&wrong.to_string_lossy()).expect("it opens");
+        assert!(!agrees_with_gemm_crate(&blas), "a library that writes ones is wrong");
+        let backend = GemmBackend::from_setting(Some(&wrong.to_string_lossy()));
+        assert!(backend.blas().is_none(), "{}", backend.describe());
+        assert!(
+            backend.describe().contains("computes different products"),
+            "{}",
+            backend.describe()
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 }
