@@ -72,34 +72,44 @@ multiversion!(backward_rows(
     for ((row, g_row), o) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
         let (hi, lo, rstd) = row_stats(row, eps);
         // a = mean(dy·γ), b = mean(dy·γ·x̂), with x̂ = (x − mean)·rstd.
+        // Lane sums over whole chunks of 16 (zipped chunks, so that the loop vectorises: indexed
+        // it ran one element at a time, through the stack), then the tail.
         let mut la = [0f32; 16];
         let mut lb = [0f32; 16];
-        let mut i = 0;
-        while i + 16 <= d {
+        let full = d - d % 16;
+        for ((r, g), gm) in row[..full]
+            .chunks_exact(16)
+            .zip(g_row[..full].chunks_exact(16))
+            .zip(gamma[..full].chunks_exact(16))
+        {
             for k in 0..16 {
-                let xh = ((row[i + k] - hi) - lo) * rstd;
-                let dyg = g_row[i + k] * gamma[i + k];
+                let xh = ((r[k] - hi) - lo) * rstd;
+                let dyg = g[k] * gm[k];
                 la[k] += dyg;
                 lb[k] += dyg * xh;
             }
-            i += 16;
         }
         let (mut a, mut b) = (0f32, 0f32);
-        while i < d {
-            let xh = ((row[i] - hi) - lo) * rstd;
-            let dyg = g_row[i] * gamma[i];
+        for ((&r, &g), &gm) in row[full..].iter().zip(&g_row[full..]).zip(&gamma[full..]) {
+            let xh = ((r - hi) - lo) * rstd;
+            let dyg = g * gm;
             a += dyg;
             b += dyg * xh;
-            i += 1;
         }
         let a = (la.iter().sum::<f32>() + a) * inv_d;
         let b = (lb.iter().sum::<f32>() + b) * inv_d;
-        for j in 0..d {
-            let xh = ((row[j] - hi) - lo) * rstd;
-            let gy = g_row[j];
-            o[j] = rstd * (gy * gamma[j] - a - xh * b);
-            dgamma[j] += gy * xh;
-            dbeta[j] += gy;
+        for (((((o, &r), &gy), &gm), dg), db) in o
+            .iter_mut()
+            .zip(row)
+            .zip(g_row)
+            .zip(gamma)
+            .zip(dgamma.iter_mut())
+            .zip(dbeta.iter_mut())
+        {
+            let xh = ((r - hi) - lo) * rstd;
+            *o = rstd * (gy * gm - a - xh * b);
+            *dg += gy * xh;
+            *db += gy;
         }
     }
 });
