@@ -148,7 +148,9 @@ pub struct Counters {
 
 /// A model, its objective and optimizer, and where training stands.
 pub struct Trainer<O: Objective> {
-    model: O::Model,
+    // `None` only while the optimizer holds it: a model handed over, not cloned, leaves every
+    // parameter's buffer unshared, so the update is done in place (a clone made it copy each one).
+    model: Option<O::Model>,
     /// The objective (public: a run may adjust it between steps).
     pub objective: O,
     optimizer: Optimizer,
@@ -162,7 +164,7 @@ impl<O: Objective> Trainer<O> {
     pub fn new(model: O::Model, objective: O, cfg: TrainerConfig) -> Self {
         let optimizer = Optimizer::new(&cfg.optimizer, &model);
         Self {
-            model,
+            model: Some(model),
             objective,
             optimizer,
             cfg,
@@ -172,12 +174,12 @@ impl<O: Objective> Trainer<O> {
 
     /// The model.
     pub fn model(&self) -> &O::Model {
-        &self.model
+        self.model.as_ref().expect("the trainer holds its model between steps")
     }
 
     /// The model, by value (training ends).
     pub fn into_model(self) -> O::Model {
-        self.model
+        self.model.expect("the trainer holds its model between steps")
     }
 
     /// The optimizer.
@@ -218,7 +220,8 @@ impl<O: Objective> Trainer<O> {
         let t0 = Instant::now();
         let lr = self.next_lr();
         let step = self.counters.step;
-        let c = self.objective.compute(&self.model, batch, step, self.cfg.steps)?;
+        let model = self.model.as_ref().expect("the trainer holds its model between steps");
+        let c = self.objective.compute(model, batch, step, self.cfg.steps)?;
         let loss = observer.inspect_loss(step + 1, c.loss);
         let task = self.objective.task(batch);
         let mut m = StepMetrics {
@@ -251,12 +254,12 @@ impl<O: Objective> Trainer<O> {
             }
         };
         self.counters.nonfinite_consecutive = 0;
-        let model = self.model.clone();
+        let model = self.model.take().expect("the trainer holds its model between steps");
         let (model, stats) = self.optimizer.update(model, grads, lr);
-        self.model = self.objective.after_update(model);
+        self.model = Some(self.objective.after_update(model));
         self.counters.step += 1;
         m.grad_norm = stats.grad_norm;
-        m.terms.extend(self.objective.report(&self.model));
+        m.terms.extend(self.objective.report(self.model()));
         m.updated = true;
         m.step_time_s = t0.elapsed().as_secs_f64();
         observer.on_step(&m);
@@ -265,7 +268,7 @@ impl<O: Objective> Trainer<O> {
 
     /// Writes the model (`model.bpk`) and optimizer (`optim.bpk`) records into `dir`.
     pub fn save_records(&self, dir: &Path) -> anyhow::Result<()> {
-        self.model
+        self.model()
             .clone()
             .save_file(dir.join("model"))
             .map_err(|e| anyhow::anyhow!("saving the model: {e}"))?;
@@ -275,14 +278,14 @@ impl<O: Objective> Trainer<O> {
     /// Loads what [`Trainer::save_records`] wrote, and the counters of that checkpoint.
     pub fn load_records(&mut self, dir: &Path, counters: Counters) -> anyhow::Result<()> {
         let model = self
-            .model
+            .model()
             .clone()
             .try_load_file(dir.join("model"))
             .with_context(|| format!("loading the model of {}", dir.display()))?;
         self.optimizer.load(&dir.join("optim"))?;
         // The record brings its own parameter ids: the groups are found again.
         self.optimizer.regroup(&model);
-        self.model = model;
+        self.model = Some(model);
         self.counters = counters;
         Ok(())
     }
@@ -290,6 +293,6 @@ impl<O: Objective> Trainer<O> {
     /// Replaces the model (same structure; e.g. weights changed outside the trainer).
     pub fn set_model(&mut self, model: O::Model) {
         self.optimizer.regroup(&model);
-        self.model = model;
+        self.model = Some(model);
     }
 }
