@@ -5,6 +5,7 @@ use burn::module::{Initializer, Module};
 use burn::nn::{Embedding, EmbeddingConfig};
 use burn::prelude::*;
 use flava_vit::encoder::{layer_norm, padding_mask, Encoder, EncoderOutput, Pooler};
+use flava_vit::kernels;
 use flava_vit::LayerNorm;
 
 use crate::config::FlavaTextConfig;
@@ -46,9 +47,12 @@ impl TextEmbeddings {
         let device = input_ids.device();
         let positions = Tensor::<1, Int>::arange(0..l as i64, &device).reshape([1, l]);
         let types = token_type_ids.unwrap_or_else(|| Tensor::zeros([b, l], &device));
-        let x = self.word_embeddings.forward(input_ids)
-            + self.token_type_embeddings.forward(types)
-            + self.position_embeddings.forward(positions);
+        // The lookups through the kernel (see `flava_vit::kernels::embedding`); the modules hold
+        // the tables under the checkpoint's names.
+        let lookup = |e: &Embedding, ids: Tensor<2, Int>| kernels::embedding(e.weight.val(), ids);
+        let x = lookup(&self.word_embeddings, input_ids)
+            + lookup(&self.token_type_embeddings, types)
+            + lookup(&self.position_embeddings, positions);
         self.layer_norm.forward(x)
     }
 }

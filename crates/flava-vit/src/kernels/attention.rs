@@ -88,11 +88,8 @@ pub(super) fn forward(
     // Written only through `out` below, every element once (each head's p·v covers its columns
     // of every row), so it is never read before it is written.
     let mut ctx: Vec<f32> = Vec::with_capacity(b * s * d);
-    let mut probs = if keep_probs {
-        vec![0f32; b * heads * s * s]
-    } else {
-        Vec::new()
-    };
+    // Likewise: each task's softmax rows write every value of its block before reading it.
+    let mut probs: Vec<f32> = Vec::with_capacity(if keep_probs { b * heads * s * s } else { 0 });
     let out = Out(ctx.as_mut_ptr());
     let kept = Out(probs.as_mut_ptr());
     let (di, si) = (d as isize, s as isize);
@@ -145,6 +142,10 @@ pub(super) fn forward(
             }
         });
     });
+    if keep_probs {
+        // SAFETY: the tasks above wrote every row of every block (b·heads of s·s values).
+        unsafe { probs.set_len(b * heads * s * s) };
+    }
     if s > 0 && dh > 0 {
         // SAFETY: the tasks above wrote all b·s·d values (every head's columns of every row).
         unsafe { ctx.set_len(b * s * d) };

@@ -5,8 +5,8 @@ use burn::prelude::*;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::contiguous;
 use super::math::exp_nonpositive;
+use super::{contiguous, written_f32};
 
 /// Per-row `logsumexp − logit[target]` of contiguous f32 logits [n, classes] → [n].
 pub(super) fn forward(logits: FlexTensor, targets: &[usize]) -> FlexTensor {
@@ -33,14 +33,18 @@ pub(super) fn backward(logits: FlexTensor, targets: &[usize], grad: FlexTensor) 
     let g = grad.as_slice::<f32>().expect("contiguous f32 tensor");
     let n = targets.len();
     let classes = x.len() / n.max(1);
-    let mut out = vec![0f32; x.len()];
-    let rows = out.par_chunks_mut(classes.max(1)).enumerate();
-    rows.for_each(|(i, o)| {
-        let row = &x[i * classes..(i + 1) * classes];
-        let (max, log_sum) = softmax_stats(row);
-        scaled_softmax_slice(row, max, log_sum, g[i], o);
-        o[targets[i]] -= g[i];
-    });
+    // SAFETY: the rows cover the output; `scaled_softmax_slice` writes each element of its row
+    // before the target's is read back.
+    let (out, ()) = unsafe {
+        written_f32(x.len(), |out| {
+            out.par_chunks_mut(classes.max(1)).enumerate().for_each(|(i, o)| {
+                let row = &x[i * classes..(i + 1) * classes];
+                let (max, log_sum) = softmax_stats(row);
+                scaled_softmax_slice(row, max, log_sum, g[i], o);
+                o[targets[i]] -= g[i];
+            })
+        })
+    };
     let shape = burn::backend::TensorMetadata::shape(&logits);
     FlexTensor::from_data(TensorData::new(out, shape))
 }
@@ -58,20 +62,30 @@ pub(super) fn softmax_stats(row: &[f32]) -> (f32, f32) {
     (max, row_sum_exp(row, max).ln())
 }
 
+// One pass: lane maxima as `if v > m { v } else { m }` (one vector max; `f32::max` did not
+// vectorise), and lane flags of `is_nan` in the same loop, since the comparisons pass over NaN
+// and a NaN logit must give a NaN loss.
 multiversion!(row_max(row: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut nan = [0u32; 16];
     let mut chunks = row.chunks_exact(16);
     for c in &mut chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l = l.max(v);
+        for k in 0..16 {
+            let v = c[k];
+            lanes[k] = if v > lanes[k] { v } else { lanes[k] };
+            nan[k] |= v.is_nan() as u32;
         }
     }
-    let mut m = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-    for l in lanes {
-        m = m.max(l);
+    let mut m = f32::NEG_INFINITY;
+    let mut any_nan = nan.iter().any(|&f| f != 0);
+    for &v in chunks.remainder() {
+        m = if v > m { v } else { m };
+        any_nan |= v.is_nan();
     }
-    // `max` ignores NaN; a NaN logit must give a NaN loss.
-    if row.iter().any(|v| v.is_nan()) { f32::NAN } else { m }
+    for l in lanes {
+        m = if l > m { l } else { m };
+    }
+    if any_nan { f32::NAN } else { m }
 });
 
 multiversion!(row_sum_exp(row: &[f32], max: f32) -> f32 {

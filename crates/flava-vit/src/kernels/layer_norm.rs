@@ -1,14 +1,14 @@
 //! LayerNorm over the last dimension: one pass forward (mean and variance of each row, then the
-//! affine output) and one backward (the row statistics recomputed from the saved input, the input
-//! gradient row by row, the weight and bias gradients summed per block of rows and then over
-//! blocks). Burn's autodiff composes LayerNorm from nine differentiable ops (two reductions, seven
-//! element-wise passes, each with its own backward).
+//! affine output; under autodiff it keeps the row statistics) and one backward (from the saved
+//! input and statistics, the input gradient row by row, the weight and bias gradients summed per
+//! block of rows and then over blocks). Burn's autodiff composes LayerNorm from nine
+//! differentiable ops (two reductions, seven element-wise passes, each with its own backward).
 
 use burn::prelude::*;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::contiguous;
+use super::{contiguous, written_f32};
 
 /// Rows per rayon task: whole rows, and enough of them to be worth a task at d = 128.
 fn rows_per_task(d: usize) -> usize {
@@ -47,30 +47,36 @@ fn lane_sum(row: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     lanes.iter().sum::<f64>() + rest
 }
 
-multiversion!(forward_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
+// Writes the rows of `out` and, when `stats` is not empty, each row's `[mean_hi, mean_lo, rstd]`.
+multiversion!(forward_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32], stats: &mut [f32]) {
     let d = gamma.len();
-    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+    for (i, (row, o)) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
         let (hi, lo, rstd) = row_stats(row, eps);
+        if !stats.is_empty() {
+            stats[3 * i..3 * i + 3].copy_from_slice(&[hi, lo, rstd]);
+        }
         for (((o, &v), &g), &b) in o.iter_mut().zip(row).zip(gamma).zip(beta) {
             *o = ((v - hi) - lo) * rstd * g + b;
         }
     }
 });
 
-// Writes `dx` for the rows of `x`/`dy` and adds their contributions to `dgamma` and `dbeta`.
+// Writes `dx` for the rows of `x`/`dy` (with their forward `stats`, 3 per row) and adds their
+// contributions to `dgamma` and `dbeta`.
 multiversion!(backward_rows(
     x: &[f32],
     dy: &[f32],
     gamma: &[f32],
-    eps: f32,
+    stats: &[f32],
     dx: &mut [f32],
     dgamma: &mut [f32],
     dbeta: &mut [f32]
 ) {
     let d = gamma.len();
     let inv_d = 1.0 / d as f32;
-    for ((row, g_row), o) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
-        let (hi, lo, rstd) = row_stats(row, eps);
+    let rows = x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d));
+    for (((row, g_row), o), st) in rows.zip(stats.chunks_exact(3)) {
+        let (hi, lo, rstd) = (st[0], st[1], st[2]);
         // a = mean(dy·γ), b = mean(dy·γ·x̂), with x̂ = (x − mean)·rstd.
         // Lane sums over whole chunks of 16 (zipped chunks, so that the loop vectorises: indexed
         // it ran one element at a time, through the stack), then the tail.
@@ -114,54 +120,84 @@ multiversion!(backward_rows(
     }
 });
 
-/// LayerNorm of contiguous f32 `x` (any shape, last dimension d) with `gamma`, `beta` [d].
-pub(super) fn forward(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, eps: f64) -> FlexTensor {
+/// LayerNorm of contiguous f32 `x` (any shape, last dimension d) with `gamma`, `beta` [d]; with
+/// `keep_stats`, also each row's `[mean_hi, mean_lo, rstd]` ([rows, 3]) for [`backward`], which
+/// would otherwise recompute them (two of its four passes over each row).
+pub(super) fn forward(
+    x: FlexTensor,
+    gamma: FlexTensor,
+    beta: FlexTensor,
+    eps: f64,
+    keep_stats: bool,
+) -> (FlexTensor, Option<FlexTensor>) {
     let shape = burn::backend::TensorMetadata::shape(&x);
     let (x, gamma, beta) = (contiguous(x), contiguous(gamma), contiguous(beta));
     let xs = x.as_slice::<f32>().expect("contiguous f32 tensor");
     let g = gamma.as_slice::<f32>().expect("contiguous f32 tensor");
     let b = beta.as_slice::<f32>().expect("contiguous f32 tensor");
     let d = g.len();
-    let mut out = vec![0f32; xs.len()];
-    let block = rows_per_task(d) * d;
-    out.par_chunks_mut(block)
-        .zip(xs.par_chunks(block))
-        .for_each(|(o, x)| forward_rows(x, g, b, eps as f32, o));
-    FlexTensor::from_data(TensorData::new(out, shape))
+    let rows = xs.len() / d.max(1);
+    let per_task = rows_per_task(d);
+    let mut stats = if keep_stats { vec![0f32; 3 * rows] } else { Vec::new() };
+    // SAFETY: the blocks cover the output and `forward_rows` writes every element of each row
+    // (x has whole rows of d), reading none.
+    let (out, ()) = unsafe {
+        written_f32(xs.len(), |out| {
+            let blocks = out.par_chunks_mut(per_task * d).zip(xs.par_chunks(per_task * d));
+            if keep_stats {
+                blocks
+                    .zip(stats.par_chunks_mut(3 * per_task))
+                    .for_each(|((o, x), st)| forward_rows(x, g, b, eps as f32, o, st));
+            } else {
+                blocks.for_each(|(o, x)| forward_rows(x, g, b, eps as f32, o, &mut []));
+            }
+        })
+    };
+    let stats = keep_stats.then(|| FlexTensor::from_data(TensorData::new(stats, [rows, 3])));
+    (FlexTensor::from_data(TensorData::new(out, shape)), stats)
 }
 
-/// `(dx, dgamma, dbeta)` of [`forward`] for the upstream gradient `grad` (the shape of `x`).
+/// `(dx, dgamma, dbeta)` of [`forward`] for the upstream gradient `grad` (the shape of `x`),
+/// with the row statistics `stats` [rows, 3] the forward kept.
 pub(super) fn backward(
     x: FlexTensor,
     gamma: FlexTensor,
-    eps: f64,
+    stats: FlexTensor,
     grad: FlexTensor,
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
     let shape = burn::backend::TensorMetadata::shape(&x);
-    let (x, gamma, grad) = (contiguous(x), contiguous(gamma), contiguous(grad));
+    let (x, gamma, grad, stats) = (contiguous(x), contiguous(gamma), contiguous(grad), contiguous(stats));
     let xs = x.as_slice::<f32>().expect("contiguous f32 tensor");
     let g = gamma.as_slice::<f32>().expect("contiguous f32 tensor");
     let dy = grad.as_slice::<f32>().expect("contiguous f32 tensor");
+    let st = stats.as_slice::<f32>().expect("contiguous f32 tensor");
     let d = g.len();
-    let mut dx = vec![0f32; xs.len()];
-    let block = rows_per_task(d) * d;
-    let (dgamma, dbeta) = dx
-        .par_chunks_mut(block)
-        .zip(xs.par_chunks(block))
-        .zip(dy.par_chunks(block))
-        .map(|((o, x), dy)| {
-            let (mut dg, mut db) = (vec![0f32; d], vec![0f32; d]);
-            backward_rows(x, dy, g, eps as f32, o, &mut dg, &mut db);
-            (dg, db)
+    assert_eq!(st.len() * d, 3 * xs.len(), "three statistics per row");
+    let per_task = rows_per_task(d);
+    let block = per_task * d;
+    // SAFETY: the blocks cover dx and `backward_rows` writes every element of each row (x and
+    // dy have whole rows of d), reading none of dx.
+    let (dx, (dgamma, dbeta)) = unsafe {
+        written_f32(xs.len(), |dx| {
+            dx.par_chunks_mut(block)
+                .zip(xs.par_chunks(block))
+                .zip(dy.par_chunks(block))
+                .zip(st.par_chunks(3 * per_task))
+                .map(|(((o, x), dy), st)| {
+                    let (mut dg, mut db) = (vec![0f32; d], vec![0f32; d]);
+                    backward_rows(x, dy, g, st, o, &mut dg, &mut db);
+                    (dg, db)
+                })
+                .reduce(
+                    || (vec![0f32; d], vec![0f32; d]),
+                    |(mut g1, mut b1), (g2, b2)| {
+                        g1.iter_mut().zip(&g2).for_each(|(a, b)| *a += b);
+                        b1.iter_mut().zip(&b2).for_each(|(a, b)| *a += b);
+                        (g1, b1)
+                    },
+                )
         })
-        .reduce(
-            || (vec![0f32; d], vec![0f32; d]),
-            |(mut g1, mut b1), (g2, b2)| {
-                g1.iter_mut().zip(&g2).for_each(|(a, b)| *a += b);
-                b1.iter_mut().zip(&b2).for_each(|(a, b)| *a += b);
-                (g1, b1)
-            },
-        );
+    };
     (
         FlexTensor::from_data(TensorData::new(dx, shape)),
         FlexTensor::from_data(TensorData::new(dgamma, [d])),

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use super::blas::{sgemm, Threads, View};
 use super::contiguous;
 
-fn dims2(t: &FlexTensor) -> [usize; 2] {
+pub(super) fn dims2(t: &FlexTensor) -> [usize; 2] {
     burn::backend::TensorMetadata::shape(t).dims::<2>()
 }
 

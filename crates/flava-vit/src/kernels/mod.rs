@@ -52,6 +52,7 @@ macro_rules! multiversion {
 mod attention;
 pub mod blas;
 mod cross_entropy;
+mod embedding;
 mod gelu;
 mod layer_norm;
 mod linear;
@@ -65,7 +66,7 @@ use burn::tensor::DType;
 use burn_autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{unary, Backward, Ops, OpsKind};
-use burn_autodiff::Autodiff;
+use burn_autodiff::{Autodiff, NodeId};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
@@ -91,11 +92,20 @@ pub trait FlavaKernels: Backend {
         beta: FloatTensor<Self>,
         eps: f64,
     ) -> FloatTensor<Self>;
-    /// `(dx, dgamma, dbeta)` of [`FlavaKernels::layer_norm_rows`] for the upstream `grad`.
+    /// [`FlavaKernels::layer_norm_rows`] and each row's statistics [rows, 3] (the mean as two
+    /// f32, hi + lo, and `1/√(var + eps)`) for the backward.
+    fn layer_norm_rows_with_stats(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// `(dx, dgamma, dbeta)` of [`FlavaKernels::layer_norm_rows`] for the upstream `grad`, from
+    /// the statistics of [`FlavaKernels::layer_norm_rows_with_stats`].
     fn layer_norm_rows_backward(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
-        eps: f64,
+        stats: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// `softmax(scores·scale + pad·f32::MIN)` over the last dimension of scores
@@ -119,6 +129,10 @@ pub trait FlavaKernels: Backend {
     fn linear_rows_backward_weight(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `Σ_rows grad`: the bias gradient, `[out]`.
     fn linear_rows_backward_bias(grad: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Rows `ids` of `table` [vocab, d] → [ids.len(), d] (every id below vocab).
+    fn embedding_rows(table: FloatTensor<Self>, ids: Vec<usize>) -> FloatTensor<Self>;
+    /// The table gradient [vocab, d] of [`FlavaKernels::embedding_rows`] for `grad` [ids.len(), d].
+    fn embedding_rows_backward(grad: FloatTensor<Self>, ids: Vec<usize>, vocab: usize) -> FloatTensor<Self>;
     /// `Σ x²` over all elements, accumulated in f64, as two f32 `[hi, lo]` (hi + lo in f64 is the
     /// sum): not differentiable (for gradient norms).
     fn sum_of_squares(x: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -259,6 +273,36 @@ pub fn linear_residual(x: Tensor<2>, w: Tensor<2>, b: Option<Tensor<1>>, residua
         residual.into_dispatch(),
     );
     Tensor::from_dispatch(out)
+}
+
+/// Rows of the embedding table `table` [vocab, d] for `ids` [batch, seq] → [batch, seq, d]: on
+/// flex one gather forward and, backward, the table gradient written once over the threads
+/// (Burn's zero-fills it on one thread and copies it again); Burn's `embedding` elsewhere.
+///
+/// # Panics
+/// If an id is not below vocab (as Burn's lookup).
+pub fn embedding(table: Tensor<2>, ids: Tensor<2, Int>) -> Tensor<3> {
+    if !on_flex_f32(&table) {
+        return burn::tensor::module::embedding(table, ids);
+    }
+    let [b, s] = ids.dims();
+    let [vocab, d] = table.dims();
+    let ids: Vec<usize> = ids
+        .into_data()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .expect("integer ids")
+        .into_iter()
+        .map(|i| {
+            assert!(
+                (0..vocab as i64).contains(&i),
+                "embedding id {i} is outside the table ({vocab} rows)"
+            );
+            i as usize
+        })
+        .collect();
+    let out = burn::backend::Dispatch::embedding_rows(table.into_dispatch(), ids);
+    Tensor::<2>::from_dispatch(out).reshape([b, s, d])
 }
 
 /// `Σ x²` over every element of `x` as f64, without autodiff (a gradient norm's term): on flex
@@ -403,16 +447,26 @@ impl FlavaKernels for Flex {
     }
 
     fn layer_norm_rows(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, eps: f64) -> FlexTensor {
-        layer_norm::forward(x, gamma, beta, eps)
+        layer_norm::forward(x, gamma, beta, eps, false).0
+    }
+
+    fn layer_norm_rows_with_stats(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        eps: f64,
+    ) -> (FlexTensor, FlexTensor) {
+        let (out, stats) = layer_norm::forward(x, gamma, beta, eps, true);
+        (out, stats.expect("kept statistics"))
     }
 
     fn layer_norm_rows_backward(
         x: FlexTensor,
         gamma: FlexTensor,
-        eps: f64,
+        stats: FlexTensor,
         grad: FlexTensor,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        layer_norm::backward(x, gamma, eps, grad)
+        layer_norm::backward(x, gamma, stats, grad)
     }
 
     fn attention_softmax(scores: FlexTensor, scale: f64, key_padding: Vec<bool>) -> FlexTensor {
@@ -441,6 +495,14 @@ impl FlavaKernels for Flex {
 
     fn linear_rows_backward_bias(grad: FlexTensor) -> FlexTensor {
         linear::backward_bias(grad)
+    }
+
+    fn embedding_rows(table: FlexTensor, ids: Vec<usize>) -> FlexTensor {
+        embedding::forward(table, &ids)
+    }
+
+    fn embedding_rows_backward(grad: FlexTensor, ids: Vec<usize>, vocab: usize) -> FlexTensor {
+        embedding::backward(grad, &ids, vocab)
     }
 
     fn sum_of_squares(x: FlexTensor) -> FlexTensor {
@@ -486,6 +548,26 @@ impl FlavaKernels for Flex {
         grad: FlexTensor,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         attention::backward(q, k, v, probs, scale, grad)
+    }
+}
+
+/// Registers the gradients of `x·w + b` (`x` [rows, in], `w` [in, out]) for the parents
+/// `[x, w, b]` that need one: a frozen weight or an input without a graph gets none.
+fn register_linear_grads<B: Backend + FlavaKernels>(
+    grads: &mut Gradients,
+    [x_id, w_id, b_id]: [Option<NodeId>; 3],
+    x: FloatTensor<B>,
+    w: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) {
+    if let Some(id) = w_id {
+        grads.register::<B>(id, B::linear_rows_backward_weight(x, grad.clone()));
+    }
+    if let Some(id) = b_id {
+        grads.register::<B>(id, B::linear_rows_backward_bias(grad.clone()));
+    }
+    if let Some(id) = x_id {
+        grads.register::<B>(id, B::linear_rows_backward_input(w, grad));
     }
 }
 
@@ -548,13 +630,17 @@ impl<B: Backend + FlavaKernels, C: CheckpointStrategy> FlavaKernels for Autodiff
         struct LayerNormRows;
 
         impl<B: Backend + FlavaKernels> Backward<B, 3> for LayerNormRows {
-            type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive, f64);
+            type State = (
+                B::FloatTensorPrimitive,
+                B::FloatTensorPrimitive,
+                B::FloatTensorPrimitive,
+            );
 
             fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
                 let [node_x, node_gamma, node_beta] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
-                let (x, gamma, eps) = ops.state;
-                let (dx, dgamma, dbeta) = B::layer_norm_rows_backward(x, gamma, eps, grad);
+                let (x, gamma, stats) = ops.state;
+                let (dx, dgamma, dbeta) = B::layer_norm_rows_backward(x, gamma, stats, grad);
                 for (node, g) in [(node_x, dx), (node_gamma, dgamma), (node_beta, dbeta)] {
                     if let Some(node) = node {
                         grads.register::<B>(node.id, g);
@@ -567,8 +653,8 @@ impl<B: Backend + FlavaKernels, C: CheckpointStrategy> FlavaKernels for Autodiff
         let (x, gamma, beta) = (x.into_primitive(), gamma.into_primitive(), beta.into_primitive());
         match LayerNormRows.prepare::<C>(guards).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let out = B::layer_norm_rows(x.clone(), gamma.clone(), beta, eps);
-                prep.finish((x, gamma, eps), out)
+                let (out, stats) = B::layer_norm_rows_with_stats(x.clone(), gamma.clone(), beta, eps);
+                prep.finish((x, gamma, stats), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::layer_norm_rows(x, gamma, beta, eps)),
         }
@@ -662,19 +748,9 @@ impl<B: Backend + FlavaKernels, C: CheckpointStrategy> FlavaKernels for Autodiff
             type State = (FloatTensor<B>, FloatTensor<B>);
 
             fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-                let [node_x, node_w, node_b] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
                 let (x, w) = ops.state;
-                // Only the gradients a parent needs (a frozen weight gets none).
-                if let Some(node) = node_w {
-                    grads.register::<B>(node.id, B::linear_rows_backward_weight(x, grad.clone()));
-                }
-                if let Some(node) = node_b {
-                    grads.register::<B>(node.id, B::linear_rows_backward_bias(grad.clone()));
-                }
-                if let Some(node) = node_x {
-                    grads.register::<B>(node.id, B::linear_rows_backward_input(w, grad));
-                }
+                register_linear_grads::<B>(grads, ops.parents.map(|n| n.map(|n| n.id)), x, w, grad);
             }
         }
 
@@ -702,22 +778,14 @@ impl<B: Backend + FlavaKernels, C: CheckpointStrategy> FlavaKernels for Autodiff
             type State = (FloatTensor<B>, FloatTensor<B>);
 
             fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-                let [node_x, node_w, node_b, node_r] = ops.parents;
+                let [node_x, node_w, node_b, node_r] = ops.parents.map(|n| n.map(|n| n.id));
                 let grad = grads.consume::<B>(&ops.node);
                 let (x, w) = ops.state;
-                if let Some(node) = node_w {
-                    grads.register::<B>(node.id, B::linear_rows_backward_weight(x, grad.clone()));
-                }
-                if let Some(node) = node_b {
-                    grads.register::<B>(node.id, B::linear_rows_backward_bias(grad.clone()));
-                }
-                if let Some(node) = node_x {
-                    grads.register::<B>(node.id, B::linear_rows_backward_input(w, grad.clone()));
-                }
                 // The residual's gradient is the output's.
-                if let Some(node) = node_r {
-                    grads.register::<B>(node.id, grad);
+                if let Some(id) = node_r {
+                    grads.register::<B>(id, grad.clone());
                 }
+                register_linear_grads::<B>(grads, [node_x, node_w, node_b], x, w, grad);
             }
         }
 
@@ -750,6 +818,38 @@ impl<B: Backend + FlavaKernels, C: CheckpointStrategy> FlavaKernels for Autodiff
     fn linear_rows_backward_bias(grad: FloatTensor<Self>) -> FloatTensor<Self> {
         let _ = grad;
         unreachable!("linear_rows_backward_bias is called on the inner backend only")
+    }
+
+    fn embedding_rows(table: FloatTensor<Self>, ids: Vec<usize>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct EmbeddingRows;
+
+        impl<B: Backend + FlavaKernels> Backward<B, 1> for EmbeddingRows {
+            type State = (Vec<usize>, usize);
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let (ids, vocab) = ops.state;
+                unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+                    B::embedding_rows_backward(grad, ids, vocab)
+                });
+            }
+        }
+
+        let guard = table.node();
+        let table = table.into_primitive();
+        match EmbeddingRows.prepare::<C>([guard]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let vocab = burn::backend::TensorMetadata::shape(&table).dims::<2>()[0];
+                let out = B::embedding_rows(table, ids.clone());
+                prep.finish((ids, vocab), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::embedding_rows(table, ids)),
+        }
+    }
+
+    fn embedding_rows_backward(grad: FloatTensor<Self>, ids: Vec<usize>, vocab: usize) -> FloatTensor<Self> {
+        let _ = (grad, ids, vocab);
+        unreachable!("embedding_rows_backward is called on the inner backend only")
     }
 
     fn sum_of_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -785,13 +885,23 @@ impl<B: Backend + FlavaKernels, C: CheckpointStrategy> FlavaKernels for Autodiff
         unreachable!("softmax_cross_entropy_backward is called on the inner backend only")
     }
 
+    fn layer_norm_rows_with_stats(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let _ = (x, gamma, beta, eps);
+        unreachable!("layer_norm_rows_with_stats is called on the inner backend only")
+    }
+
     fn layer_norm_rows_backward(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
-        eps: f64,
+        stats: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let _ = (x, gamma, eps, grad);
+        let _ = (x, gamma, stats, grad);
         unreachable!("layer_norm_rows_backward is called on the inner backend only")
     }
 
@@ -859,19 +969,43 @@ pub(crate) fn contiguous(t: FlexTensor) -> FlexTensor {
     }
 }
 
+/// A new vector of `len` f32 that `write` fills, without the zero-fill pass a `vec![0.0; len]`
+/// makes first (a memset of the whole output: 1-2% of a training step, over GELU and LayerNorm).
+/// Returns the vector and what `write` returns.
+///
+/// # Safety
+/// `write` must write every element of the slice it gets before anything reads it, and must not
+/// read an element it has not written (the memory starts uninitialised).
+pub(crate) unsafe fn written_f32<R>(len: usize, write: impl FnOnce(&mut [f32]) -> R) -> (Vec<f32>, R) {
+    let mut v = Vec::<f32>::with_capacity(len);
+    // SAFETY: the allocation holds `len` f32 (any bit pattern is a valid f32); the caller
+    // writes each one before it is read.
+    let out = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr(), len) };
+    let r = write(out);
+    // SAFETY: the caller's contract: all `len` elements were written.
+    unsafe { v.set_len(len) };
+    (v, r)
+}
+
 /// Applies `f` to the contiguous f32 data of `inputs` (all of one shape), writing a new tensor.
+/// `f` must write every element of its output chunk.
 fn map_f32<const N: usize>(inputs: [FlexTensor; N], f: impl Fn([&[f32]; N], &mut [f32]) + Sync) -> FlexTensor {
     let shape = burn::backend::TensorMetadata::shape(&inputs[0]);
     let contiguous: [FlexTensor; N] = inputs.map(contiguous);
     let slices: [&[f32]; N] = std::array::from_fn(|i| contiguous[i].as_slice::<f32>().expect("contiguous f32 tensor"));
-    let mut out = vec![0f32; slices[0].len()];
     // Chunks of 16 Ki elements: enough work per task for rayon, whole cache lines per chunk.
     const CHUNK: usize = 1 << 14;
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
-        let start = i * CHUNK;
-        let parts: [&[f32]; N] = std::array::from_fn(|k| &slices[k][start..start + o.len()]);
-        f(parts, o);
-    });
+    // SAFETY: the chunks cover the output and `f` (the element-wise kernels of this module,
+    // zipped over the whole chunk) writes each element of its chunk without reading it.
+    let (out, ()) = unsafe {
+        written_f32(slices[0].len(), |out| {
+            out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
+                let start = i * CHUNK;
+                let parts: [&[f32]; N] = std::array::from_fn(|k| &slices[k][start..start + o.len()]);
+                f(parts, o);
+            })
+        })
+    };
     FlexTensor::from_data(TensorData::new(out, shape))
 }
 
@@ -1007,12 +1141,19 @@ mod tests {
             assert!((a - b).abs() <= 1e-6, "gradient {a} vs {b}");
         }
         assert!(loss.iter().all(|l| *l > 0.0));
-        // A NaN logit gives a NaN loss (the training loop's guard counts it).
-        let mut bad = xs[..c].to_vec();
-        bad[3] = f32::NAN;
-        let bad = Tensor::<2>::from_data(TensorData::new(bad, [1, c]), &Device::flex());
-        let l: f32 = cross_entropy_rows(bad, &[0]).into_scalar();
-        assert!(l.is_nan());
+        // A NaN logit gives a NaN loss (the training loop's guard counts it), in the vector
+        // lanes (index 3) and in the tail after the last whole 16 (index 999); -inf does not.
+        for (at, value, nan) in [
+            (3, f32::NAN, true),
+            (c - 1, f32::NAN, true),
+            (5, f32::NEG_INFINITY, false),
+        ] {
+            let mut bad = xs[..c].to_vec();
+            bad[at] = value;
+            let bad = Tensor::<2>::from_data(TensorData::new(bad, [1, c]), &Device::flex());
+            let l: f32 = cross_entropy_rows(bad, &[0]).into_scalar();
+            assert_eq!(l.is_nan(), nan, "{value} at {at}: loss {l}");
+        }
     }
 
     /// LayerNorm values and the gradients of x, gamma and beta against the same computed in f64,
@@ -1200,6 +1341,63 @@ mod tests {
     /// transposed (strided) input, and a weight without gradient (a frozen tower: only dx).
     /// Tolerance 1e-5 relative to the largest magnitude (the gemm's blocking may order sums
     /// differently).
+    /// The embedding kernel against Burn's lookup: the rows, and the table's gradient with ids
+    /// that repeat (their rows add up) and rows never looked up (zero), used twice in one loss
+    /// (the two gradients add). Exact: the same additions in the same order.
+    #[test]
+    fn embedding_and_its_gradient_match_burns() {
+        let device = Device::flex().autodiff();
+        let (vocab, d) = (50, 24);
+        let table: Vec<f32> = (0..vocab * d)
+            .map(|i| ((i * 7919) % 1009) as f32 / 1009.0 - 0.5)
+            .collect();
+        let ids_a: Vec<i64> = (0..3 * 7).map(|i| (i * 13 % 17) as i64).collect(); // repeats, ids < 17
+        let ids_b: Vec<i64> = (0..3 * 7).map(|i| (i * 5 % 23) as i64).collect();
+        let g: Vec<f32> = (0..3 * 7 * d)
+            .map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.5)
+            .collect();
+        let run = |ours: bool| {
+            let t = Tensor::<2>::from_data(TensorData::new(table.clone(), [vocab, d]), &device).require_grad();
+            let lookup = |ids: &[i64]| {
+                let ids = Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), [3, 7]), &device);
+                if ours {
+                    embedding(t.clone(), ids)
+                } else {
+                    burn::tensor::module::embedding(t.clone(), ids)
+                }
+            };
+            let (a, b) = (lookup(&ids_a), lookup(&ids_b));
+            let gt = Tensor::<3>::from_data(TensorData::new(g.clone(), [3, 7, d]), &device);
+            let grads = (a.clone() * gt.clone() + b * gt * 0.5).sum().backward();
+            let v = |x: TensorData| x.try_into_vec::<f32>().expect("f32");
+            (v(a.into_data()), v(t.grad(&grads).expect("table gradient").into_data()))
+        };
+        let (got, want) = (run(true), run(false));
+        assert_eq!(got.0, want.0, "looked-up rows");
+        assert_eq!(got.1.len(), vocab * d);
+        for (i, (a, r)) in got.1.iter().zip(&want.1).enumerate() {
+            assert!(
+                (a - r).abs() <= 1e-6,
+                "table gradient [{}, {}]: {a} vs {r}",
+                i / d,
+                i % d
+            );
+        }
+        // Row 16 is looked up by ids_a, row 40 by neither.
+        assert!(got.1[16 * d..17 * d].iter().any(|&x| x != 0.0));
+        assert!(got.1[40 * d..41 * d].iter().all(|&x| x == 0.0));
+    }
+
+    /// An id outside the table is refused by name, not read out of bounds.
+    #[test]
+    #[should_panic(expected = "embedding id 9 is outside the table (4 rows)")]
+    fn embedding_refuses_an_id_outside_the_table() {
+        let device = Device::flex();
+        let t = Tensor::<2>::zeros([4, 3], &device);
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 9], [1, 2]), &device);
+        let _ = embedding(t, ids);
+    }
+
     #[test]
     fn linear_and_its_gradients_match_burns() {
         let device = Device::flex().autodiff();
