@@ -324,12 +324,18 @@ mod mpi {
 
     /// `mpiexec -n N flava pretrain ARGS` (one thread per rank), with a time limit.
     fn mpiexec(n: usize, args: &[&str]) -> Output {
+        mpiexec_with(n, args, &[])
+    }
+
+    /// [`mpiexec`] with extra environment variables for every rank.
+    fn mpiexec_with(n: usize, args: &[&str], vars: &[(&str, &str)]) -> Output {
         Command::new("timeout")
             .args(["300", "mpiexec", "-iface", "lo", "-n", &n.to_string()])
             .arg(env!("CARGO_BIN_EXE_flava"))
             .arg("pretrain")
             .args(args)
             .env("RAYON_NUM_THREADS", "1")
+            .envs(vars.iter().copied())
             .output()
             .expect("mpiexec (Debian: mpich) runs")
     }
@@ -361,11 +367,19 @@ mod mpi {
         assert_close(&curve(&dir.join("mpi")), &want, 1e-4, "mpiexec -n 2 vs 2 devices");
         assert!(dir.join("mpi").join("model").join("model.safetensors").is_file());
 
+        // The run records the sgemm library all its ranks used. Two fresh runs may each time a
+        // different library fastest (`auto`), so the stopped run is told the first run's; its
+        // resume, told nothing, must read its own record, or its products change in the last
+        // bits and the losses below differ.
+        let used = std::fs::read_to_string(dir.join("mpi").join("sgemm.txt")).expect("sgemm.txt");
         write_config(&config(&dir.join("resumed")), &cfg);
-        ok(&mpiexec(2, &["--config", cfg.to_str().unwrap(), "--stop-after", "3"]));
+        let stop = ["--config", cfg.to_str().unwrap(), "--stop-after", "3"];
+        ok(&mpiexec_with(2, &stop, &[("FLAVA_BLAS", used.trim())]));
         assert_eq!(curve(&dir.join("resumed")).len(), 3);
         let out = dir.join("resumed");
         ok(&mpiexec(2, &["--resume", "--out", out.to_str().unwrap()]));
+        let recorded = std::fs::read_to_string(out.join("sgemm.txt")).expect("sgemm.txt");
+        assert_eq!(recorded, used, "the resume keeps the run's library");
         assert_close(
             &curve(&out),
             &curve(&dir.join("mpi")),

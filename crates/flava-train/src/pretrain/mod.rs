@@ -31,7 +31,9 @@ use flava_data::transforms::TrainTransformConfig;
 use flava_fusion::checkpoint::read_config;
 use flava_fusion::FlavaConfig;
 use flava_objectives::checkpoint::load_pretraining;
-use flava_objectives::{all_gather_json, broadcast_module, materialize, FlavaForPretraining, SingleProcess};
+use flava_objectives::{
+    all_gather_json, broadcast_module, materialize, FlavaForPretraining, ProcessGroup, SingleProcess,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -166,6 +168,7 @@ pub fn run_in_group(cfg: &PretrainConfig, group: &Group, observer: &mut dyn Obse
     let prepared: Result<(), String> = broadcast_json(group.get(), &prepared)?;
     prepared.map_err(|e| anyhow::anyhow!("{e}"))?;
     let run_dir = RunDir::new(&out);
+    agree_on_sgemm(group.get(), cfg.resume, &run_dir)?;
     // Hub ids in `init` / `codebook` become their local snapshots (config.toml keeps the ids);
     // rank 0 first, so the ranks of one machine do not download into one cache at once.
     let mut resolved = cfg_written.clone();
@@ -188,6 +191,50 @@ pub fn run_in_group(cfg: &PretrainConfig, group: &Group, observer: &mut dyn Obse
         &run_dir,
         observer,
     )
+}
+
+/// The file in the run directory naming the library the run's CPU products use (`FLAVA_BLAS`).
+const SGEMM_FILE: &str = "sgemm.txt";
+
+/// One sgemm library for every process of the run: rank 0's choice (the one recorded in the run
+/// directory when resuming, else its `auto` probe's) on every rank, recorded for later resumes.
+/// `auto` times the libraries in each process, and two within the timing noise of each other can
+/// be chosen differently from one process to the next; the library changes the last bits of the
+/// products, so neither the ranks nor a resume would match bit for bit. An explicit `FLAVA_BLAS`
+/// (a path or `off`, the same on every rank) wins, and is recorded for the resumes.
+fn agree_on_sgemm(group: &dyn ProcessGroup, resume: bool, run_dir: &RunDir) -> anyhow::Result<()> {
+    use flava_vit::kernels::blas::{gemm_backend, set_gemm_backend, GemmBackend};
+    let path = run_dir.join(SGEMM_FILE);
+    let setting = std::env::var("FLAVA_BLAS").unwrap_or_default();
+    if !matches!(setting.trim(), "" | "auto") {
+        if group.rank() == 0 {
+            let chosen = gemm_backend().setting();
+            std::fs::write(&path, format!("{chosen}\n")).with_context(|| format!("writing {}", path.display()))?;
+        }
+        return Ok(());
+    }
+    let chosen = if group.rank() == 0 {
+        let recorded = std::fs::read_to_string(&path).ok().filter(|_| resume);
+        if let Some(r) = recorded.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
+            set_gemm_backend(GemmBackend::from_setting(Some(r)));
+        }
+        let chosen = gemm_backend().setting();
+        std::fs::write(&path, format!("{chosen}\n")).with_context(|| format!("writing {}", path.display()))?;
+        chosen
+    } else {
+        String::new()
+    };
+    let chosen: String = broadcast_json(group, &chosen)?;
+    if group.rank() != 0 {
+        set_gemm_backend(GemmBackend::from_setting(Some(&chosen)));
+    }
+    if gemm_backend().setting() != chosen {
+        log::warn!(
+            "this process multiplies with {} but the run with {chosen} (chosen before the run started): results will differ in the last bits",
+            gemm_backend().setting()
+        );
+    }
+    Ok(())
 }
 
 /// Rank 0's part before the run: refuses or clears a previous run, recovers interrupted

@@ -258,6 +258,15 @@ impl GemmBackend {
         &self.note
     }
 
+    /// The `FLAVA_BLAS` value that chooses this backend again without a probe: the library's
+    /// path, or `off` for the gemm crate. A run keeps it so that its processes (ranks, resumes)
+    /// multiply with the same library: `auto` times the candidates in each process, and two
+    /// libraries within the timing noise of each other can be chosen differently from one
+    /// process to the next, which changes the last bits of every product.
+    pub fn setting(&self) -> String {
+        self.blas.as_ref().map_or_else(|| "off".to_string(), |b| b.path.clone())
+    }
+
     /// A backend that uses `blas` for every product it can (tests, benchmarks).
     pub fn with_blas(blas: Blas) -> Self {
         let note = format!("sgemm: {} (chosen by the caller)", blas.path);
