@@ -208,18 +208,16 @@ fn agree_on_sgemm(group: &dyn ProcessGroup, resume: bool, run_dir: &RunDir) -> a
     let setting = std::env::var("FLAVA_BLAS").unwrap_or_default();
     if !matches!(setting.trim(), "" | "auto") {
         if group.rank() == 0 {
-            let chosen = gemm_backend().setting();
-            std::fs::write(&path, format!("{chosen}\n")).with_context(|| format!("writing {}", path.display()))?;
+            write_sgemm(&path, &gemm_backend().setting())?;
         }
         return Ok(());
     }
     let chosen = if group.rank() == 0 {
-        let recorded = std::fs::read_to_string(&path).ok().filter(|_| resume);
-        if let Some(r) = recorded.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
-            set_gemm_backend(GemmBackend::from_setting(Some(r)));
+        if let Some(recorded) = recorded_sgemm(&path).filter(|_| resume) {
+            set_gemm_backend(GemmBackend::from_setting(Some(&recorded)));
         }
         let chosen = gemm_backend().setting();
-        std::fs::write(&path, format!("{chosen}\n")).with_context(|| format!("writing {}", path.display()))?;
+        write_sgemm(&path, &chosen)?;
         chosen
     } else {
         String::new()
@@ -235,6 +233,46 @@ fn agree_on_sgemm(group: &dyn ProcessGroup, resume: bool, run_dir: &RunDir) -> a
         );
     }
     Ok(())
+}
+
+/// Longest `sgemm.txt` read back: the file holds one path or `off`, so anything longer is damage.
+const SGEMM_FILE_MAX: u64 = 4096;
+
+/// The `FLAVA_BLAS` setting an earlier run recorded in `path` (its first line), or `None` when
+/// there is none: no file (a run from before the record), an empty one, or a damaged one (longer
+/// than [`SGEMM_FILE_MAX`] or not UTF-8), which is logged and then ignored. Reads at most
+/// `SGEMM_FILE_MAX + 1` bytes whatever the file's size.
+fn recorded_sgemm(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let read = std::fs::File::open(path).and_then(|f| f.take(SGEMM_FILE_MAX + 1).read_to_end(&mut bytes));
+    match read {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            log::warn!("{}: {e}; the sgemm library is chosen again", path.display());
+            return None;
+        }
+        Ok(_) => {}
+    }
+    if bytes.len() as u64 > SGEMM_FILE_MAX {
+        log::warn!(
+            "{}: longer than {SGEMM_FILE_MAX} bytes, not a record of this program's; the sgemm library is chosen again",
+            path.display()
+        );
+        return None;
+    }
+    let Ok(text) = String::from_utf8(bytes) else {
+        log::warn!("{}: not UTF-8 text; the sgemm library is chosen again", path.display());
+        return None;
+    };
+    let first = text.lines().next().unwrap_or("").trim();
+    (!first.is_empty()).then(|| first.to_string())
+}
+
+/// Records the run's sgemm setting in `path`, atomically (a crash leaves the old record or the new).
+fn write_sgemm(path: &Path, setting: &str) -> anyhow::Result<()> {
+    flava_vit::atomic::write_file(path, format!("{setting}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Rank 0's part before the run: refuses or clears a previous run, recovers interrupted
@@ -788,4 +826,64 @@ fn run_prepared(
         train_seconds,
         data: state.data,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `sgemm.txt` is read back on resume; damaged or hostile copies are ignored, read within a
+    /// bounded size, and never stop the run.
+    #[test]
+    fn recorded_sgemm_reads_one_bounded_line() {
+        let dir = std::env::temp_dir().join(format!("flava-sgemm-record-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(SGEMM_FILE);
+        assert_eq!(recorded_sgemm(&path), None, "no file: nothing recorded");
+
+        write_sgemm(&path, "/usr/lib/x86_64-linux-gnu/libopenblas.so.0").unwrap();
+        assert_eq!(
+            recorded_sgemm(&path).as_deref(),
+            Some("/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
+        );
+        assert!(
+            !flava_vit::atomic::tmp_path(&path).exists(),
+            "the temporary file is renamed away"
+        );
+        std::fs::write(&path, "  off  \r\nsomething else\n").unwrap();
+        assert_eq!(recorded_sgemm(&path).as_deref(), Some("off"), "the first line, trimmed");
+
+        for (what, bytes) in [
+            ("empty", Vec::new()),
+            ("blank first line", b"   \nlibfoo.so\n".to_vec()),
+            ("not UTF-8", vec![0xff, 0xfe, 0x00, 0x80, b'\n']),
+            ("one byte too long", vec![b'a'; SGEMM_FILE_MAX as usize + 1]),
+        ] {
+            std::fs::write(&path, &bytes).unwrap();
+            assert_eq!(recorded_sgemm(&path), None, "{what}");
+        }
+        std::fs::write(&path, vec![b'a'; SGEMM_FILE_MAX as usize]).unwrap();
+        assert_eq!(
+            recorded_sgemm(&path).map(|s| s.len()),
+            Some(SGEMM_FILE_MAX as usize),
+            "4 KiB is read"
+        );
+
+        // A 64 GiB sparse file (a lying record): refused after reading 4 KiB + 1 byte of it.
+        let huge = std::fs::File::create(&path).unwrap();
+        huge.set_len(64 << 30).unwrap();
+        drop(huge);
+        let start = Instant::now();
+        assert_eq!(recorded_sgemm(&path), None);
+        assert!(start.elapsed().as_secs() < 10, "read in bounded time");
+
+        // A directory in its place: an error that is logged, not a failure.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        assert_eq!(recorded_sgemm(&path), None);
+        // And the run cannot record over it: a clear error naming the file.
+        let err = write_sgemm(&path, "off").unwrap_err().to_string();
+        assert!(err.contains(SGEMM_FILE), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

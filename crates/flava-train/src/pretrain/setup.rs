@@ -234,7 +234,7 @@ pub(super) fn sources(cfg: &PretrainConfig, phase: PhaseKind) -> anyhow::Result<
 
 /// Files a finished or interrupted run leaves in its directory; a new run refuses to start
 /// over them without `--resume` or `--force`.
-pub const RUN_FILES: [&str; 11] = [
+pub const RUN_FILES: [&str; 12] = [
     "checkpoints",
     "model",
     "metrics.jsonl",
@@ -246,6 +246,7 @@ pub const RUN_FILES: [&str; 11] = [
     "dvae",
     "tokenizer.json",
     "model.tmp",
+    "sgemm.txt",
 ];
 
 /// The first file of a previous run found in `out`.
