@@ -14,8 +14,30 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-/// A scratch copy of a fixture directory.
-fn scratch(name: &str, from: &str) -> PathBuf {
+/// A scratch copy of a fixture directory, removed when dropped (also when the test fails).
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
+/// A scratch copy of the fixture directory `from`.
+fn scratch(name: &str, from: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("flava-ckpt-{}-{name}", std::process::id()));
     std::fs::remove_dir_all(&dir).ok();
     std::fs::create_dir_all(&dir).unwrap();
@@ -23,7 +45,7 @@ fn scratch(name: &str, from: &str) -> PathBuf {
         let e = e.unwrap();
         std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
     }
-    dir
+    Scratch(dir)
 }
 
 fn truncate(path: &Path, keep: f64) {
@@ -261,7 +283,6 @@ fn nan_in_an_attention_weight_propagates_as_in_pytorch() {
         .try_into_vec::<f32>()
         .unwrap();
     assert!(txt.iter().all(|v| v.is_nan()), "text features: {:?}", &txt[..4]);
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// A weight stored with an integer dtype is named as such, not reported as missing.
@@ -296,5 +317,4 @@ fn integer_dtype_weights_are_named_as_such() {
     std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
     let e = load_flava_model(&dir, &Device::flex()).unwrap_err().to_string();
     assert!(e.contains("non-float dtype") && e.contains(key), "{e}");
-    std::fs::remove_dir_all(&dir).ok();
 }
