@@ -235,9 +235,7 @@ pub fn share_files(
         bytes.into_iter().for_each(|b| buf.extend(b));
     }
     group.broadcast(&mut buf, 0)?;
-    let bad = || anyhow::anyhow!("rank 0 sent a damaged file bundle ({} bytes)", buf.len());
-    let head_len = u64::from_le_bytes(buf.get(..8).ok_or_else(bad)?.try_into()?) as usize;
-    let manifest: Manifest = serde_json::from_slice(buf.get(8..8 + head_len).ok_or_else(bad)?)?;
+    let (manifest, contents) = unpack(&buf)?;
     if let Some(e) = manifest.error {
         anyhow::bail!("rank 0: {e}");
     }
@@ -245,20 +243,52 @@ pub fn share_files(
         return files;
     }
     std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
-    let mut at = 8 + head_len;
     let mut out = Vec::new();
-    for (name, len) in manifest.files {
-        let bytes = buf.get(at..at + len as usize).ok_or_else(bad)?;
-        // Names come from rank 0's file names: no separators, so they stay inside `dest`.
-        if name.contains(['/', '\\']) || name == ".." {
-            anyhow::bail!("rank 0 sent a file named {name:?}");
-        }
-        let p = dest.join(&name);
+    for ((name, _), bytes) in manifest.files.iter().zip(contents) {
+        let p = dest.join(name);
         std::fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))?;
         out.push(p);
-        at += len as usize;
     }
     Ok(out)
+}
+
+/// The manifest of a bundle [`share_files`] received and each file's bytes, checked whole before
+/// anything is written: the lengths add up to the bundle exactly, and every name stays inside
+/// the destination (not empty, `.` or `..`, no separator or NUL) and comes once. A damaged or
+/// hostile bundle is an error that says what is wrong, never a panic or a file outside `dest`.
+fn unpack(buf: &[u8]) -> anyhow::Result<(Manifest, Vec<&[u8]>)> {
+    let bad = |why: String| anyhow::anyhow!("rank 0 sent a damaged file bundle ({} bytes): {why}", buf.len());
+    let (head, rest) = match buf.split_first_chunk::<8>() {
+        Some((head, rest)) => (u64::from_le_bytes(*head), rest),
+        None => return Err(bad("no 8-byte header".into())),
+    };
+    let head_len = usize::try_from(head)
+        .ok()
+        .filter(|&n| n <= rest.len())
+        .ok_or_else(|| bad(format!("its manifest of {head} bytes runs past the end")))?;
+    let (head, mut body) = rest.split_at(head_len);
+    let manifest: Manifest = serde_json::from_slice(head).map_err(|e| bad(format!("its manifest: {e}")))?;
+    let mut contents = Vec::with_capacity(manifest.files.len());
+    let mut seen = std::collections::HashSet::new();
+    for (name, len) in &manifest.files {
+        if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\\', '\0']) {
+            return Err(bad(format!("a file named {name:?}")));
+        }
+        if !seen.insert(name.as_str()) {
+            return Err(bad(format!("{name:?} twice")));
+        }
+        let len = usize::try_from(*len)
+            .ok()
+            .filter(|&n| n <= body.len())
+            .ok_or_else(|| bad(format!("{name} of {len} bytes, {} left", body.len())))?;
+        let (bytes, tail) = body.split_at(len);
+        contents.push(bytes);
+        body = tail;
+    }
+    if !body.is_empty() {
+        return Err(bad(format!("{} bytes after the last file", body.len())));
+    }
+    Ok((manifest, contents))
 }
 
 /// Rank 0's `value` on every rank (JSON on the wire; the other ranks' arguments are ignored).
@@ -451,5 +481,167 @@ mod tests {
         assert_eq!(rank_device("cuda", None), "cuda");
         assert_eq!(rank_device("cuda:1", Some(3)), "cuda:1", "an explicit index is kept");
         assert_eq!(rank_device("flex", Some(3)), "flex");
+    }
+
+    /// Rank 1 of 2, whose every broadcast delivers `bytes` (what a damaged or hostile rank 0
+    /// could send).
+    struct Replay {
+        bytes: Vec<u8>,
+    }
+
+    impl ProcessGroup for Replay {
+        fn rank(&self) -> usize {
+            1
+        }
+        fn world(&self) -> usize {
+            2
+        }
+        fn all_reduce_sum(&self, _buf: &mut [f32]) -> Result<(), CollectiveError> {
+            Ok(())
+        }
+        fn all_gather(&self, local: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError> {
+            Ok(vec![self.bytes.clone(), local.to_vec()])
+        }
+        fn broadcast(&self, buf: &mut Vec<u8>, _root: usize) -> Result<(), CollectiveError> {
+            buf.clone_from(&self.bytes);
+            Ok(())
+        }
+    }
+
+    /// A bundle as rank 0 frames it: the manifest's length (u64 LE), the manifest, the bytes.
+    fn bundle(manifest: &str, body: &[u8]) -> Vec<u8> {
+        let mut b = (manifest.len() as u64).to_le_bytes().to_vec();
+        b.extend(manifest.as_bytes());
+        b.extend(body);
+        b
+    }
+
+    #[test]
+    fn rank_0_files_arrive_on_the_other_ranks_byte_for_byte() {
+        let send = Scratch::new(9100).unwrap();
+        let recv = Scratch::new(9101).unwrap();
+        let (a, b) = (send.path().join("tokenizer.json"), send.path().join("empty.bin"));
+        std::fs::write(&a, b"{\"model\": 1}").unwrap();
+        std::fs::write(&b, b"").unwrap();
+        let dest = recv.path().join("got");
+        let results: Vec<anyhow::Result<Vec<PathBuf>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = flava_objectives::collective::LocalGroup::new(2)
+                .into_iter()
+                .map(|g| {
+                    let files = vec![a.clone(), b.clone()];
+                    let dest = dest.clone();
+                    s.spawn(move || share_files(&g, Ok(files), &dest))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(
+            results[0].as_ref().unwrap(),
+            &vec![a.clone(), b.clone()],
+            "rank 0 keeps its paths"
+        );
+        let got = results[1].as_ref().unwrap();
+        assert_eq!(got, &vec![dest.join("tokenizer.json"), dest.join("empty.bin")]);
+        assert_eq!(std::fs::read(&got[0]).unwrap(), b"{\"model\": 1}");
+        assert_eq!(std::fs::read(&got[1]).unwrap(), b"");
+
+        // Rank 0's error (a file it cannot read) fails both ranks with its message.
+        let missing = send.path().join("missing.bin");
+        let results: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = flava_objectives::collective::LocalGroup::new(2)
+                .into_iter()
+                .map(|g| {
+                    let (files, dest) = (vec![missing.clone()], dest.clone());
+                    s.spawn(move || format!("{:#}", share_files(&g, Ok(files), &dest).unwrap_err()))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for e in results {
+            assert!(e.contains("missing.bin"), "{e}");
+        }
+    }
+
+    /// Hostile bundles: truncated, lying lengths (as large as u64 allows), a manifest that is not
+    /// JSON, names that would leave the destination or repeat, bytes left over. Each is an error
+    /// naming the damage, and nothing is written.
+    #[test]
+    fn a_damaged_bundle_is_an_error_and_writes_nothing() {
+        let scratch = Scratch::new(9102).unwrap();
+        let dest = scratch.path().join("dest");
+        let mut huge_head = u64::MAX.to_le_bytes().to_vec();
+        huge_head.extend(b"{}");
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("empty", vec![], "no 8-byte header"),
+            ("7 bytes", vec![1; 7], "no 8-byte header"),
+            ("manifest length u64::MAX", huge_head, "runs past the end"),
+            (
+                "manifest longer than the bundle",
+                {
+                    let mut b = bundle(r#"{"files":[],"error":null}"#, b"");
+                    b[0] += 1;
+                    b
+                },
+                "runs past the end",
+            ),
+            ("manifest not JSON", bundle("{files", b""), "its manifest"),
+            (
+                "file longer than the bundle",
+                bundle(r#"{"files":[["a",5]],"error":null}"#, b"abcd"),
+                "a of 5 bytes, 4 left",
+            ),
+            (
+                "file length u64::MAX",
+                bundle(r#"{"files":[["a",18446744073709551615]],"error":null}"#, b"x"),
+                "left",
+            ),
+            (
+                "bytes after the last file",
+                bundle(r#"{"files":[["a",1]],"error":null}"#, b"xy"),
+                "1 bytes after",
+            ),
+            (
+                "parent directory",
+                bundle(r#"{"files":[["..",1]],"error":null}"#, b"x"),
+                "named \"..\"",
+            ),
+            (
+                "a path",
+                bundle(r#"{"files":[["../escape",1]],"error":null}"#, b"x"),
+                "named",
+            ),
+            (
+                "a Windows path",
+                bundle(r#"{"files":[["a\\b",1]],"error":null}"#, b"x"),
+                "named",
+            ),
+            (
+                "empty name",
+                bundle(r#"{"files":[["",0]],"error":null}"#, b""),
+                "named \"\"",
+            ),
+            (
+                "a NUL",
+                bundle(r#"{"files":[["a\u0000b",1]],"error":null}"#, b"x"),
+                "named",
+            ),
+            (
+                "a name twice",
+                bundle(r#"{"files":[["a",1],["a",1]],"error":null}"#, b"xy"),
+                "twice",
+            ),
+        ];
+        for (what, bytes, expect) in cases {
+            let e = share_files(&Replay { bytes }, Ok(vec![]), &dest).expect_err(what);
+            let e = format!("{e:#}");
+            assert!(e.contains("damaged file bundle") && e.contains(expect), "{what}: {e}");
+            assert!(!dest.exists(), "{what}: nothing is written");
+            assert!(!scratch.path().join("escape").exists(), "{what}");
+        }
+        // The same framing, well formed, is received.
+        let good = bundle(r#"{"files":[["a",2],["b",0]],"error":null}"#, b"xy");
+        let got = share_files(&Replay { bytes: good }, Ok(vec![]), &dest).unwrap();
+        assert_eq!(std::fs::read(&got[0]).unwrap(), b"xy");
+        assert_eq!(std::fs::read(&got[1]).unwrap(), b"");
     }
 }
