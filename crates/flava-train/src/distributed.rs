@@ -516,6 +516,17 @@ mod tests {
         b
     }
 
+    /// `share_files(files, dest)` on two ranks run as threads (`LocalGroup`), in rank order.
+    fn share_on_two_ranks(files: &[PathBuf], dest: &Path) -> Vec<anyhow::Result<Vec<PathBuf>>> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = flava_objectives::collective::LocalGroup::new(2)
+                .into_iter()
+                .map(|g| s.spawn(move || share_files(&g, Ok(files.to_vec()), dest)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
     #[test]
     fn rank_0_files_arrive_on_the_other_ranks_byte_for_byte() {
         let send = Scratch::new(9100).unwrap();
@@ -524,17 +535,7 @@ mod tests {
         std::fs::write(&a, b"{\"model\": 1}").unwrap();
         std::fs::write(&b, b"").unwrap();
         let dest = recv.path().join("got");
-        let results: Vec<anyhow::Result<Vec<PathBuf>>> = std::thread::scope(|s| {
-            let handles: Vec<_> = flava_objectives::collective::LocalGroup::new(2)
-                .into_iter()
-                .map(|g| {
-                    let files = vec![a.clone(), b.clone()];
-                    let dest = dest.clone();
-                    s.spawn(move || share_files(&g, Ok(files), &dest))
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let results = share_on_two_ranks(&[a.clone(), b.clone()], &dest);
         assert_eq!(
             results[0].as_ref().unwrap(),
             &vec![a.clone(), b.clone()],
@@ -547,17 +548,9 @@ mod tests {
 
         // Rank 0's error (a file it cannot read) fails both ranks with its message.
         let missing = send.path().join("missing.bin");
-        let results: Vec<String> = std::thread::scope(|s| {
-            let handles: Vec<_> = flava_objectives::collective::LocalGroup::new(2)
-                .into_iter()
-                .map(|g| {
-                    let (files, dest) = (vec![missing.clone()], dest.clone());
-                    s.spawn(move || format!("{:#}", share_files(&g, Ok(files), &dest).unwrap_err()))
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        for e in results {
+        let results = share_on_two_ranks(&[missing], &dest);
+        for r in results {
+            let e = format!("{:#}", r.unwrap_err());
             assert!(e.contains("missing.bin"), "{e}");
         }
     }
