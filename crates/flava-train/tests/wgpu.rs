@@ -34,9 +34,14 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// Whether a wgpu adapter exists (a tiny embedding runs); without one the tests skip with a
-/// note, unless `FLAVA_REQUIRE_WGPU` is set.
+/// Whether the tests should run: with `FLAVA_REQUIRE_WGPU` set (CI) always, so a missing adapter
+/// fails them with the driver's own error; otherwise a tiny embedding probes for an adapter and,
+/// without one, the tests skip with a note. (The probe is not run where an adapter is required:
+/// on lavapipe it costs 50-90 s of shader compilation per test.)
 fn have_adapter() -> bool {
+    if std::env::var_os("FLAVA_REQUIRE_WGPU").is_some() {
+        return true;
+    }
     let o = flava()
         .args(["embed", "--device", "wgpu", "--json", "--text", "a cat", "--model"])
         .arg(fixtures().join("embed_model"))
@@ -46,11 +51,11 @@ fn have_adapter() -> bool {
         return true;
     }
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        std::env::var_os("FLAVA_REQUIRE_WGPU").is_none(),
-        "no usable wgpu adapter (install mesa-vulkan-drivers for lavapipe): {e}"
+    eprintln!(
+        "skipped: no wgpu adapter (install mesa-vulkan-drivers for lavapipe; FLAVA_REQUIRE_WGPU=1 \
+         makes this a failure): {}",
+        e.lines().last().unwrap_or("")
     );
-    eprintln!("skipped: no wgpu adapter ({})", e.lines().last().unwrap_or(""));
     false
 }
 
