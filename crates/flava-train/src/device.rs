@@ -24,11 +24,11 @@ pub fn pick_device(name: &str) -> anyhow::Result<Device> {
         "flex" | "cpu" => Ok(Device::flex()),
         #[cfg(feature = "cuda")]
         "cuda" => Ok(Device::cuda(0)),
-        #[cfg(feature = "wgpu")]
+        #[cfg(feature = "wgpu-untuned")]
         "wgpu" => Ok(Device::wgpu(Default::default())),
         #[cfg(not(feature = "cuda"))]
         "cuda" => not_compiled(name),
-        #[cfg(not(feature = "wgpu"))]
+        #[cfg(not(feature = "wgpu-untuned"))]
         "wgpu" => not_compiled(name),
         other => anyhow::bail!("unknown device `{other}` (expected flex, cuda or wgpu)"),
     }

@@ -4,9 +4,10 @@
 //! 7.2e-7), and 4 pretraining steps on wgpu against the same steps on flex from the same initial
 //! weights (drawn on the CPU whatever the device): every loss within 1e-5 relative at step 1,
 //! where only the forward differs (measured 3e-7), and 1e-4 at steps 2-4, after updates
-//! (measured 4.4e-6). Built only with `--features wgpu`; `FLAVA_REQUIRE_WGPU=1` (CI) turns a
-//! missing adapter into a failure instead of a skip.
-#![cfg(feature = "wgpu")]
+//! (measured 4.4e-6). Built only with `--features wgpu` or `wgpu-untuned` (CI: without CubeCL's
+//! autotuning, which on lavapipe cost more than the rest of the run); `FLAVA_REQUIRE_WGPU=1` (CI)
+//! turns a missing adapter into a failure instead of a skip.
+#![cfg(feature = "wgpu-untuned")]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
