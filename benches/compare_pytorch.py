@@ -26,9 +26,14 @@ Both sides clip the gradients to global norm 1 before AdamW (`clip_grad_norm_`; 
 Trainer does it as `flava pretrain` does); the optimizer phase includes it.
 Before the table, both sides time one square f32 matmul (n = 2048: `torch.mm`, and a flex matmul
 in `flava-bench sgemm`); the larger is the machine's measured sgemm peak. Each row's matmul FLOPs
-are counted once by `torch.utils.flop_counter.FlopCounterMode` on the PyTorch model (forward, and
-backward for training steps; the same work flava-rs does), and the table gives each side's
-achieved GFLOP/s and its share of that peak. The CPU model and its SIMD flags head the table.
+are counted on each side: once by `torch.utils.flop_counter.FlopCounterMode` on the PyTorch model
+(forward, and backward for training steps), and by flava-rs itself (`flava-bench --products`: every
+matrix product of its kernels during the timed iterations, timed). The two counts differ where the
+two do different work: transformers' `FlavaForPreTraining` runs the unmasked image or text tower
+on image-only and text-only batches too, for a contrastive loss those batches do not have, and
+flava-rs does not. The table gives each side's achieved GFLOP/s on its own count and its share of
+that peak; a second table says where flava-rs's time goes: in its products (and how fast they
+run in place) or outside them. The CPU model and its SIMD flags head the table.
 PyTorch runs eager with `torch.get_num_threads()` threads (all cores) and
 `skip_unmasked_multimodal_encoder=True` (pretraining needs no unmasked fusion; flava-rs skips it).
 """
@@ -301,7 +306,7 @@ def main():
             common = ["--batch", str(b), "--iters", str(iters), "--task", task]
             ours_dev = ["--device", "cuda" if gpu else "flex"]
             theirs_dev = ["--device", args.device]
-            ours = run_json([OURS, what, "--preset", preset] + common + ours_dev)
+            ours = run_json([OURS, what, "--preset", preset, "--products"] + common + ours_dev)
             theirs = run_json([sys.executable, __file__, "--worker", "--what", what, "--config", cfg_files[preset]]
                               + common + theirs_dev)
             key = (what, preset, b, task)
@@ -317,6 +322,10 @@ def main():
                     acc[f"{who}_gpu"] = max(acc.get(f"{who}_gpu", 0.0), res["device_reserved_mb"])
             if theirs.get("flops"):
                 acc["flops"] = theirs["flops"]
+            # flava-rs's own products (none on a GPU, where its kernels do not run).
+            prod = ours.get("products") or {}
+            if prod.get("kinds"):
+                acc.setdefault("ours_products", []).append(prod)
             acc["ours_rss"] = max(acc["ours_rss"], ours["peak_rss_mb"])
             acc["torch_rss"] = max(acc["torch_rss"], theirs["peak_rss_mb"])
             print(f"round {r + 1}/{rounds} {what}/{preset}/{task}/b{b}: ours {statistics.median(ours['times_ms']):.1f} ms, "
@@ -328,10 +337,12 @@ def main():
           f"shares below are of {peak_gflops:.0f} GFLOP/s")
     print(f"\ntorch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
           f"{where}{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}, {rounds} round(s), alternating\n")
-    print("| config | batch | work | flava-rs | PyTorch | ratio (time) | GFLOP/s flava-rs / PyTorch | share of peak |"
-          " peak RSS flava-rs | peak RSS PyTorch |" + (" GPU memory flava-rs / PyTorch |" if gpu else ""))
-    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
+    print("| config | batch | work | flava-rs | PyTorch | ratio (time) | matmul GFLOP flava-rs / PyTorch |"
+          " GFLOP/s flava-rs / PyTorch | share of peak | peak RSS flava-rs | peak RSS PyTorch |"
+          + (" GPU memory flava-rs / PyTorch |" if gpu else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     table = []
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)
     for (what, preset, b, task), acc in results.items():
         o, t = statistics.median(acc["ours"]), statistics.median(acc["torch"])
         work = {"image": "image embedding", "text": "text embedding",
@@ -339,14 +350,46 @@ def main():
                 "finetune": "fine-tuning step (multimodal classification)"}[what]
         gpu_mem = (f" GPU {acc.get('ours_gpu', 0):.0f} / {acc.get('torch_gpu', 0):.0f} MB |" if gpu else "")
         fl = acc.get("flops")
-        g_o, g_t = (fl / o / 1e6, fl / t / 1e6) if fl else (None, None)
-        gf = f"{g_o:.0f} / {g_t:.0f}" if fl else "-"
-        share = f"{100 * g_o / peak_gflops:.0f}% / {100 * g_t / peak_gflops:.0f}%" if fl else "-"
-        print(f"| {preset} | {b} | {work} | {o:.1f} ms | {t:.1f} ms | {o / t:.2f} | {gf} | {share} | "
-              f"{acc['ours_rss']:.0f} MB | {acc['torch_rss']:.0f} MB |{gpu_mem}")
+        prods = acc.get("ours_products", [])
+        fl_o = prods[0]["gflop"] * 1e9 if prods else None
+        g_o = fl_o / o / 1e6 if fl_o else None
+        g_t = fl / t / 1e6 if fl else None
+        share = f"{fmt(g_o and 100 * g_o / peak_gflops, '.0f')}% / {fmt(g_t and 100 * g_t / peak_gflops, '.0f')}%"
+        print(f"| {preset} | {b} | {work} | {o:.1f} ms | {t:.1f} ms | {o / t:.2f} | "
+              f"{fmt(fl_o and fl_o / 1e9, '.1f')} / {fmt(fl and fl / 1e9, '.1f')} | {fmt(g_o, '.0f')} / {fmt(g_t, '.0f')} | "
+              f"{share} | {acc['ours_rss']:.0f} MB | {acc['torch_rss']:.0f} MB |{gpu_mem}")
         table.append({"what": what, "preset": preset, "batch": b, "task": task, "ours_ms": o, "torch_ms": t,
                       "ratio": o / t, "ours_peak_rss_mb": acc["ours_rss"], "torch_peak_rss_mb": acc["torch_rss"],
-                      "matmul_flops": fl, "ours_gflops": g_o, "torch_gflops": g_t, "sgemm_peak_gflops": peak_gflops})
+                      "matmul_flops": fl, "ours_matmul_flops": fl_o, "ours_gflops": g_o, "torch_gflops": g_t,
+                      "sgemm_peak_gflops": peak_gflops,
+                      "ours_products_ms": statistics.median(p["ms"] for p in prods) if prods else None})
+    where_rows = [(k, acc) for k, acc in results.items() if acc.get("ours_products")]
+    if where_rows:
+        print("\nWhere flava-rs's time goes: in its matrix products or outside them (medians over rounds, ms; "
+              "attention's one-thread products count as their summed time over the threads). \"Lost\": a kind's "
+              "time minus its FLOPs at the sgemm peak; the kind that loses most is named.\n")
+        print("| config | batch | work | flava-rs | in products | products' GFLOP/s | outside products | "
+              "matmul-bound (at the peak) | most time lost: kind, GFLOP/s, ms |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        threads = os.cpu_count() or 1  # rayon's default, as flava-bench runs
+        for (what, preset, b, task), acc in where_rows:
+            o = statistics.median(acc["ours"])
+            prods = acc["ours_products"]
+            p_ms = statistics.median(p["ms"] for p in prods)
+            gflop = prods[0]["gflop"]
+            bound = gflop / peak_gflops * 1e3
+            work = {"image": "image embedding", "text": "text embedding", "step": f"step ({task})",
+                    "forward": "forward (pairs)", "finetune": "fine-tuning step"}[what]
+            # Time lost per kind against the peak (one-thread kinds against a thread's share of it).
+            def lost(k):
+                ideal = 2 * k["m"] * k["n"] * k["k"] * k["calls"] / (peak_gflops * 1e9) * 1e3
+                return (k["ms"] - ideal) if k["parallel"] else (k["ms"] - ideal * threads) / threads
+            worst = max(prods[0]["kinds"], key=lost)
+            print(f"| {preset} | {b} | {work} | {o:.1f} | {p_ms:.1f} ({100 * p_ms / o:.0f}%) | {gflop * 1e3 / p_ms:.0f} | "
+                  f"{o - p_ms:.1f} ({100 * (o - p_ms) / o:.0f}%) | {bound:.1f} ms ({o / bound:.2f}x) | "
+                  f"{worst['m']}x{worst['n']}x{worst['k']} {worst['layout']} "
+                  f"({'all threads' if worst['parallel'] else 'one thread'}, {worst['calls']} per call), "
+                  f"{worst['gflops']:.0f}, {lost(worst):.1f} |")
     steps = [(k, acc) for k, acc in results.items() if acc["ours_phases"]]
     if steps:
         print("\nWhere a training step's time goes (medians over rounds of each run's median, ms):\n")

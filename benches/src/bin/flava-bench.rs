@@ -10,6 +10,7 @@
 //! flava-bench forward --preset full --batch 8 --iters 3  # paired pretraining forward, no autograd
 //! flava-bench finetune --preset small --batch 32 --iters 5   # multimodal classification step
 //! flava-bench sgemm --batch 2048 --iters 10                 # one [n, n]·[n, n] f32 matmul
+//! flava-bench step --preset small --task text --products     # and where the products' time goes
 //! ```
 //! The first iteration warms up and is not reported. Inputs are random with fixed seeds; shapes
 //! and masking follow `flava_benches::inputs` (the Python side builds the same ones).
@@ -67,6 +68,10 @@ struct Args {
     /// `flex` (CPU), or `cuda` / `wgpu` when built with that feature.
     #[arg(long, default_value = "flex")]
     device: String,
+    /// Also time every matrix product of the flex kernels during the timed iterations and add
+    /// them to the JSON line (`products`: per iteration, by shape and layout) and to stderr.
+    #[arg(long)]
+    products: bool,
 }
 
 /// Classes of the fine-tuning bench (SNLI-VE's three).
@@ -89,8 +94,12 @@ fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// One warm-up call of `f`, then `iters` timed ones (ms); with `--products` the kernels' products
+/// are recorded during the timed ones only.
 fn time(iters: usize, mut f: impl FnMut()) -> Vec<f64> {
     f();
+    flava_vit::kernels::blas::take_product_stats();
+    flava_vit::kernels::blas::record_products(RECORD.load(std::sync::atomic::Ordering::Relaxed));
     (0..iters)
         .map(|_| {
             let t = Instant::now();
@@ -100,8 +109,55 @@ fn time(iters: usize, mut f: impl FnMut()) -> Vec<f64> {
         .collect()
 }
 
+/// `--products` (read by [`time`]).
+static RECORD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The recorded products per timed iteration, as JSON, and a table of them on stderr: the time in
+/// products (the parallel ones as the caller waited; the one-thread ones, run from parallel loops,
+/// divided by rayon's threads) and each kind's GFLOP/s in place.
+fn products_json(iters: usize) -> serde_json::Value {
+    let stats = flava_vit::kernels::blas::take_product_stats();
+    let per_iter = |x: f64| x / iters.max(1) as f64;
+    let threads = rayon::current_num_threads() as f64;
+    let wall: f64 = stats
+        .iter()
+        .map(|p| if p.parallel { p.seconds } else { p.seconds / threads })
+        .sum();
+    let flops: f64 = stats.iter().map(|p| p.flops()).sum();
+    eprintln!(
+        "products per iteration: {:.1} ms, {:.2} GFLOP, {:.0} GFLOP/s ({} kinds; one-thread ones counted as their time over {threads} threads)",
+        per_iter(wall) * 1e3,
+        per_iter(flops) / 1e9,
+        flops / wall.max(1e-12) / 1e9,
+        stats.len()
+    );
+    eprintln!("| m | n | k | layout | threads | calls/iter | ms/iter | GFLOP/s |\n|---|---|---|---|---|---|---|---|");
+    for p in stats.iter().take(15) {
+        eprintln!(
+            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.0} |",
+            p.m,
+            p.n,
+            p.k,
+            p.layout,
+            if p.parallel { "all" } else { "one" },
+            p.calls / iters.max(1),
+            per_iter(p.seconds) * 1e3,
+            p.gflops()
+        );
+    }
+    serde_json::json!({
+        "ms": per_iter(wall) * 1e3,
+        "gflop": per_iter(flops) / 1e9,
+        "kinds": stats.iter().map(|p| serde_json::json!({
+            "m": p.m, "n": p.n, "k": p.k, "layout": p.layout, "parallel": p.parallel,
+            "calls": p.calls / iters.max(1), "ms": per_iter(p.seconds) * 1e3, "gflops": p.gflops(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    RECORD.store(args.products, std::sync::atomic::Ordering::Relaxed);
     // As the `flava` binary does: reuse freed memory (flava_train::alloc::tune_allocator).
     flava_train::alloc::tune_allocator();
     let cfg = FlavaConfig::preset(&args.preset)?;
@@ -237,6 +293,7 @@ fn main() -> anyhow::Result<()> {
         "sgemm_backend": flava_vit::kernels::blas::gemm_backend().describe(),
         // What the GPU allocator holds at the end (its pools keep pages): the peak, near enough.
         "device_reserved_mb": device.memory_pool_usage().map(|u| u.bytes_reserved as f64 / 1048576.0),
+        "products": if args.products { products_json(args.iters) } else { serde_json::Value::Null },
     });
     println!("{line}");
     Ok(())

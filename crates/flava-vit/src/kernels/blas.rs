@@ -27,7 +27,8 @@
 //! kernels are, so that no second thread pool spins beside rayon's.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -498,8 +499,102 @@ pub(crate) unsafe fn sgemm(
     accumulate: bool,
     threads: Threads,
 ) {
+    // Chosen (and probed) before the clock starts: the first product does not carry the probe.
+    let blas = gemm_backend().blas();
+    let started = RECORDING.load(Ordering::Relaxed).then(Instant::now);
     // SAFETY: the caller's contract.
-    unsafe { run(gemm_backend().blas(), m, n, k, dst, dst_rs, a, b, accumulate, threads) }
+    unsafe { run(blas, m, n, k, dst, dst_rs, a, b, accumulate, threads) }
+    if let Some(t) = started {
+        record(m, n, k, a, b, threads, t.elapsed().as_secs_f64());
+    }
+}
+
+/// Whether [`sgemm`] adds each product to [`PRODUCTS`] (off: one relaxed load per product).
+static RECORDING: AtomicBool = AtomicBool::new(false);
+
+/// Products recorded since the last [`take_product_stats`], by shape, layout and threading.
+static PRODUCTS: Mutex<Vec<ProductStat>> = Mutex::new(Vec::new());
+
+/// How an operand of a product is laid out: `a·b` has both row-major, `aᵀ` an operand read
+/// column by column (a weight gradient's `xᵀ·dy`), `bᵀ` the input gradient's `dy·Wᵀ`.
+fn layout(a: View, b: View) -> &'static str {
+    match (a.cs == 1, b.cs == 1) {
+        (true, true) => "a·b",
+        (false, true) => "aᵀ·b",
+        (true, false) => "a·bᵀ",
+        (false, false) => "aᵀ·bᵀ",
+    }
+}
+
+fn record(m: usize, n: usize, k: usize, a: View, b: View, threads: Threads, seconds: f64) {
+    let (layout, parallel) = (layout(a, b), threads == Threads::All);
+    // A poisoned lock only means another recording thread panicked; the counts are still sums.
+    let mut all = PRODUCTS.lock().unwrap_or_else(|e| e.into_inner());
+    match all
+        .iter_mut()
+        .find(|p| (p.m, p.n, p.k, p.layout, p.parallel) == (m, n, k, layout, parallel))
+    {
+        Some(p) => {
+            p.calls += 1;
+            p.seconds += seconds;
+        }
+        None => all.push(ProductStat {
+            m,
+            n,
+            k,
+            layout,
+            parallel,
+            calls: 1,
+            seconds,
+        }),
+    }
+}
+
+/// The kernels' matrix products of one shape, layout and threading, as recorded between
+/// [`record_products`]`(true)` and [`take_product_stats`]: where a model's time goes in its
+/// products, and how fast each kind runs in place (against the machine's sgemm peak).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProductStat {
+    /// Output rows.
+    pub m: usize,
+    /// Output columns.
+    pub n: usize,
+    /// Inner dimension.
+    pub k: usize,
+    /// `a·b`, `aᵀ·b` (a weight gradient), `a·bᵀ` (an input gradient) or `aᵀ·bᵀ`.
+    pub layout: &'static str,
+    /// Split over rayon's threads (the caller waits for all of it); `false`: one thread, called
+    /// from inside a parallel loop (attention's per-head products), so `seconds` sums the threads'.
+    pub parallel: bool,
+    /// How many products of this kind ran.
+    pub calls: usize,
+    /// Their summed duration, seconds.
+    pub seconds: f64,
+}
+
+impl ProductStat {
+    /// Multiply-adds times two, over all calls.
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.m * self.n * self.k) as f64 * self.calls as f64
+    }
+
+    /// Achieved GFLOP/s (per calling thread where not `parallel`).
+    pub fn gflops(&self) -> f64 {
+        self.flops() / self.seconds.max(1e-12) / 1e9
+    }
+}
+
+/// Starts (`true`) or stops recording every product of the kernels (see [`ProductStat`]).
+/// Recording costs two clock reads and a lock per product; it is off unless asked for.
+pub fn record_products(on: bool) {
+    RECORDING.store(on, Ordering::Relaxed);
+}
+
+/// The products recorded so far, longest total first, and forgets them.
+pub fn take_product_stats() -> Vec<ProductStat> {
+    let mut all = std::mem::take(&mut *PRODUCTS.lock().unwrap_or_else(|e| e.into_inner()));
+    all.sort_by(|x, y| y.seconds.total_cmp(&x.seconds));
+    all
 }
 
 /// A pointer that rayon's tasks may share (each writes its own block).
@@ -703,6 +798,64 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn recorded_products_count_each_shape_layout_and_threading() {
+        // A shape no other test uses: tests of this binary may run products meanwhile.
+        let (m, n, k) = (41, 43, 47);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32).collect();
+        let mut dst = vec![0f32; m * n];
+        let row_major_a = View {
+            ptr: a.as_ptr(),
+            rs: k as isize,
+            cs: 1,
+        };
+        let transposed_a = View {
+            ptr: a.as_ptr(),
+            rs: 1,
+            cs: m as isize,
+        };
+        let bv = View {
+            ptr: b.as_ptr(),
+            rs: n as isize,
+            cs: 1,
+        };
+        let product = |a: View, threads: Threads, dst: &mut [f32]| {
+            // SAFETY: a holds m·k values in either layout, b k·n, dst m·n.
+            unsafe { sgemm(m, n, k, dst.as_mut_ptr(), n as isize, a, bv, false, threads) }
+        };
+        record_products(true);
+        product(row_major_a, Threads::All, &mut dst);
+        product(row_major_a, Threads::All, &mut dst);
+        product(transposed_a, Threads::One, &mut dst);
+        record_products(false);
+        product(row_major_a, Threads::All, &mut dst);
+        let ours: Vec<ProductStat> = take_product_stats()
+            .into_iter()
+            .filter(|p| (p.m, p.n, p.k) == (m, n, k))
+            .collect();
+        assert_eq!(ours.len(), 2, "{ours:?}");
+        let forward = ours.iter().find(|p| p.layout == "a·b").expect("a·b recorded");
+        assert_eq!(
+            (forward.calls, forward.parallel),
+            (2, true),
+            "the call after recording stopped is not counted"
+        );
+        assert_eq!(forward.flops(), 4.0 * (m * n * k) as f64);
+        let gradient = ours.iter().find(|p| p.layout == "aᵀ·b").expect("aᵀ·b recorded");
+        assert_eq!((gradient.calls, gradient.parallel), (1, false));
+        assert!(forward.seconds > 0.0 && gradient.seconds > 0.0);
+        assert!(
+            forward.gflops().is_finite() && forward.gflops() > 0.0,
+            "{}",
+            forward.gflops()
+        );
+        assert!(
+            take_product_stats().iter().all(|p| (p.m, p.n, p.k) != (m, n, k)),
+            "taking forgets"
+        );
     }
 
     #[test]
