@@ -325,6 +325,8 @@ def main():
             # flava-rs's own products (none on a GPU, where its kernels do not run).
             prod = ours.get("products") or {}
             if prod.get("kinds"):
+                # The process's mean iteration, the same iterations its products were recorded in.
+                prod["total_ms"] = statistics.mean(ours["times_ms"])
                 acc.setdefault("ours_products", []).append(prod)
             acc["ours_rss"] = max(acc["ours_rss"], ours["peak_rss_mb"])
             acc["torch_rss"] = max(acc["torch_rss"], theirs["peak_rss_mb"])
@@ -365,9 +367,10 @@ def main():
                       "ours_products_ms": statistics.median(p["ms"] for p in prods) if prods else None})
     where_rows = [(k, acc) for k, acc in results.items() if acc.get("ours_products")]
     if where_rows:
-        print("\nWhere flava-rs's time goes: in its matrix products or outside them (medians over rounds, ms; "
-              "attention's one-thread products count as their summed time over the threads). \"Lost\": a kind's "
-              "time minus its FLOPs at the sgemm peak; the kind that loses most is named.\n")
+        print("\nWhere flava-rs's time goes: in its matrix products or outside them (ms; each process's share of "
+              "its own time, median over rounds, times the row's median; attention's one-thread products count as "
+              "their summed time over the threads). \"Lost\": a kind's time minus its FLOPs at the sgemm peak; the "
+              "kind that loses most is named.\n")
         print("| config | batch | work | flava-rs | in products | products' GFLOP/s | outside products | "
               "matmul-bound (at the peak) | most time lost: kind, GFLOP/s, ms |")
         print("|---|---|---|---|---|---|---|---|---|")
@@ -375,7 +378,9 @@ def main():
         for (what, preset, b, task), acc in where_rows:
             o = statistics.median(acc["ours"])
             prods = acc["ours_products"]
-            p_ms = statistics.median(p["ms"] for p in prods)
+            # Each process's share of its own time, so that rounds on a noisy host do not mix.
+            p_ms = o * statistics.median(p["ms"] / p["total_ms"] for p in prods)
+            p_gflops = statistics.median(p["gflop"] * 1e3 / p["ms"] for p in prods)
             gflop = prods[0]["gflop"]
             bound = gflop / peak_gflops * 1e3
             work = {"image": "image embedding", "text": "text embedding", "step": f"step ({task})",
@@ -385,10 +390,10 @@ def main():
                 ideal = 2 * k["m"] * k["n"] * k["k"] * k["calls"] / (peak_gflops * 1e9) * 1e3
                 return (k["ms"] - ideal) if k["parallel"] else (k["ms"] - ideal * threads) / threads
             worst = max(prods[0]["kinds"], key=lost)
-            print(f"| {preset} | {b} | {work} | {o:.1f} | {p_ms:.1f} ({100 * p_ms / o:.0f}%) | {gflop * 1e3 / p_ms:.0f} | "
+            print(f"| {preset} | {b} | {work} | {o:.1f} | {p_ms:.1f} ({100 * p_ms / o:.0f}%) | {p_gflops:.0f} | "
                   f"{o - p_ms:.1f} ({100 * (o - p_ms) / o:.0f}%) | {bound:.1f} ms ({o / bound:.2f}x) | "
                   f"{worst['m']}x{worst['n']}x{worst['k']} {worst['layout']} "
-                  f"({'all threads' if worst['parallel'] else 'one thread'}, {worst['calls']} per call), "
+                  f"({'all threads' if worst['parallel'] else 'one thread'}, {worst['calls']} per iteration), "
                   f"{worst['gflops']:.0f}, {lost(worst):.1f} |")
     steps = [(k, acc) for k, acc in results.items() if acc["ours_phases"]]
     if steps:
