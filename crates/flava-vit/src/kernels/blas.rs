@@ -25,6 +25,11 @@
 //! The BLAS runs single-threaded (MKL's sequential layer, `openblas_set_num_threads(1)`); large
 //! products are split into row or column blocks over rayon's threads, as the rest of the
 //! kernels are, so that no second thread pool spins beside rayon's.
+//!
+//! [`record_products`] times every product by shape, layout and threading until it is turned
+//! off, and [`take_product_stats`] hands the totals over: how much of a model's time is in its
+//! products and how fast each kind runs in place (`flava-bench --products`,
+//! `benches/compare_pytorch.py`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
