@@ -344,7 +344,15 @@ def main():
           + (" GPU memory flava-rs / PyTorch |" if gpu else ""))
     print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     table = []
+    where_lines = []  # rows of the second table
     fmt = lambda x, spec: "-" if x is None else format(x, spec)
+    threads = os.cpu_count() or 1  # rayon's default, as flava-bench runs
+
+    def lost(k):
+        # A product kind's time minus its FLOPs at the peak (one-thread kinds: at a thread's share).
+        ideal = 2 * k["m"] * k["n"] * k["k"] * k["calls"] / (peak_gflops * 1e9) * 1e3
+        return (k["ms"] - ideal) if k["parallel"] else (k["ms"] - ideal * threads) / threads
+
     for (what, preset, b, task), acc in results.items():
         o, t = statistics.median(acc["ours"]), statistics.median(acc["torch"])
         work = {"image": "image embedding", "text": "text embedding",
@@ -356,6 +364,8 @@ def main():
         fl_o = prods[0]["gflop"] * 1e9 if prods else None
         g_o = fl_o / o / 1e6 if fl_o else None
         g_t = fl / t / 1e6 if fl else None
+        # Each process's share of its own time in products, so that rounds on a noisy host do not mix.
+        p_ms = o * statistics.median(p["ms"] / p["total_ms"] for p in prods) if prods else None
         share = f"{fmt(g_o and 100 * g_o / peak_gflops, '.0f')}% / {fmt(g_t and 100 * g_t / peak_gflops, '.0f')}%"
         print(f"| {preset} | {b} | {work} | {o:.1f} ms | {t:.1f} ms | {o / t:.2f} | "
               f"{fmt(fl_o and fl_o / 1e9, '.1f')} / {fmt(fl and fl / 1e9, '.1f')} | {fmt(g_o, '.0f')} / {fmt(g_t, '.0f')} | "
@@ -363,10 +373,17 @@ def main():
         table.append({"what": what, "preset": preset, "batch": b, "task": task, "ours_ms": o, "torch_ms": t,
                       "ratio": o / t, "ours_peak_rss_mb": acc["ours_rss"], "torch_peak_rss_mb": acc["torch_rss"],
                       "matmul_flops": fl, "ours_matmul_flops": fl_o, "ours_gflops": g_o, "torch_gflops": g_t,
-                      "sgemm_peak_gflops": peak_gflops,
-                      "ours_products_ms": statistics.median(p["ms"] for p in prods) if prods else None})
-    where_rows = [(k, acc) for k, acc in results.items() if acc.get("ours_products")]
-    if where_rows:
+                      "sgemm_peak_gflops": peak_gflops, "ours_products_ms": p_ms})
+        if prods:
+            p_gflops = statistics.median(p["gflop"] * 1e3 / p["ms"] for p in prods)
+            bound = prods[0]["gflop"] / peak_gflops * 1e3
+            worst = max(prods[0]["kinds"], key=lost)
+            where_lines.append(f"| {preset} | {b} | {work} | {o:.1f} | {p_ms:.1f} ({100 * p_ms / o:.0f}%) | {p_gflops:.0f} | "
+                         f"{o - p_ms:.1f} ({100 * (o - p_ms) / o:.0f}%) | {bound:.1f} ms ({o / bound:.2f}x) | "
+                         f"{worst['m']}x{worst['n']}x{worst['k']} {worst['layout']} "
+                         f"({'all threads' if worst['parallel'] else 'one thread'}, {worst['calls']} per iteration), "
+                         f"{worst['gflops']:.0f}, {lost(worst):.1f} |")
+    if where_lines:
         print("\nWhere flava-rs's time goes: in its matrix products or outside them (ms; each process's share of "
               "its own time, median over rounds, times the row's median; attention's one-thread products count as "
               "their summed time over the threads). \"Lost\": a kind's time minus its FLOPs at the sgemm peak; the "
@@ -374,27 +391,7 @@ def main():
         print("| config | batch | work | flava-rs | in products | products' GFLOP/s | outside products | "
               "matmul-bound (at the peak) | most time lost: kind, GFLOP/s, ms |")
         print("|---|---|---|---|---|---|---|---|---|")
-        threads = os.cpu_count() or 1  # rayon's default, as flava-bench runs
-        for (what, preset, b, task), acc in where_rows:
-            o = statistics.median(acc["ours"])
-            prods = acc["ours_products"]
-            # Each process's share of its own time, so that rounds on a noisy host do not mix.
-            p_ms = o * statistics.median(p["ms"] / p["total_ms"] for p in prods)
-            p_gflops = statistics.median(p["gflop"] * 1e3 / p["ms"] for p in prods)
-            gflop = prods[0]["gflop"]
-            bound = gflop / peak_gflops * 1e3
-            work = {"image": "image embedding", "text": "text embedding", "step": f"step ({task})",
-                    "forward": "forward (pairs)", "finetune": "fine-tuning step"}[what]
-            # Time lost per kind against the peak (one-thread kinds against a thread's share of it).
-            def lost(k):
-                ideal = 2 * k["m"] * k["n"] * k["k"] * k["calls"] / (peak_gflops * 1e9) * 1e3
-                return (k["ms"] - ideal) if k["parallel"] else (k["ms"] - ideal * threads) / threads
-            worst = max(prods[0]["kinds"], key=lost)
-            print(f"| {preset} | {b} | {work} | {o:.1f} | {p_ms:.1f} ({100 * p_ms / o:.0f}%) | {p_gflops:.0f} | "
-                  f"{o - p_ms:.1f} ({100 * (o - p_ms) / o:.0f}%) | {bound:.1f} ms ({o / bound:.2f}x) | "
-                  f"{worst['m']}x{worst['n']}x{worst['k']} {worst['layout']} "
-                  f"({'all threads' if worst['parallel'] else 'one thread'}, {worst['calls']} per iteration), "
-                  f"{worst['gflops']:.0f}, {lost(worst):.1f} |")
+        print("\n".join(where_lines))
     steps = [(k, acc) for k, acc in results.items() if acc["ours_phases"]]
     if steps:
         print("\nWhere a training step's time goes (medians over rounds of each run's median, ms):\n")

@@ -94,12 +94,11 @@ fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// One warm-up call of `f`, then `iters` timed ones (ms); with `--products` the kernels' products
-/// are recorded during the timed ones only.
+/// One warm-up call of `f`, then `iters` timed ones (ms). Products recorded before the timed
+/// ones (`--products`: set-up and the warm-up) are dropped.
 fn time(iters: usize, mut f: impl FnMut()) -> Vec<f64> {
     f();
     flava_vit::kernels::blas::take_product_stats();
-    flava_vit::kernels::blas::record_products(RECORD.load(std::sync::atomic::Ordering::Relaxed));
     (0..iters)
         .map(|_| {
             let t = Instant::now();
@@ -108,9 +107,6 @@ fn time(iters: usize, mut f: impl FnMut()) -> Vec<f64> {
         })
         .collect()
 }
-
-/// `--products` (read by [`time`]).
-static RECORD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The recorded products per timed iteration, as JSON, and a table of them on stderr: the time in
 /// products (the parallel ones as the caller waited; the one-thread ones, run from parallel loops,
@@ -157,7 +153,7 @@ fn products_json(iters: usize) -> serde_json::Value {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    RECORD.store(args.products, std::sync::atomic::Ordering::Relaxed);
+    flava_vit::kernels::blas::record_products(args.products);
     // As the `flava` binary does: reuse freed memory (flava_train::alloc::tune_allocator).
     flava_train::alloc::tune_allocator();
     let cfg = FlavaConfig::preset(&args.preset)?;
