@@ -243,8 +243,17 @@ def cpu_flags():
     return "unknown"
 
 
+def bench_env():
+    """flava-bench's environment: as if this Python's venv were activated (`VIRTUAL_ENV`), so that
+    a BLAS installed in it (`pip install mkl`) is one of the libraries `FLAVA_BLAS=auto` times."""
+    env = dict(os.environ)
+    if "VIRTUAL_ENV" not in env and sys.prefix != sys.base_prefix:
+        env["VIRTUAL_ENV"] = sys.prefix
+    return env
+
+
 def run_json(cmd):
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=bench_env())
     if r.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])

@@ -235,7 +235,8 @@ fn agree_on_sgemm(group: &dyn ProcessGroup, resume: bool, run_dir: &RunDir) -> a
     Ok(())
 }
 
-/// Longest `sgemm.txt` read back: the file holds one path or `off`, so anything longer is damage.
+/// Longest `sgemm.txt` read back: the file holds `off`, a path, or a path and the kinds of
+/// product it runs (`path@weight-gradient,per-head`), so anything longer is damage.
 const SGEMM_FILE_MAX: u64 = 4096;
 
 /// The `FLAVA_BLAS` setting an earlier run recorded in `path` (its first line), or `None` when

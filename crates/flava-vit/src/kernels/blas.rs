@@ -10,13 +10,23 @@
 //! by timing, not by vendor name. Nothing is linked at build time: a library that is not there,
 //! or lacks `cblas_sgemm`, leaves the `gemm` crate in charge.
 //!
+//! The choice is made per [`ProductKind`]: forward products (and input gradients), weight
+//! gradients, and attention's one-thread per-head products can each go to a different library,
+//! so that a BLAS ahead on one kind (MKL on the Xeon's weight gradients) is used for it without
+//! slowing the kinds where the `gemm` crate is as fast.
+//!
 //! `FLAVA_BLAS` picks:
-//! - unset or `auto`: open the first BLAS found (the names below through the dynamic loader's
+//! - unset or `auto`: open every BLAS found (the names below through the dynamic loader's
 //!   search path, then `$VIRTUAL_ENV/lib` and `$CONDA_PREFIX/lib`, where `pip install mkl` and
-//!   conda put `libmkl_rt`), time it against the `gemm` crate on one product, keep the faster;
+//!   conda put `libmkl_rt`), time each against the `gemm` crate on two products of each kind,
+//!   and send each kind to the library at least 5% faster than the `gemm` crate on it (one
+//!   library at most: the one that saves the most);
 //! - `off` (or `gemm`): the `gemm` crate only;
-//! - a path: that library, without the probe (an error opening it is reported and the `gemm`
-//!   crate is used).
+//! - a path: that library for every kind, without the probe (an error opening it is reported
+//!   and the `gemm` crate is used);
+//! - a path, `@`, and kind names (`/v/lib/libmkl_rt.so.3@weight-gradient,per-head`): that
+//!   library for those kinds, the `gemm` crate for the others (what `auto` chose, written back
+//!   by [`GemmBackend::setting`]).
 //!
 //! A library is used only after two checks: its own query says its `cblas_sgemm` takes 32-bit
 //! integers (MKL is asked for its LP64 layer; an ILP64 OpenBLAS or BLIS is refused), and a few
@@ -246,43 +256,114 @@ fn operand(v: View, rows: usize, cols: usize) -> Option<(i32, i32)> {
     None
 }
 
-/// The backend the kernels use in this process.
+/// The kinds of product the backend routes separately, each to the library a probe measured
+/// fastest for it (their operand layouts and sizes stress a library differently).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProductKind {
+    /// `a` row-major (`x·W`, the input gradient `dy·Wᵀ`), split over the threads: the encoders'
+    /// forward products and input gradients.
+    Forward,
+    /// `a` read column by column (`xᵀ·dy`), split over the threads: the weight gradients.
+    WeightGradient,
+    /// One thread, called from inside a parallel loop: attention's per-head products.
+    PerHead,
+}
+
+impl ProductKind {
+    /// Every kind, in the order of [`GemmBackend`]'s routes.
+    pub const ALL: [ProductKind; 3] = [Self::Forward, Self::WeightGradient, Self::PerHead];
+
+    /// The name `FLAVA_BLAS` and the logs use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Forward => "forward",
+            Self::WeightGradient => "weight-gradient",
+            Self::PerHead => "per-head",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// The kind of a product with left operand `a` run with `threads`.
+    fn of(a: View, threads: Threads) -> Self {
+        match (threads, a.cs == 1) {
+            (Threads::One, _) => Self::PerHead,
+            (Threads::All, true) => Self::Forward,
+            (Threads::All, false) => Self::WeightGradient,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The backend the kernels use in this process: at most one BLAS, and which kinds of product go
+/// to it (the others run on the `gemm` crate).
 #[derive(Debug)]
 pub struct GemmBackend {
     blas: Option<Blas>,
+    /// Per [`ProductKind::ALL`]: whether that kind goes to `blas`.
+    routes: [bool; 3],
     note: String,
 }
 
 impl GemmBackend {
-    /// The BLAS in use, if any (otherwise the `gemm` crate).
+    /// The BLAS in use for some kind of product, if any (otherwise the `gemm` crate does all).
     pub fn blas(&self) -> Option<&Blas> {
         self.blas.as_ref()
     }
 
-    /// One line for logs: which library, and why.
+    /// The BLAS that runs products of `kind`, or `None` for the `gemm` crate.
+    pub fn blas_for(&self, kind: ProductKind) -> Option<&Blas> {
+        self.blas.as_ref().filter(|_| self.routes[kind.index()])
+    }
+
+    /// One line for logs: which library, for which kinds, and why.
     pub fn describe(&self) -> &str {
         &self.note
     }
 
-    /// The `FLAVA_BLAS` value that chooses this backend again without a probe: the library's
-    /// path, or `off` for the gemm crate. A run keeps it so that its processes (ranks, resumes)
-    /// multiply with the same library: `auto` times the candidates in each process, and two
-    /// libraries within the timing noise of each other can be chosen differently from one
-    /// process to the next, which changes the last bits of every product.
+    /// The `FLAVA_BLAS` value that chooses this backend again without a probe: `off` for the
+    /// gemm crate, the library's path when it runs every kind, else `path@kind,kind`. A run
+    /// keeps it so that its processes (ranks, resumes) multiply with the same library: `auto`
+    /// times the candidates in each process, and two libraries within the timing noise of each
+    /// other can be chosen differently from one process to the next, which changes the last bits
+    /// of every product.
     pub fn setting(&self) -> String {
-        self.blas.as_ref().map_or_else(|| "off".to_string(), |b| b.path.clone())
+        match &self.blas {
+            None => "off".to_string(),
+            Some(b) if self.routes.iter().all(|&r| r) => b.path.clone(),
+            Some(b) => format!("{}@{}", b.path, self.kinds().join(",")),
+        }
+    }
+
+    /// The names of the kinds that go to the BLAS.
+    fn kinds(&self) -> Vec<&'static str> {
+        ProductKind::ALL
+            .into_iter()
+            .filter(|k| self.blas.is_some() && self.routes[k.index()])
+            .map(ProductKind::name)
+            .collect()
     }
 
     /// A backend that uses `blas` for every product it can (tests, benchmarks).
     pub fn with_blas(blas: Blas) -> Self {
         let note = format!("sgemm: {} (chosen by the caller)", blas.path);
-        Self { blas: Some(blas), note }
+        Self {
+            blas: Some(blas),
+            routes: [true; 3],
+            note,
+        }
     }
 
     /// The `gemm` crate only.
     pub fn gemm_crate(note: &str) -> Self {
         Self {
             blas: None,
+            routes: [false; 3],
             note: format!("sgemm: the gemm crate ({note})"),
         }
     }
@@ -292,20 +373,37 @@ impl GemmBackend {
         match setting.map(str::trim) {
             Some("off") | Some("gemm") => Self::gemm_crate("FLAVA_BLAS=off"),
             None | Some("") | Some("auto") => Self::auto(),
-            Some(path) => match Blas::open(path) {
-                Ok(blas) if !agrees_with_gemm_crate(&blas) => {
-                    log::warn!("FLAVA_BLAS: {path}: its sgemm disagrees with the gemm crate's; using the gemm crate");
-                    Self::gemm_crate(&format!("FLAVA_BLAS={path} computes different products"))
+            Some(value) => {
+                let (path, routes) = split_kinds(value);
+                match Blas::open(path) {
+                    Ok(blas) if !agrees_with_gemm_crate(&blas) => {
+                        log::warn!(
+                            "FLAVA_BLAS: {path}: its sgemm disagrees with the gemm crate's; using the gemm crate"
+                        );
+                        Self::gemm_crate(&format!("FLAVA_BLAS={path} computes different products"))
+                    }
+                    Ok(blas) => {
+                        let mut backend = Self {
+                            blas: Some(blas),
+                            routes,
+                            note: String::new(),
+                        };
+                        backend.note = if routes.iter().all(|&r| r) {
+                            format!("sgemm: {path} (FLAVA_BLAS)")
+                        } else {
+                            format!(
+                                "sgemm: {path} for {} products, the gemm crate for the others (FLAVA_BLAS)",
+                                backend.kinds().join(", ")
+                            )
+                        };
+                        backend
+                    }
+                    Err(e) => {
+                        log::warn!("FLAVA_BLAS: {e}; using the gemm crate");
+                        Self::gemm_crate(&format!("FLAVA_BLAS could not be opened: {e}"))
+                    }
                 }
-                Ok(blas) => Self {
-                    note: format!("sgemm: {path} (FLAVA_BLAS)"),
-                    blas: Some(blas),
-                },
-                Err(e) => {
-                    log::warn!("FLAVA_BLAS: {e}; using the gemm crate");
-                    Self::gemm_crate(&format!("FLAVA_BLAS could not be opened: {e}"))
-                }
-            },
+            }
         }
     }
 
@@ -325,32 +423,86 @@ impl GemmBackend {
         let mut candidates: Vec<Option<&Blas>> = vec![None];
         candidates.extend(found.iter().map(Some));
         let times = probe(&candidates);
-        let ours = times[0];
-        let mut timed: Vec<(f64, Blas)> = times[1..].iter().copied().zip(found).collect();
-        timed.sort_by(|x, y| x.0.total_cmp(&y.0));
-        let others: Vec<String> = timed
+        let measured: Vec<String> = found
             .iter()
-            .map(|(t, b)| format!("{} {:.0}", b.path, PROBE_FLOP / t / 1e9))
+            .zip(&times[1..])
+            .map(|(b, t)| format!("{} {}", b.path, rates(t)))
             .collect();
-        let (best, blas) = timed.swap_remove(0);
-        let gflops = |t: f64| PROBE_FLOP / t / 1e9;
-        if best < ours * 0.95 {
-            let note = format!(
-                "sgemm: {} ({:.0} GFLOP/s on one thread in the probe; the gemm crate {:.0}; measured: {})",
-                blas.path,
-                gflops(best),
-                gflops(ours),
-                others.join(", ")
-            );
-            Self { blas: Some(blas), note }
-        } else {
-            Self::gemm_crate(&format!(
-                "{:.0} GFLOP/s on one thread in the probe; measured: {}",
-                gflops(ours),
-                others.join(", ")
-            ))
+        let measured = format!(
+            "one thread, GFLOP/s per kind: the gemm crate {}; {}",
+            rates(&times[0]),
+            measured.join("; ")
+        );
+        match choose(&times) {
+            None => Self::gemm_crate(&measured),
+            Some((i, routes)) => {
+                let blas = found
+                    .into_iter()
+                    .nth(i - 1)
+                    .expect("choose returns a candidate's index");
+                let mut backend = Self {
+                    blas: Some(blas),
+                    routes,
+                    note: String::new(),
+                };
+                backend.note = format!(
+                    "sgemm: {} for {} products, the gemm crate for the others ({measured})",
+                    backend.setting().split('@').next().unwrap_or_default(),
+                    backend.kinds().join(", ")
+                );
+                backend
+            }
         }
     }
+}
+
+/// `path@kind,kind` into the path and the kinds' routes; a value without a valid kind list after
+/// its last `@` is a path for every kind (a file name may hold an `@`).
+fn split_kinds(value: &str) -> (&str, [bool; 3]) {
+    if let Some((path, list)) = value.rsplit_once('@') {
+        let kinds: Option<Vec<ProductKind>> = list.split(',').map(|k| ProductKind::from_name(k.trim())).collect();
+        if let Some(kinds) = kinds.filter(|k| !k.is_empty() && !path.is_empty()) {
+            let mut routes = [false; 3];
+            for k in kinds {
+                routes[k.index()] = true;
+            }
+            return (path, routes);
+        }
+    }
+    (value, [true; 3])
+}
+
+/// A library must be this much faster than the `gemm` crate on a kind to get it: closer than
+/// that is the probe's noise, and the `gemm` crate's results do not depend on what is installed.
+const MARGIN: f64 = 0.95;
+
+/// From the probe's seconds per candidate and kind (candidate 0 the `gemm` crate), the library
+/// to use and the kinds it runs: for each library, the kinds where it beats the `gemm` crate by
+/// [`MARGIN`]; the library that saves the most (summed over those kinds, as fractions of the
+/// `gemm` crate's time) wins. `None`: no library beats it on any kind.
+fn choose(times: &[[f64; 3]]) -> Option<(usize, [bool; 3])> {
+    let ours = times.first()?;
+    times
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(i, t)| {
+            let routes: [bool; 3] = std::array::from_fn(|k| t[k] < ours[k] * MARGIN);
+            let saved: f64 = (0..3).filter(|&k| routes[k]).map(|k| 1.0 - t[k] / ours[k]).sum();
+            (i, routes, saved)
+        })
+        .filter(|(_, routes, _)| routes.iter().any(|&r| r))
+        .max_by(|x, y| x.2.total_cmp(&y.2))
+        .map(|(i, routes, _)| (i, routes))
+}
+
+/// The probe's rates per kind, for the logs.
+fn rates(seconds: &[f64; 3]) -> String {
+    ProductKind::ALL
+        .into_iter()
+        .map(|k| format!("{} {:.0}", k.name(), PROBE_FLOP[k.index()] / seconds[k.index()] / 1e9))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Every candidate library that opens and has `cblas_sgemm`, each file once.
@@ -381,7 +533,7 @@ fn find_blas() -> Vec<Blas> {
 /// operand layout as the gemm crate does (within 1e-4 of the largest value): a library is only
 /// timed, and chosen, once its results are right.
 fn agrees_with_gemm_crate(blas: &Blas) -> bool {
-    let (m0, n0, k0) = PROBES[0];
+    let (m0, n0, k0) = (PROBES[0][0].m, PROBES[0][0].n, PROBES[0][0].k);
     [(37, 29, 41, false), (m0, n0, k0, false), (19, 23, 17, true)]
         .into_iter()
         .all(|(m, n, k, transposed)| {
@@ -430,44 +582,167 @@ fn agrees_with_gemm_crate(blas: &Blas) -> bool {
         })
 }
 
-/// The probe's products (one thread each): a `tiny` encoder layer's forward and a `full` one's.
-const PROBES: [(usize, usize, usize); 2] = [(1024, 512, 128), (394, 768, 768)];
-const PROBE_FLOP: f64 =
-    2.0 * (PROBES[0].0 * PROBES[0].1 * PROBES[0].2 + PROBES[1].0 * PROBES[1].1 * PROBES[1].2) as f64;
+/// One probe product: its shape, whether `a` is read column by column, and how many times it
+/// runs (small products repeat, so that each kind's time is long enough to measure).
+struct ProbeProduct {
+    m: usize,
+    n: usize,
+    k: usize,
+    transposed_a: bool,
+    transposed_b: bool,
+    repeats: usize,
+}
 
-/// Best-of-eight seconds of the probe products for each candidate (`None`: the gemm crate),
-/// the candidates taking turns.
-fn probe(candidates: &[Option<&Blas>]) -> Vec<f64> {
-    let mut buffers: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = PROBES
+/// The probe's products per kind, one thread each: a `tiny` and a `full` encoder layer's
+/// forward (`x·W`), their weight gradients (`xᵀ·dy`, fc1's at `tiny`, a square one at `full`),
+/// and their per-head attention scores (`q·kᵀ`, 65 and 197 tokens).
+const PROBES: [[ProbeProduct; 2]; 3] = [
+    [
+        ProbeProduct {
+            m: 1024,
+            n: 512,
+            k: 128,
+            transposed_a: false,
+            transposed_b: false,
+            repeats: 1,
+        },
+        ProbeProduct {
+            m: 394,
+            n: 768,
+            k: 768,
+            transposed_a: false,
+            transposed_b: false,
+            repeats: 1,
+        },
+    ],
+    [
+        ProbeProduct {
+            m: 128,
+            n: 512,
+            k: 1024,
+            transposed_a: true,
+            transposed_b: false,
+            repeats: 1,
+        },
+        ProbeProduct {
+            m: 768,
+            n: 768,
+            k: 394,
+            transposed_a: true,
+            transposed_b: false,
+            repeats: 1,
+        },
+    ],
+    [
+        ProbeProduct {
+            m: 65,
+            n: 65,
+            k: 32,
+            transposed_a: false,
+            transposed_b: true,
+            repeats: 64,
+        },
+        ProbeProduct {
+            m: 197,
+            n: 197,
+            k: 64,
+            transposed_a: false,
+            transposed_b: true,
+            repeats: 8,
+        },
+    ],
+];
+
+/// FLOPs of each kind's probe products.
+const PROBE_FLOP: [f64; 3] = {
+    let mut flop = [0.0; 3];
+    let mut kind = 0;
+    while kind < 3 {
+        let mut i = 0;
+        while i < 2 {
+            let p = &PROBES[kind][i];
+            flop[kind] += 2.0 * (p.m * p.n * p.k * p.repeats) as f64;
+            i += 1;
+        }
+        kind += 1;
+    }
+    flop
+};
+
+/// Best-of-eight seconds of each kind's probe products for each candidate (`None`: the gemm
+/// crate), the candidates taking turns.
+fn probe(candidates: &[Option<&Blas>]) -> Vec<[f64; 3]> {
+    // Per kind, per product: a, b and the output.
+    type Operands = (Vec<f32>, Vec<f32>, Vec<f32>);
+    let mut buffers: Vec<Vec<Operands>> = PROBES
         .iter()
-        .map(|&(m, n, k)| {
-            let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.01).collect();
-            let b: Vec<f32> = (0..k * n).map(|i| (i % 11) as f32 * 0.01).collect();
-            (a, b, vec![0f32; m * n])
+        .map(|kind| {
+            kind.iter()
+                .map(|p| {
+                    let a: Vec<f32> = (0..p.m * p.k).map(|i| (i % 13) as f32 * 0.01).collect();
+                    let b: Vec<f32> = (0..p.k * p.n).map(|i| (i % 11) as f32 * 0.01).collect();
+                    (a, b, vec![0f32; p.m * p.n])
+                })
+                .collect()
         })
         .collect();
-    let mut best = vec![f64::INFINITY; candidates.len()];
+    let mut best = vec![[f64::INFINITY; 3]; candidates.len()];
     for round in 0..9 {
         for (i, &blas) in candidates.iter().enumerate() {
-            let t = Instant::now();
-            for (&(m, n, k), (a, b, c)) in PROBES.iter().zip(buffers.iter_mut()) {
-                let av = View {
-                    ptr: a.as_ptr(),
-                    rs: k as isize,
-                    cs: 1,
-                };
-                let bv = View {
-                    ptr: b.as_ptr(),
-                    rs: n as isize,
-                    cs: 1,
-                };
-                // One thread: the probe runs inside `gemm_backend`'s one-time initialisation,
-                // which rayon's workers may be waiting on (work given to them would never run).
-                // SAFETY: a is m·k, b is k·n, c is m·n, all row-major and distinct.
-                unsafe { run(blas, m, n, k, c.as_mut_ptr(), n as isize, av, bv, false, Threads::One) };
-            }
-            if round > 0 {
-                best[i] = best[i].min(t.elapsed().as_secs_f64());
+            for (kind, (products, buffers)) in PROBES.iter().zip(buffers.iter_mut()).enumerate() {
+                let t = Instant::now();
+                for (p, (a, b, c)) in products.iter().zip(buffers.iter_mut()) {
+                    let av = if p.transposed_a {
+                        View {
+                            ptr: a.as_ptr(),
+                            rs: 1,
+                            cs: p.m as isize,
+                        }
+                    } else {
+                        View {
+                            ptr: a.as_ptr(),
+                            rs: p.k as isize,
+                            cs: 1,
+                        }
+                    };
+                    let bv = if p.transposed_b {
+                        View {
+                            ptr: b.as_ptr(),
+                            rs: 1,
+                            cs: p.k as isize,
+                        }
+                    } else {
+                        View {
+                            ptr: b.as_ptr(),
+                            rs: p.n as isize,
+                            cs: 1,
+                        }
+                    };
+                    for _ in 0..p.repeats {
+                        // One thread: the probe runs inside `gemm_backend`'s one-time
+                        // initialisation, which rayon's workers may be waiting on (work given to
+                        // them would never run).
+                        // SAFETY: a holds m·k and b k·n values in their layouts, c is m·n
+                        // row-major; all distinct.
+                        unsafe {
+                            run(
+                                blas,
+                                p.m,
+                                p.n,
+                                p.k,
+                                c.as_mut_ptr(),
+                                p.n as isize,
+                                av,
+                                bv,
+                                false,
+                                Threads::One,
+                            )
+                        };
+                    }
+                }
+                if round > 0 {
+                    best[i][kind] = best[i][kind].min(t.elapsed().as_secs_f64());
+                }
             }
         }
     }
@@ -505,7 +780,7 @@ pub(crate) unsafe fn sgemm(
     threads: Threads,
 ) {
     // Chosen (and probed) before the clock starts: the first product does not carry the probe.
-    let blas = gemm_backend().blas();
+    let blas = gemm_backend().blas_for(ProductKind::of(a, threads));
     let started = RECORDING.load(Ordering::Relaxed).then(Instant::now);
     // SAFETY: the caller's contract.
     unsafe { run(blas, m, n, k, dst, dst_rs, a, b, accumulate, threads) }
@@ -889,6 +1164,125 @@ mod tests {
             .expect("run cc");
         assert!(status.success(), "cc failed on {name}");
         lib
+    }
+
+    /// A correct `cblas_sgemm` (row-major, either operand transposed) that counts its calls.
+    const COUNTING_SGEMM: &str = "static int calls = 0;\n\
+        int fake_calls(void) { return calls; }\n\
+        void cblas_sgemm(int l, int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,\n\
+                         const float *b, int ldb, float beta, float *c, int ldc) {\n\
+          calls++;\n\
+          for (int i = 0; i < m; i++) for (int j = 0; j < n; j++) {\n\
+            float s = 0.0f;\n\
+            for (int p = 0; p < k; p++)\n\
+              s += (ta == 112 ? a[p * lda + i] : a[i * lda + p]) * (tb == 112 ? b[j * ldb + p] : b[p * ldb + j]);\n\
+            c[i * ldc + j] = alpha * s + (beta == 0.0f ? 0.0f : beta * c[i * ldc + j]);\n\
+          }\n\
+        }\n";
+
+    /// `path@kinds` sends only those kinds to the library (each product's kind decided by its
+    /// left operand's layout and threading), and `setting` writes the same value back; a plain
+    /// path sends every kind; an `@` not followed by kind names is part of the path.
+    #[test]
+    fn a_setting_with_kinds_routes_only_those_kinds_to_the_library() {
+        let dir = std::env::temp_dir().join(format!("flava-routed-blas-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let lib = fake_blas(&dir, "counting", COUNTING_SGEMM);
+        let path = lib.to_string_lossy().to_string();
+        let value = format!("{path}@weight-gradient,per-head");
+        let backend = GemmBackend::from_setting(Some(&value));
+        let blas = backend.blas().expect("the counting library opens and agrees");
+        assert_eq!(backend.setting(), value);
+        assert!(
+            backend.describe().contains("for weight-gradient, per-head products"),
+            "{}",
+            backend.describe()
+        );
+        // SAFETY: `fake_calls` takes nothing and returns an int.
+        let calls = || unsafe {
+            blas._lib
+                .get::<unsafe extern "C" fn() -> i32>(b"fake_calls\0")
+                .expect("fake_calls")()
+        };
+
+        // Below the parallel threshold, so each product is one call.
+        let (m, n, k) = (24, 20, 16);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 - 2.0).collect();
+        let row_major = View {
+            ptr: a.as_ptr(),
+            rs: k as isize,
+            cs: 1,
+        };
+        let transposed = View {
+            ptr: a.as_ptr(),
+            rs: 1,
+            cs: m as isize,
+        };
+        let bv = View {
+            ptr: b.as_ptr(),
+            rs: n as isize,
+            cs: 1,
+        };
+        let mut want = vec![0f32; m * n];
+        let mut got = vec![0f32; m * n];
+        for (av, threads, kind, to_blas) in [
+            (row_major, Threads::All, ProductKind::Forward, false),
+            (transposed, Threads::All, ProductKind::WeightGradient, true),
+            (row_major, Threads::One, ProductKind::PerHead, true),
+        ] {
+            assert_eq!(ProductKind::of(av, threads), kind);
+            let before = calls();
+            // SAFETY: a holds m·k values in either layout, b k·n, the outputs m·n.
+            unsafe {
+                run(
+                    backend.blas_for(kind),
+                    m,
+                    n,
+                    k,
+                    got.as_mut_ptr(),
+                    n as isize,
+                    av,
+                    bv,
+                    false,
+                    threads,
+                );
+                gemm_crate(m, n, k, want.as_mut_ptr(), n as isize, av, bv, false);
+            }
+            assert_eq!(calls() - before, i32::from(to_blas), "{kind:?}");
+            assert_eq!(got, want, "{kind:?}: small integers multiply exactly either way");
+        }
+
+        let every = GemmBackend::from_setting(Some(&path));
+        assert_eq!(every.setting(), path);
+        assert!(ProductKind::ALL.into_iter().all(|k| every.blas_for(k).is_some()));
+        assert_eq!(split_kinds("/home/a@b/libblas.so"), ("/home/a@b/libblas.so", [true; 3]));
+        assert_eq!(
+            split_kinds("/x/libblas.so@forward,backward"),
+            ("/x/libblas.so@forward,backward", [true; 3])
+        );
+        assert_eq!(
+            split_kinds("/x/libblas.so@forward"),
+            ("/x/libblas.so", [true, false, false])
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// `auto`'s rule: a kind goes to a library only when it is 5% faster than the gemm crate on
+    /// it, and of two libraries the one that saves more wins.
+    #[test]
+    fn the_probe_routes_each_kind_to_a_library_only_where_it_is_clearly_faster() {
+        let gemm = [1.0, 1.0, 1.0];
+        assert_eq!(choose(&[gemm]), None);
+        assert_eq!(choose(&[gemm, [0.97, 0.99, 1.2]]), None, "within the margin, or slower");
+        assert_eq!(choose(&[gemm, [1.0, 0.8, 0.9]]), Some((1, [false, true, true])));
+        assert_eq!(
+            choose(&[gemm, [1.0, 0.8, 1.0], [0.5, 1.1, 1.0]]),
+            Some((2, [true, false, false])),
+            "half the forward time saves more than a fifth of the weight gradients'"
+        );
+        let times = probe(&[None]);
+        assert!(times[0].iter().all(|t| t.is_finite() && *t > 0.0), "{times:?}");
     }
 
     /// Hostile libraries: one that says it was built with 64-bit integers (an ILP64 OpenBLAS) is
