@@ -102,16 +102,8 @@ pub(super) fn forward(
             // SAFETY: q, k hold b·s·d values; rows of this sample (s of stride d) and this head's
             // dh columns from `base` stay inside; `scores` holds s·s.
             unsafe {
-                let q_bh = View {
-                    ptr: qp.0.add(base),
-                    rs: di,
-                    cs: 1,
-                };
-                let kt_bh = View {
-                    ptr: kp.0.add(base),
-                    rs: 1,
-                    cs: di,
-                };
+                let q_bh = View::rows(qp.0.add(base), di);
+                let kt_bh = View::columns(kp.0.add(base), di);
                 matmul(s, s, dh, scores.as_mut_ptr(), si, q_bh, kt_bh);
             }
             let p: &mut [f32] = if keep_probs {
@@ -128,16 +120,8 @@ pub(super) fn forward(
             // SAFETY: v and ctx hold b·s·d values, the views stay inside as above, `p` holds s·s;
             // this task alone writes this head's columns of this sample in ctx.
             unsafe {
-                let p_bh = View {
-                    ptr: p.as_ptr(),
-                    rs: si,
-                    cs: 1,
-                };
-                let v_bh = View {
-                    ptr: vp.0.add(base),
-                    rs: di,
-                    cs: 1,
-                };
+                let p_bh = View::rows(p.as_ptr(), si);
+                let v_bh = View::rows(vp.0.add(base), di);
                 matmul(s, dh, s, out.0.add(base), di, p_bh, v_bh);
             }
         });
@@ -197,22 +181,10 @@ pub(super) fn backward(
             // SAFETY: as in `forward`: every view stays inside its b·s·d (or s·s) buffer, and this
             // task alone writes this head's columns of this sample in dq, dk and dv.
             unsafe {
-                let g_bh = View {
-                    ptr: gp.0.add(base),
-                    rs: di,
-                    cs: 1,
-                };
-                let vt_bh = View {
-                    ptr: vp.0.add(base),
-                    rs: 1,
-                    cs: di,
-                };
+                let g_bh = View::rows(gp.0.add(base), di);
+                let vt_bh = View::columns(vp.0.add(base), di);
                 matmul(s, s, dh, dp.as_mut_ptr(), si, g_bh, vt_bh);
-                let pt = View {
-                    ptr: p.as_ptr(),
-                    rs: 1,
-                    cs: si,
-                };
+                let pt = View::columns(p.as_ptr(), si);
                 matmul(s, dh, s, dvp.0.add(base), di, pt, g_bh);
             }
             for ((y, dy), o) in p.chunks_exact(s).zip(dp.chunks_exact(s)).zip(ds.chunks_exact_mut(s)) {
@@ -220,26 +192,10 @@ pub(super) fn backward(
             }
             // SAFETY: as above.
             unsafe {
-                let ds_v = View {
-                    ptr: ds.as_ptr(),
-                    rs: si,
-                    cs: 1,
-                };
-                let dst_v = View {
-                    ptr: ds.as_ptr(),
-                    rs: 1,
-                    cs: si,
-                };
-                let k_bh = View {
-                    ptr: kp.0.add(base),
-                    rs: di,
-                    cs: 1,
-                };
-                let q_bh = View {
-                    ptr: qp.0.add(base),
-                    rs: di,
-                    cs: 1,
-                };
+                let ds_v = View::rows(ds.as_ptr(), si);
+                let dst_v = View::columns(ds.as_ptr(), si);
+                let k_bh = View::rows(kp.0.add(base), di);
+                let q_bh = View::rows(qp.0.add(base), di);
                 matmul(s, dh, s, dqp.0.add(base), di, ds_v, k_bh);
                 matmul(s, dh, s, dkp.0.add(base), di, dst_v, q_bh);
             }

@@ -56,6 +56,18 @@ pub(crate) struct View {
     pub cs: isize,
 }
 
+impl View {
+    /// Row-major: rows `rs` floats apart, each row's values adjacent.
+    pub fn rows(ptr: *const f32, rs: isize) -> Self {
+        Self { ptr, rs, cs: 1 }
+    }
+
+    /// Column-major (a row-major buffer read as its transpose): columns `cs` floats apart.
+    pub fn columns(ptr: *const f32, cs: isize) -> Self {
+        Self { ptr, rs: 1, cs }
+    }
+}
+
 /// How a product may use the threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Threads {
@@ -542,30 +554,11 @@ fn agrees_with_gemm_crate(blas: &Blas) -> bool {
             // Row-major a and b, or both as transposes (column-major).
             let (av, bv) = if transposed {
                 (
-                    View {
-                        ptr: a.as_ptr(),
-                        rs: 1,
-                        cs: m as isize,
-                    },
-                    View {
-                        ptr: b.as_ptr(),
-                        rs: 1,
-                        cs: k as isize,
-                    },
+                    View::columns(a.as_ptr(), m as isize),
+                    View::columns(b.as_ptr(), k as isize),
                 )
             } else {
-                (
-                    View {
-                        ptr: a.as_ptr(),
-                        rs: k as isize,
-                        cs: 1,
-                    },
-                    View {
-                        ptr: b.as_ptr(),
-                        rs: n as isize,
-                        cs: 1,
-                    },
-                )
+                (View::rows(a.as_ptr(), k as isize), View::rows(b.as_ptr(), n as isize))
             };
             let (mut ours, mut theirs) = (vec![0f32; m * n], vec![f32::NAN; m * n]);
             // SAFETY: a holds m·k and b k·n values in either layout; the outputs hold m·n; k > 0.
@@ -693,30 +686,14 @@ fn probe(candidates: &[Option<&Blas>]) -> Vec<[f64; 3]> {
                 let t = Instant::now();
                 for (p, (a, b, c)) in products.iter().zip(buffers.iter_mut()) {
                     let av = if p.transposed_a {
-                        View {
-                            ptr: a.as_ptr(),
-                            rs: 1,
-                            cs: p.m as isize,
-                        }
+                        View::columns(a.as_ptr(), p.m as isize)
                     } else {
-                        View {
-                            ptr: a.as_ptr(),
-                            rs: p.k as isize,
-                            cs: 1,
-                        }
+                        View::rows(a.as_ptr(), p.k as isize)
                     };
                     let bv = if p.transposed_b {
-                        View {
-                            ptr: b.as_ptr(),
-                            rs: 1,
-                            cs: p.k as isize,
-                        }
+                        View::columns(b.as_ptr(), p.k as isize)
                     } else {
-                        View {
-                            ptr: b.as_ptr(),
-                            rs: p.n as isize,
-                            cs: 1,
-                        }
+                        View::rows(b.as_ptr(), p.n as isize)
                     };
                     for _ in 0..p.repeats {
                         // One thread: the probe runs inside `gemm_backend`'s one-time
@@ -1087,21 +1064,9 @@ mod tests {
         let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32).collect();
         let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32).collect();
         let mut dst = vec![0f32; m * n];
-        let row_major_a = View {
-            ptr: a.as_ptr(),
-            rs: k as isize,
-            cs: 1,
-        };
-        let transposed_a = View {
-            ptr: a.as_ptr(),
-            rs: 1,
-            cs: m as isize,
-        };
-        let bv = View {
-            ptr: b.as_ptr(),
-            rs: n as isize,
-            cs: 1,
-        };
+        let row_major_a = View::rows(a.as_ptr(), k as isize);
+        let transposed_a = View::columns(a.as_ptr(), m as isize);
+        let bv = View::rows(b.as_ptr(), n as isize);
         let product = |a: View, threads: Threads, dst: &mut [f32]| {
             // SAFETY: a holds m·k values in either layout, b k·n, dst m·n.
             unsafe { sgemm(m, n, k, dst.as_mut_ptr(), n as isize, a, bv, false, threads) }
@@ -1209,21 +1174,9 @@ mod tests {
         let (m, n, k) = (24, 20, 16);
         let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();
         let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 - 2.0).collect();
-        let row_major = View {
-            ptr: a.as_ptr(),
-            rs: k as isize,
-            cs: 1,
-        };
-        let transposed = View {
-            ptr: a.as_ptr(),
-            rs: 1,
-            cs: m as isize,
-        };
-        let bv = View {
-            ptr: b.as_ptr(),
-            rs: n as isize,
-            cs: 1,
-        };
+        let row_major = View::rows(a.as_ptr(), k as isize);
+        let transposed = View::columns(a.as_ptr(), m as isize);
+        let bv = View::rows(b.as_ptr(), n as isize);
         let mut want = vec![0f32; m * n];
         let mut got = vec![0f32; m * n];
         for (av, threads, kind, to_blas) in [
