@@ -80,14 +80,6 @@ pub(crate) enum Threads {
 /// Products smaller than this many multiply-adds run on one thread (as Burn's flex matmul).
 const PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
 
-/// Outputs at least this wide are split over the threads by columns, narrower ones by rows.
-/// Why columns: each thread then reads its own part of `b` (the weight, in a forward product)
-/// and all of `a`. On Zen 4 (2 threads, the gemm crate's AVX-512 kernel) that was 1-7% faster
-/// than splitting the rows on each of the encoders' forward shapes (1576×3072×768, 1576×768×3072,
-/// 3152×768×768, 1576×768×768, 394×768×768; three alternating runs), even though the rows are
-/// the longer side, and the `small` pretraining and fine-tuning steps took 4% and 8% less time.
-const COLUMN_SPLIT_MIN: usize = 256;
-
 /// Libraries tried by `auto`, in this order (MKL first: where it is there, it was the fastest).
 const CANDIDATES: &[&str] = &[
     "libmkl_rt.so.3",
@@ -891,8 +883,9 @@ unsafe fn run(
     } else {
         1
     };
-    // Blocks of whole 16-float columns (rows where the output is narrow).
-    let along_rows = n < COLUMN_SPLIT_MIN;
+    // Blocks of whole 16-float rows or columns, along the longer side of the output. (Columns
+    // for every output 256 or more wide measured even: RESULTS.md, Zen 4, 2026-12-07.)
+    let along_rows = m >= n;
     let len = if along_rows { m } else { n };
     let block = len.div_ceil(parts).next_multiple_of(16).max(1);
     let blocks = len.div_ceil(block);
@@ -1007,7 +1000,7 @@ mod tests {
             (1, 70, 33),
             (70, 1, 20),
             (257, 190, 64),
-            // Above the parallel threshold: split by rows (narrow), then by columns (wide).
+            // Above the parallel threshold: split by rows (the longer side), then by columns.
             (300, 200, 150),
             (150, 300, 160),
         ];
