@@ -19,7 +19,7 @@
 //! - unset or `auto`: open every BLAS found (the names below through the dynamic loader's
 //!   search path, then `$VIRTUAL_ENV/lib` and `$CONDA_PREFIX/lib`, where `pip install mkl` and
 //!   conda put `libmkl_rt`), time each against the `gemm` crate on two products of each kind,
-//!   and send each kind to the library at least 5% faster than the `gemm` crate on it (one
+//!   and send each kind to the library at least 10% faster than the `gemm` crate on it (one
 //!   library at most: the one that saves the most);
 //! - `off` (or `gemm`): the `gemm` crate only;
 //! - a path: that library for every kind, without the probe (an error opening it is reported
@@ -486,7 +486,10 @@ fn split_kinds(value: &str) -> (&str, [bool; 3]) {
 
 /// A library must be this much faster than the `gemm` crate on a kind to get it: closer than
 /// that is the probe's noise, and the `gemm` crate's results do not depend on what is installed.
-const MARGIN: f64 = 0.95;
+/// At 5%, a busy moment on Zen 4 sent the per-head products to OpenBLAS (77 against 72 GFLOP/s
+/// in the probe), which was 2-4% slower in the model; MKL's leads on the Xeon (weight gradients
+/// 270 against 220, per-head 103 against 77) pass 10%.
+const MARGIN: f64 = 0.9;
 
 /// From the probe's seconds per candidate and kind (candidate 0 the `gemm` crate), the library
 /// to use and the kinds it runs: for each library, the kinds where it beats the `gemm` crate by
@@ -1224,14 +1227,14 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
-    /// `auto`'s rule: a kind goes to a library only when it is 5% faster than the gemm crate on
+    /// `auto`'s rule: a kind goes to a library only when it is 10% faster than the gemm crate on
     /// it, and of two libraries the one that saves more wins.
     #[test]
     fn the_probe_routes_each_kind_to_a_library_only_where_it_is_clearly_faster() {
         let gemm = [1.0, 1.0, 1.0];
         assert_eq!(choose(&[gemm]), None);
-        assert_eq!(choose(&[gemm, [0.97, 0.99, 1.2]]), None, "within the margin, or slower");
-        assert_eq!(choose(&[gemm, [1.0, 0.8, 0.9]]), Some((1, [false, true, true])));
+        assert_eq!(choose(&[gemm, [0.93, 0.99, 1.2]]), None, "within the margin, or slower");
+        assert_eq!(choose(&[gemm, [1.0, 0.8, 0.85]]), Some((1, [false, true, true])));
         assert_eq!(
             choose(&[gemm, [1.0, 0.8, 1.0], [0.5, 1.1, 1.0]]),
             Some((2, [true, false, false])),
