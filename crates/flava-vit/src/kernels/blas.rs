@@ -348,17 +348,8 @@ impl GemmBackend {
         match &self.blas {
             None => "off".to_string(),
             Some(b) if self.routes.iter().all(|&r| r) => b.path.clone(),
-            Some(b) => format!("{}@{}", b.path, self.kinds().join(",")),
+            Some(b) => format!("{}@{}", b.path, kind_names(self.routes).join(",")),
         }
-    }
-
-    /// The names of the kinds that go to the BLAS.
-    fn kinds(&self) -> Vec<&'static str> {
-        ProductKind::ALL
-            .into_iter()
-            .filter(|k| self.blas.is_some() && self.routes[k.index()])
-            .map(ProductKind::name)
-            .collect()
     }
 
     /// A backend that uses `blas` for every product it can (tests, benchmarks).
@@ -380,6 +371,24 @@ impl GemmBackend {
         }
     }
 
+    /// `blas` for the kinds `routes` marks, the gemm crate for the others; `why` ends the log line.
+    fn routed(blas: Blas, routes: [bool; 3], why: &str) -> Self {
+        let note = if routes.iter().all(|&r| r) {
+            format!("sgemm: {} ({why})", blas.path)
+        } else {
+            format!(
+                "sgemm: {} for {} products, the gemm crate for the others ({why})",
+                blas.path,
+                kind_names(routes).join(", ")
+            )
+        };
+        Self {
+            blas: Some(blas),
+            routes,
+            note,
+        }
+    }
+
     /// Chooses as `FLAVA_BLAS` = `setting` says (see the module documentation).
     pub fn from_setting(setting: Option<&str>) -> Self {
         match setting.map(str::trim) {
@@ -394,22 +403,7 @@ impl GemmBackend {
                         );
                         Self::gemm_crate(&format!("FLAVA_BLAS={path} computes different products"))
                     }
-                    Ok(blas) => {
-                        let mut backend = Self {
-                            blas: Some(blas),
-                            routes,
-                            note: String::new(),
-                        };
-                        backend.note = if routes.iter().all(|&r| r) {
-                            format!("sgemm: {path} (FLAVA_BLAS)")
-                        } else {
-                            format!(
-                                "sgemm: {path} for {} products, the gemm crate for the others (FLAVA_BLAS)",
-                                backend.kinds().join(", ")
-                            )
-                        };
-                        backend
-                    }
+                    Ok(blas) => Self::routed(blas, routes, "FLAVA_BLAS"),
                     Err(e) => {
                         log::warn!("FLAVA_BLAS: {e}; using the gemm crate");
                         Self::gemm_crate(&format!("FLAVA_BLAS could not be opened: {e}"))
@@ -452,20 +446,19 @@ impl GemmBackend {
                     .into_iter()
                     .nth(i - 1)
                     .expect("choose returns a candidate's index");
-                let mut backend = Self {
-                    blas: Some(blas),
-                    routes,
-                    note: String::new(),
-                };
-                backend.note = format!(
-                    "sgemm: {} for {} products, the gemm crate for the others ({measured})",
-                    backend.setting().split('@').next().unwrap_or_default(),
-                    backend.kinds().join(", ")
-                );
-                backend
+                Self::routed(blas, routes, &measured)
             }
         }
     }
+}
+
+/// The names of the kinds `routes` marks.
+fn kind_names(routes: [bool; 3]) -> Vec<&'static str> {
+    ProductKind::ALL
+        .into_iter()
+        .filter(|k| routes[k.index()])
+        .map(ProductKind::name)
+        .collect()
 }
 
 /// `path@kind,kind` into the path and the kinds' routes; a value without a valid kind list after
@@ -578,8 +571,9 @@ fn agrees_with_gemm_crate(blas: &Blas) -> bool {
         })
 }
 
-/// One probe product: its shape, whether `a` is read column by column, and how many times it
-/// runs (small products repeat, so that each kind's time is long enough to measure).
+/// One probe product: its shape, which operands are read column by column (`aᵀ` a weight
+/// gradient's, `bᵀ` attention's `kᵀ`), and how many times it runs (small products repeat, so that
+/// each kind's time is long enough to measure).
 struct ProbeProduct {
     m: usize,
     n: usize,
