@@ -1218,6 +1218,28 @@ mod tests {
             split_kinds("/x/libblas.so@forward"),
             ("/x/libblas.so", [true, false, false])
         );
+        // Damaged values (an `sgemm.txt` cut short, or edited): no kind list, or no path, is a
+        // path that does not open, and the gemm crate does every product.
+        assert_eq!(split_kinds("/x/libblas.so@"), ("/x/libblas.so@", [true; 3]));
+        assert_eq!(split_kinds("@forward"), ("@forward", [true; 3]));
+        assert_eq!(
+            split_kinds("/x/libblas.so@forward,"),
+            ("/x/libblas.so@forward,", [true; 3])
+        );
+        for damaged in [
+            format!("{path}@"),
+            "@per-head".to_string(),
+            format!("{path}@weight-grad"),
+        ] {
+            let backend = GemmBackend::from_setting(Some(&damaged));
+            assert!(backend.blas().is_none(), "{damaged}: {}", backend.describe());
+            assert!(
+                backend.describe().contains("could not be opened"),
+                "{}",
+                backend.describe()
+            );
+            assert_eq!(backend.setting(), "off");
+        }
         std::fs::remove_dir_all(&dir).ok();
     }
 
