@@ -6,6 +6,7 @@
 //! flava-bench config --preset small                      # the preset as HF config.json
 //! flava-bench image  --preset full  --batch 8 --iters 5  # image tower, no autograd
 //! flava-bench text   --preset small --batch 32 --iters 10
+//! flava-bench image-features --preset full --batch 8   # image tower read at CLS, projected
 //! flava-bench step   --preset small --batch 32 --task pairs --iters 5   # Trainer::step
 //! flava-bench forward --preset full --batch 8 --iters 3  # paired pretraining forward, no autograd
 //! flava-bench finetune --preset small --batch 32 --iters 5   # multimodal classification step
@@ -35,6 +36,10 @@ enum What {
     Image,
     /// Text tower forward (inference).
     Text,
+    /// Contrastive image features (inference): the image tower read at its CLS token and
+    /// projected, what `flava embed`, zero-shot and retrieval compute (`image` times the whole
+    /// last hidden state instead).
+    ImageFeatures,
     /// Pretraining step: forward, backward, AdamW.
     Step,
     /// Paired pretraining forward without autograd.
@@ -174,6 +179,14 @@ fn main() -> anyhow::Result<()> {
             // Through the kernels' product (the model's Linear layers), so on the backend they use.
             time(args.iters, || {
                 flava_vit::kernels::linear(a.clone(), c.clone(), None).into_data();
+            })
+        }
+        What::ImageFeatures => {
+            let model = FlavaModel::new(&cfg, &device);
+            let batch = pretraining_batch(&cfg, b, BenchTask::Pairs, &device);
+            let px = batch.pixel_values.expect("pairs have pixels");
+            time(args.iters, || {
+                model.image_features(px.clone()).into_data();
             })
         }
         What::Image | What::Text => {

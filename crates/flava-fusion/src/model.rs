@@ -115,6 +115,30 @@ impl FlavaModel {
         text_attention_mask: Option<&Tensor<2, Int>>,
         all_hidden: bool,
     ) -> EncoderOutput {
+        let (hidden, mask) = self.fusion_input(image, text, text_attention_mask);
+        self.multimodal_model.forward(hidden, mask.as_ref(), all_hidden)
+    }
+
+    /// [`Self::fuse`]'s `last_hidden_state[:, 0]` (the multimodal CLS), [batch, mm hidden], with
+    /// the fusion encoder's last layer run at that position only
+    /// ([`MultimodalModel::forward_cls`]).
+    pub fn fuse_cls(
+        &self,
+        image: &EncoderOutput,
+        text: &EncoderOutput,
+        text_attention_mask: Option<&Tensor<2, Int>>,
+    ) -> Tensor<2> {
+        let (hidden, mask) = self.fusion_input(image, text, text_attention_mask);
+        self.multimodal_model.forward_cls(hidden, mask.as_ref())
+    }
+
+    /// The fusion encoder's input `[img_to_mm(h_img); txt_to_mm(h_txt)]` and its HF mask.
+    fn fusion_input(
+        &self,
+        image: &EncoderOutput,
+        text: &EncoderOutput,
+        text_attention_mask: Option<&Tensor<2, Int>>,
+    ) -> (Tensor<3>, Option<Tensor<2, Int>>) {
         let img = linear_rows(&self.image_to_mm_projection, image.pre_layernorm.clone());
         let txt = linear_rows(&self.text_to_mm_projection, text.pre_layernorm.clone());
         let [b, si, _] = img.dims();
@@ -122,28 +146,30 @@ impl FlavaModel {
             let n_img = si + usize::from(self.multimodal_model.cls_token.is_some());
             Tensor::cat(vec![Tensor::ones([b, n_img], &m.device()), m.clone()], 1)
         });
-        self.multimodal_model
-            .forward(Tensor::cat(vec![img, txt], 1), mask.as_ref(), all_hidden)
+        (Tensor::cat(vec![img, txt], 1), mask)
     }
 
     /// Unnormalised contrastive image features: `image_projection` of the post-final-LayerNorm
     /// CLS token (HF `get_image_features(...).pooler_output[:, 0]`). [batch, projection_dim].
+    /// The image tower's last layer runs at the CLS position only ([`ImageModel::forward_cls`]).
     pub fn image_features(&self, pixel_values: Tensor<4>) -> Tensor<2> {
-        let out = self.image_model.forward(pixel_values, None, false, false);
-        self.project_cls(&self.image_projection, out.last_hidden_state)
+        linear_2d(
+            &self.image_projection,
+            self.image_model.forward_cls(pixel_values, false),
+        )
     }
 
     /// Like [`Self::image_features`] but resizing position embeddings to the input resolution.
     pub fn image_features_interpolated(&self, pixel_values: Tensor<4>) -> Tensor<2> {
-        let out = self.image_model.forward(pixel_values, None, true, false);
-        self.project_cls(&self.image_projection, out.last_hidden_state)
+        linear_2d(&self.image_projection, self.image_model.forward_cls(pixel_values, true))
     }
 
     /// Unnormalised contrastive text features: `text_projection` of the post-final-LayerNorm
-    /// first token. `input_ids`, `attention_mask`: [batch, seq]. Returns [batch, projection_dim].
+    /// first token (the last layer runs at that position only). `input_ids`, `attention_mask`:
+    /// [batch, seq]. Returns [batch, projection_dim].
     pub fn text_features(&self, input_ids: Tensor<2, Int>, attention_mask: Option<&Tensor<2, Int>>) -> Tensor<2> {
-        let out = self.text_model.forward(input_ids, attention_mask, None, false);
-        self.project_cls(&self.text_projection, out.last_hidden_state)
+        let cls = self.text_model.forward_cls(input_ids, attention_mask, None);
+        linear_2d(&self.text_projection, cls)
     }
 
     /// Projects token 0 of [batch, seq, hidden] states → [batch, projection_dim].

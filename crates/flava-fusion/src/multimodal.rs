@@ -44,11 +44,7 @@ impl MultimodalModel {
         attention_mask: Option<&Tensor<2, Int>>,
         all_hidden: bool,
     ) -> EncoderOutput {
-        let [b, _, d] = hidden.dims();
-        let x = match &self.cls_token {
-            Some(cls) => Tensor::cat(vec![cls.val().expand([b, 1, d]), hidden], 1),
-            None => hidden,
-        };
+        let x = self.with_cls(hidden);
         let pad = attention_mask.map(padding_mask);
         let (pre_layernorm, hidden_states) = self.encoder.forward(x, pad.as_ref(), all_hidden);
         let last_hidden_state = self.layernorm.forward(pre_layernorm.clone());
@@ -58,6 +54,27 @@ impl MultimodalModel {
             pre_layernorm,
             pooler_output,
             hidden_states,
+        }
+    }
+
+    /// `forward(hidden, attention_mask, false).last_hidden_state[:, 0]`, [batch, hidden]: the
+    /// multimodal CLS (the first state without a CLS token), with the last layer run at that
+    /// position only ([`flava_vit::Encoder::forward_first`]), as classification heads read it.
+    pub fn forward_cls(&self, hidden: Tensor<3>, attention_mask: Option<&Tensor<2, Int>>) -> Tensor<2> {
+        let x = self.with_cls(hidden);
+        let [b, _, d] = x.dims();
+        let pad = attention_mask.map(padding_mask);
+        self.layernorm
+            .forward(self.encoder.forward_first(x, pad.as_ref()))
+            .reshape([b, d])
+    }
+
+    /// `[CLS_M; hidden]` when the model has a CLS token, else `hidden`.
+    fn with_cls(&self, hidden: Tensor<3>) -> Tensor<3> {
+        let [b, _, d] = hidden.dims();
+        match &self.cls_token {
+            Some(cls) => Tensor::cat(vec![cls.val().expand([b, 1, d]), hidden], 1),
+            None => hidden,
         }
     }
 }

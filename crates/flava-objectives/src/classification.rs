@@ -221,36 +221,37 @@ impl FlavaForClassification {
 }
 
 /// `last_hidden_state[:, 0]` of `tower` (after the encoder's final LayerNorm): [b, d]; the
-/// features of a task head and of a linear probe. The multimodal CLS runs the whole model.
+/// features of a task head and of a linear probe. The multimodal CLS runs the whole model. The
+/// tower that gives the CLS runs its last layer at that position only (`forward_cls`), equal to
+/// slicing the full pass.
 pub fn cls_features(flava: &FlavaModel, tower: Tower, input: FlavaInput) -> Result<Tensor<2>, ClassificationError> {
     let missing = |needs| ClassificationError::MissingInput { tower, needs };
-    let states = match tower {
+    match tower {
         Tower::Image => {
             let px = input.pixel_values.ok_or_else(|| missing("pixel_values"))?;
-            flava.image_model.forward(px, None, false, false).last_hidden_state
+            Ok(flava.image_model.forward_cls(px, false))
         }
         Tower::Text => {
             let ids = input.input_ids.ok_or_else(|| missing("input_ids"))?;
-            let out = flava
+            Ok(flava
                 .text_model
-                .forward(ids, input.attention_mask.as_ref(), input.token_type_ids, false);
-            out.last_hidden_state
+                .forward_cls(ids, input.attention_mask.as_ref(), input.token_type_ids))
         }
         Tower::Multimodal => {
-            if input.pixel_values.is_none() || input.input_ids.is_none() {
-                return Err(missing("pixel_values and input_ids"));
-            }
-            let out = flava.forward(FlavaInput {
-                skip_multimodal_encoder: false,
-                output_hidden_states: false,
-                ..input
-            });
-            let mm = out.multimodal.ok_or_else(|| missing("pixel_values and input_ids"))?;
-            mm.last_hidden_state
+            let both = input.pixel_values.zip(input.input_ids);
+            let (px, ids) = both.ok_or_else(|| missing("pixel_values and input_ids"))?;
+            let image = flava.image_model.forward(
+                px,
+                input.bool_masked_pos.as_ref(),
+                input.interpolate_pos_encoding,
+                false,
+            );
+            let text = flava
+                .text_model
+                .forward(ids, input.attention_mask.as_ref(), input.token_type_ids, false);
+            Ok(flava.fuse_cls(&image, &text, input.attention_mask.as_ref()))
         }
-    };
-    let [b, _, d] = states.dims();
-    Ok(states.slice(s![.., 0..1, ..]).reshape([b, d]))
+    }
 }
 
 /// `hidden.weight` → `model.0.weight`, `output.bias` → `model.3.bias` (`model.0.bias` for a

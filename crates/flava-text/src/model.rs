@@ -105,4 +105,21 @@ impl TextModel {
             hidden_states,
         }
     }
+
+    /// `forward(..).last_hidden_state[:, 0]`, [batch, hidden], with the last layer run at the
+    /// first position only ([`flava_vit::Encoder::forward_first`]): what contrastive features
+    /// and classification heads read.
+    pub fn forward_cls(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<&Tensor<2, Int>>,
+        token_type_ids: Option<Tensor<2, Int>>,
+    ) -> Tensor<2> {
+        let x = self.embeddings.forward(input_ids, token_type_ids);
+        let [b, _, d] = x.dims();
+        let pad = attention_mask.map(padding_mask);
+        self.layernorm
+            .forward(self.encoder.forward_first(x, pad.as_ref()))
+            .reshape([b, d])
+    }
 }

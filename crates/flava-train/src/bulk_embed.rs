@@ -441,7 +441,7 @@ fn embed_batch(
             let pixels = processor.pixel_values(&dynamic, device);
             let x = match cfg.features {
                 FeatureKind::Projected => model.image_features(pixels),
-                FeatureKind::Cls => cls(model.image_model.forward(pixels, None, false, false).last_hidden_state),
+                FeatureKind::Cls => model.image_model.forward_cls(pixels, false),
             };
             Some(finish(x))
         }
@@ -458,22 +458,13 @@ fn embed_batch(
             let (ids, mask, _) = b.to_tensors(device);
             let x = match cfg.features {
                 FeatureKind::Projected => model.text_features(ids, Some(&mask)),
-                FeatureKind::Cls => cls(model
-                    .text_model
-                    .forward(ids, Some(&mask), None, false)
-                    .last_hidden_state),
+                FeatureKind::Cls => model.text_model.forward_cls(ids, Some(&mask), None),
             };
             Some(finish(x))
         }
         _ => None,
     };
     Ok((image, text))
-}
-
-/// Token 0 of [batch, seq, hidden] → [batch, hidden].
-fn cls(states: Tensor<3>) -> Tensor<2> {
-    let [b, _, d] = states.dims();
-    states.slice(s![.., 0..1, ..]).reshape([b, d])
 }
 
 /// Writes part `state.parts` (arrays, then metadata, each whole), then the state.

@@ -92,14 +92,10 @@ pub fn itm_probabilities(
         pooler_output: o.pooler_output.clone(),
         hidden_states: None,
     };
-    let mm = model.fuse(
-        &states(&img, ii),
-        &states(&txt, jj.clone()),
-        Some(&mask.select(0, jj)),
-        false,
-    );
+    // The ITM head reads the multimodal CLS alone: the fusion's last layer runs at it only.
+    let cls = model.fuse_cls(&states(&img, ii), &states(&txt, jj.clone()), Some(&mask.select(0, jj)));
     let p = head
-        .match_probability(mm.last_hidden_state)
+        .match_probability(cls.unsqueeze_dim(1))
         .into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()

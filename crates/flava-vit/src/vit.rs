@@ -209,6 +209,17 @@ impl ImageModel {
             hidden_states,
         }
     }
+
+    /// `forward(pixel_values, None, interpolate_pos_encoding, false).last_hidden_state[:, 0]`,
+    /// [batch, hidden], with the last layer run at the CLS position only
+    /// ([`Encoder::forward_first`]): what contrastive features and classification heads read.
+    pub fn forward_cls(&self, pixel_values: Tensor<4>, interpolate_pos_encoding: bool) -> Tensor<2> {
+        let x = self.embeddings.forward(pixel_values, None, interpolate_pos_encoding);
+        let [b, _, d] = x.dims();
+        self.layernorm
+            .forward(self.encoder.forward_first(x, None))
+            .reshape([b, d])
+    }
 }
 
 #[cfg(test)]

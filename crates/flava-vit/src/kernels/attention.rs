@@ -55,10 +55,11 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// `(ctx, probs)`: ctx [batch, seq, hidden], and with `keep_probs` the probabilities [batch,
-/// heads, seq, seq] the backward needs. Without them (inference) each head's probabilities live
-/// only in the thread's scratch: no [batch, heads, seq, seq] tensor is written (15 MB per layer
-/// for `full` image embedding at batch 8).
+/// `(ctx, probs)`: ctx [batch, queries, hidden] for q [batch, queries, hidden] and k, v [batch,
+/// seq, hidden] (fewer queries than keys: a last layer that only the CLS token leaves), and with
+/// `keep_probs` the probabilities [batch, heads, queries, seq] the backward needs. Without them
+/// (inference) each head's probabilities live only in the thread's scratch: no [batch, heads,
+/// queries, seq] tensor is written (15 MB per layer for `full` image embedding at batch 8).
 pub(super) fn forward(
     q: FlexTensor,
     k: FlexTensor,
@@ -68,81 +69,85 @@ pub(super) fn forward(
     mask: &[bool],
     keep_probs: bool,
 ) -> (FlexTensor, Option<FlexTensor>) {
-    let [b, s, d] = dims3(&q);
+    let [b, sq, d] = dims3(&q);
+    let s = dims3(&k)[1];
     assert!(
         heads > 0 && d % heads == 0,
         "hidden size {d} is not a multiple of {heads} heads"
     );
     assert!(
         dims3(&k) == [b, s, d] && dims3(&v) == [b, s, d],
-        "q, k and v of one shape"
+        "k and v of one shape, q of their batch and width"
     );
     assert!(
         mask.is_empty() || mask.len() == b * s,
         "one mask entry per sample and key"
     );
     let dh = d / heads;
+    let zeros = |shape: Vec<usize>| FlexTensor::from_data(TensorData::new(vec![0f32; shape.iter().product()], shape));
+    if sq == 0 || s == 0 || dh == 0 {
+        // Nothing to attend to or from: the context is empty or zero (no product with k = 0).
+        return (zeros(vec![b, sq, d]), keep_probs.then(|| zeros(vec![b, heads, sq, s])));
+    }
     let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
     let slice = |t: &FlexTensor| In(t.as_slice::<f32>().expect("contiguous f32 tensor").as_ptr());
     let (qp, kp, vp) = (slice(&q), slice(&k), slice(&v));
     // Written only through `out` below, every element once (each head's p·v covers its columns
     // of every row), so it is never read before it is written.
-    let mut ctx: Vec<f32> = Vec::with_capacity(b * s * d);
+    let mut ctx: Vec<f32> = Vec::with_capacity(b * sq * d);
     // Likewise: each task's softmax rows write every value of its block before reading it.
-    let mut probs: Vec<f32> = Vec::with_capacity(if keep_probs { b * heads * s * s } else { 0 });
+    let mut probs: Vec<f32> = Vec::with_capacity(if keep_probs { b * heads * sq * s } else { 0 });
     let out = Out(ctx.as_mut_ptr());
     let kept = Out(probs.as_mut_ptr());
     let (di, si) = (d as isize, s as isize);
     (0..b * heads).into_par_iter().for_each(|bh| {
         let (bi, hi) = (bh / heads, bh % heads);
-        let base = bi * s * d + hi * dh;
+        // This head's columns of this sample: in q and ctx (sq rows), in k and v (s rows).
+        let (base_q, base_k) = (bi * sq * d + hi * dh, bi * s * d + hi * dh);
         let (qp, kp, vp, out, kept) = (qp, kp, vp, out, kept);
         SCRATCH.with_borrow_mut(|(scores, scratch_p)| {
-            scores.resize(s * s, 0.0);
-            // SAFETY: q, k hold b·s·d values; rows of this sample (s of stride d) and this head's
-            // dh columns from `base` stay inside; `scores` holds s·s.
+            scores.resize(sq * s, 0.0);
+            // SAFETY: q holds b·sq·d values, k b·s·d; rows of this sample (of stride d) and this
+            // head's dh columns from the bases stay inside; `scores` holds sq·s.
             unsafe {
-                let q_bh = View::rows(qp.0.add(base), di);
-                let kt_bh = View::columns(kp.0.add(base), di);
-                matmul(s, s, dh, scores.as_mut_ptr(), si, q_bh, kt_bh);
+                let q_bh = View::rows(qp.0.add(base_q), di);
+                let kt_bh = View::columns(kp.0.add(base_k), di);
+                matmul(sq, s, dh, scores.as_mut_ptr(), si, q_bh, kt_bh);
             }
             let p: &mut [f32] = if keep_probs {
-                // SAFETY: `probs` holds b·heads·s·s values and this task alone touches block bh.
-                unsafe { std::slice::from_raw_parts_mut(kept.0.add(bh * s * s), s * s) }
+                // SAFETY: `probs` holds b·heads·sq·s values and this task alone touches block bh.
+                unsafe { std::slice::from_raw_parts_mut(kept.0.add(bh * sq * s), sq * s) }
             } else {
-                scratch_p.resize(s * s, 0.0);
+                scratch_p.resize(sq * s, 0.0);
                 scratch_p
             };
             let m = (!mask.is_empty()).then(|| &mask[bi * s..(bi + 1) * s]);
             for (row, o) in scores.chunks_exact(s).zip(p.chunks_exact_mut(s)) {
                 forward_row(row, m, scale as f32, o);
             }
-            // SAFETY: v and ctx hold b·s·d values, the views stay inside as above, `p` holds s·s;
-            // this task alone writes this head's columns of this sample in ctx.
+            // SAFETY: v holds b·s·d values and ctx b·sq·d, the views stay inside as above, `p`
+            // holds sq·s; this task alone writes this head's columns of this sample in ctx.
             unsafe {
                 let p_bh = View::rows(p.as_ptr(), si);
-                let v_bh = View::rows(vp.0.add(base), di);
-                matmul(s, dh, s, out.0.add(base), di, p_bh, v_bh);
+                let v_bh = View::rows(vp.0.add(base_k), di);
+                matmul(sq, dh, s, out.0.add(base_q), di, p_bh, v_bh);
             }
         });
     });
-    if keep_probs {
-        // SAFETY: the tasks above wrote every row of every block (b·heads of s·s values).
-        unsafe { probs.set_len(b * heads * s * s) };
-    }
-    if s > 0 && dh > 0 {
-        // SAFETY: the tasks above wrote all b·s·d values (every head's columns of every row).
-        unsafe { ctx.set_len(b * s * d) };
-    } else {
-        ctx.resize(b * s * d, 0.0);
+    // SAFETY: the tasks above wrote every row of every block (b·heads of sq·s values) and all
+    // b·sq·d context values (every head's columns of every row); sq, s and dh are non-zero.
+    unsafe {
+        probs.set_len(if keep_probs { b * heads * sq * s } else { 0 });
+        ctx.set_len(b * sq * d);
     }
     (
-        FlexTensor::from_data(TensorData::new(ctx, [b, s, d])),
-        keep_probs.then(|| FlexTensor::from_data(TensorData::new(probs, [b, heads, s, s]))),
+        FlexTensor::from_data(TensorData::new(ctx, [b, sq, d])),
+        keep_probs.then(|| FlexTensor::from_data(TensorData::new(probs, [b, heads, sq, s]))),
     )
 }
 
-/// `(dq, dk, dv)` of [`forward`] for the context gradient `grad` [batch, seq, hidden].
+/// `(dq, dk, dv)` of [`forward`] for the context gradient `grad` [batch, queries, hidden]:
+/// dq [batch, queries, hidden], dk and dv [batch, seq, hidden].
 pub(super) fn backward(
     q: FlexTensor,
     k: FlexTensor,
@@ -151,9 +156,15 @@ pub(super) fn backward(
     scale: f64,
     grad: FlexTensor,
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
-    let [b, s, d] = dims3(&q);
+    let [b, sq, d] = dims3(&q);
+    let s = dims3(&k)[1];
     let heads = burn::backend::TensorMetadata::shape(&probs).dims::<4>()[1];
     let dh = d / heads;
+    let zeros = |rows: usize| FlexTensor::from_data(TensorData::new(vec![0f32; b * rows * d], [b, rows, d]));
+    if sq == 0 || s == 0 || dh == 0 {
+        // The forward wrote zeros: no product reached q, k or v.
+        return (zeros(sq), zeros(s), zeros(s));
+    }
     let (q, k, v, probs, grad) = (
         contiguous(q),
         contiguous(k),
@@ -166,26 +177,27 @@ pub(super) fn backward(
     let p_all = probs.as_slice::<f32>().expect("contiguous f32 tensor");
     // Written only through the raw pointers below, every element once (each head's gemms
     // cover its columns of every row), so never read before written.
-    let mut dq: Vec<f32> = Vec::with_capacity(b * s * d);
+    let mut dq: Vec<f32> = Vec::with_capacity(b * sq * d);
     let mut dk: Vec<f32> = Vec::with_capacity(b * s * d);
     let mut dv: Vec<f32> = Vec::with_capacity(b * s * d);
     let (dqp, dkp, dvp) = (Out(dq.as_mut_ptr()), Out(dk.as_mut_ptr()), Out(dv.as_mut_ptr()));
     let (di, si) = (d as isize, s as isize);
-    p_all.par_chunks((s * s).max(1)).enumerate().for_each(|(bh, p)| {
+    p_all.par_chunks(sq * s).enumerate().for_each(|(bh, p)| {
         let (bi, hi) = (bh / heads, bh % heads);
-        let base = bi * s * d + hi * dh;
+        let (base_q, base_k) = (bi * sq * d + hi * dh, bi * s * d + hi * dh);
         let (qp, kp, vp, gp, dqp, dkp, dvp) = (qp, kp, vp, gp, dqp, dkp, dvp);
         SCRATCH.with_borrow_mut(|(dp, ds)| {
-            dp.resize(s * s, 0.0);
-            ds.resize(s * s, 0.0);
-            // SAFETY: as in `forward`: every view stays inside its b·s·d (or s·s) buffer, and this
-            // task alone writes this head's columns of this sample in dq, dk and dv.
+            dp.resize(sq * s, 0.0);
+            ds.resize(sq * s, 0.0);
+            // SAFETY: as in `forward`: every view stays inside its b·sq·d, b·s·d (or sq·s)
+            // buffer, and this task alone writes this head's columns of this sample in dq, dk
+            // and dv.
             unsafe {
-                let g_bh = View::rows(gp.0.add(base), di);
-                let vt_bh = View::columns(vp.0.add(base), di);
-                matmul(s, s, dh, dp.as_mut_ptr(), si, g_bh, vt_bh);
+                let g_bh = View::rows(gp.0.add(base_q), di);
+                let vt_bh = View::columns(vp.0.add(base_k), di);
+                matmul(sq, s, dh, dp.as_mut_ptr(), si, g_bh, vt_bh);
                 let pt = View::columns(p.as_ptr(), si);
-                matmul(s, dh, s, dvp.0.add(base), di, pt, g_bh);
+                matmul(s, dh, sq, dvp.0.add(base_k), di, pt, g_bh);
             }
             for ((y, dy), o) in p.chunks_exact(s).zip(dp.chunks_exact(s)).zip(ds.chunks_exact_mut(s)) {
                 backward_row(y, dy, scale as f32, o);
@@ -194,21 +206,18 @@ pub(super) fn backward(
             unsafe {
                 let ds_v = View::rows(ds.as_ptr(), si);
                 let dst_v = View::columns(ds.as_ptr(), si);
-                let k_bh = View::rows(kp.0.add(base), di);
-                let q_bh = View::rows(qp.0.add(base), di);
-                matmul(s, dh, s, dqp.0.add(base), di, ds_v, k_bh);
-                matmul(s, dh, s, dkp.0.add(base), di, dst_v, q_bh);
+                let k_bh = View::rows(kp.0.add(base_k), di);
+                let q_bh = View::rows(qp.0.add(base_q), di);
+                matmul(sq, dh, s, dqp.0.add(base_q), di, ds_v, k_bh);
+                matmul(s, dh, sq, dkp.0.add(base_k), di, dst_v, q_bh);
             }
         });
     });
-    let t = |mut x: Vec<f32>| {
-        if s > 0 && dh > 0 {
-            // SAFETY: the tasks above wrote all b·s·d values (every head's columns of every row).
-            unsafe { x.set_len(b * s * d) };
-        } else {
-            x.resize(b * s * d, 0.0);
-        }
-        FlexTensor::from_data(TensorData::new(x, [b, s, d]))
+    let t = |mut x: Vec<f32>, rows: usize| {
+        // SAFETY: the tasks above wrote all b·rows·d values (every head's columns of every row);
+        // sq, s and dh are non-zero.
+        unsafe { x.set_len(b * rows * d) };
+        FlexTensor::from_data(TensorData::new(x, [b, rows, d]))
     };
-    (t(dq), t(dk), t(dv))
+    (t(dq, sq), t(dk, s), t(dv, s))
 }

@@ -136,9 +136,9 @@ pub trait FlavaKernels: Backend {
     /// `Σ x²` over all elements, accumulated in f64, as two f32 `[hi, lo]` (hi + lo in f64 is the
     /// sum): not differentiable (for gradient norms).
     fn sum_of_squares(x: FloatTensor<Self>) -> FloatTensor<Self>;
-    /// Multi-head attention `softmax(q·kᵀ·scale + pad·f32::MIN)·v` per head on q, k, v
-    /// [batch, seq, hidden] (head h in columns h·dh..(h+1)·dh) → the context [batch, seq, hidden];
-    /// `key_padding` is empty or [batch·seq] (true = padded key).
+    /// Multi-head attention `softmax(q·kᵀ·scale + pad·f32::MIN)·v` per head on q [batch,
+    /// queries, hidden] and k, v [batch, seq, hidden] (head h in columns h·dh..(h+1)·dh) → the
+    /// context [batch, queries, hidden]; `key_padding` is empty or [batch·seq] (true = padded key).
     fn multi_head_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -147,7 +147,7 @@ pub trait FlavaKernels: Backend {
         scale: f64,
         key_padding: Vec<bool>,
     ) -> FloatTensor<Self>;
-    /// [`FlavaKernels::multi_head_attention`] with its probabilities [batch, heads, seq, seq].
+    /// [`FlavaKernels::multi_head_attention`] with its probabilities [batch, heads, queries, seq].
     fn multi_head_attention_probs(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -330,9 +330,11 @@ multiversion!(sum_of_squares_slice(x: &[f32]) -> f64 {
     lanes.iter().sum::<f64>() + rest
 });
 
-/// Multi-head attention on the projections' layout: `q`, `k`, `v` [batch, seq, hidden] with
-/// `heads` heads side by side in the hidden dimension, `key_padding` [batch, seq] (true = padded
-/// key) → the context [batch, seq, hidden], ready for the output projection. HF's arithmetic
+/// Multi-head attention on the projections' layout: `q` [batch, queries, hidden], `k`, `v`
+/// [batch, seq, hidden] with `heads` heads side by side in the hidden dimension, `key_padding`
+/// [batch, seq] (true = padded key) → the context [batch, queries, hidden], ready for the output
+/// projection. Usually queries = seq; fewer queries attend over all keys (the CLS row alone in a
+/// last layer, see `Encoder::forward_first`). HF's arithmetic
 /// (scale `1/√dh`, the most negative f32 on padded keys); on flex one kernel forward and one
 /// backward (see `attention.rs`), Burn's ops elsewhere. A NaN or infinity in a query, key or
 /// score makes its row NaN, as in PyTorch, so the training loop's non-finite guard sees it
@@ -347,14 +349,15 @@ pub fn multi_head_attention(
     heads: usize,
     key_padding: Option<&Tensor<2, Bool>>,
 ) -> Tensor<3> {
-    let [b, s, d] = q.dims();
+    let [b, _, d] = q.dims();
+    let s = k.dims()[1];
     assert!(
         heads > 0 && d % heads == 0,
         "hidden size {d} is not a multiple of {heads} heads"
     );
     assert!(
         k.dims() == [b, s, d] && v.dims() == [b, s, d],
-        "q, k and v of one shape"
+        "k and v of one shape, q of their batch and width"
     );
     let scale = 1.0 / ((d / heads) as f64).sqrt();
     if on_flex_f32(&q) && on_flex_f32(&k) && on_flex_f32(&v) {
@@ -384,12 +387,15 @@ pub fn multi_head_attention_composed(
     heads: usize,
     key_padding: Option<&Tensor<2, Bool>>,
 ) -> Tensor<3> {
-    let [b, s, d] = q.dims();
+    let [b, sq, d] = q.dims();
     let dh = d / heads;
-    let split = |t: Tensor<3>| t.reshape([b, s, heads, dh]).swap_dims(1, 2);
+    let split = |t: Tensor<3>| {
+        let rows = t.dims()[1];
+        t.reshape([b, rows, heads, dh]).swap_dims(1, 2)
+    };
     let scores = split(q).matmul(split(k).swap_dims(2, 3));
     let probs = attention_softmax(scores, 1.0 / (dh as f64).sqrt(), key_padding);
-    probs.matmul(split(v)).swap_dims(1, 2).reshape([b, s, d])
+    probs.matmul(split(v)).swap_dims(1, 2).reshape([b, sq, d])
 }
 
 /// [`attention_softmax`] from Burn's own ops: the path on devices other than flex, and the
@@ -1275,26 +1281,29 @@ mod tests {
 
     /// The multi-head attention kernel against Burn's composed form (head split, batched
     /// matmuls, the softmax above): context and the gradients of q, k and v, with and without
-    /// padded keys, over sizes that cross the gemm's blocks (37 positions, 4 heads of 16) and a
-    /// transposed (non-contiguous) input. Tolerance 2e-5 relative to the largest magnitude
-    /// (the two sum the same products in different orders).
+    /// padded keys, over sizes that cross the gemm's blocks (37 positions, 4 heads of 16), a
+    /// transposed (non-contiguous) input, and fewer queries than keys (1 and 5: a last layer
+    /// that keeps the CLS row). Tolerance 2e-5 relative to the largest magnitude (the two sum
+    /// the same products in different orders).
     #[test]
     fn multi_head_attention_and_its_gradients_match_burns() {
         let device = Device::flex().autodiff();
         let (b, s, d, heads) = (3, 37, 64, 4);
-        let data = |seed: usize, amp: f32| -> Vec<f32> {
-            (0..b * s * d)
+        let data = |n: usize, seed: usize, amp: f32| -> Vec<f32> {
+            (0..n)
                 .map(|i| (((i * 7919 + seed * 104729) % 6007) as f32 / 6007.0 - 0.5) * amp)
                 .collect()
         };
-        let (qs, ks, vs, ws) = (data(1, 4.0), data(2, 4.0), data(3, 2.0), data(4, 2.0));
+        let (ks, vs) = (data(b * s * d, 2, 4.0), data(b * s * d, 3, 2.0));
         // Sample 1 pads its last 12 keys; sample 2 pads key 0.
         let pad: Vec<bool> = (0..b * s).map(|i| (i / s == 1 && i % s >= 25) || i == 2 * s).collect();
         let mask = Tensor::<2, Bool>::from_data(TensorData::new(pad, [b, s]), &device);
-        let run = |fused: bool, masked: bool| {
-            let t =
-                |x: &Vec<f32>| Tensor::<3>::from_data(TensorData::new(x.clone(), [b, s, d]), &device).require_grad();
-            let (q, k) = (t(&qs), t(&ks));
+        let run = |fused: bool, masked: bool, sq: usize| {
+            let (qs, ws) = (data(b * sq * d, 1, 4.0), data(b * sq * d, 4, 2.0));
+            let t = |x: &Vec<f32>, rows: usize| {
+                Tensor::<3>::from_data(TensorData::new(x.clone(), [b, rows, d]), &device).require_grad()
+            };
+            let (q, k) = (t(&qs, sq), t(&ks, s));
             // v as the transpose of a [b, d, s] tensor: a strided input.
             let vt = Tensor::<3>::from_data(TensorData::new(vs.clone(), [b, d, s]), &device).require_grad();
             let v = vt.clone().swap_dims(1, 2);
@@ -1304,7 +1313,8 @@ mod tests {
             } else {
                 multi_head_attention_composed(q.clone(), k.clone(), v, heads, m)
             };
-            let w = Tensor::<3>::from_data(TensorData::new(ws.clone(), [b, s, d]), &device);
+            assert_eq!(ctx.dims(), [b, sq, d]);
+            let w = Tensor::<3>::from_data(TensorData::new(ws, [b, sq, d]), &device);
             let grads = (ctx.clone() * w).sum().backward();
             let val = |t: Tensor<3>| t.into_data().try_into_vec::<f32>().expect("f32 data");
             [
@@ -1314,17 +1324,23 @@ mod tests {
                 val(vt.grad(&grads).expect("dv")),
             ]
         };
-        for masked in [false, true] {
-            let got = run(true, masked);
-            let want = run(false, masked);
-            for (name, (g, w)) in ["context", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
-                let top = w.iter().fold(0f32, |a, v| a.max(v.abs()));
-                assert!(top > 1e-3, "{name} is not trivially zero");
-                for (a, r) in g.iter().zip(w) {
-                    assert!((a - r).abs() <= 2e-5 * top, "masked {masked}, {name}: {a} vs {r}");
+        for sq in [s, 1, 5] {
+            for masked in [false, true] {
+                let got = run(true, masked, sq);
+                let want = run(false, masked, sq);
+                for (name, (g, w)) in ["context", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
+                    let top = w.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    assert!(top > 1e-3, "{name} is not trivially zero");
+                    for (a, r) in g.iter().zip(w) {
+                        assert!(
+                            (a - r).abs() <= 2e-5 * top,
+                            "{sq} queries, masked {masked}, {name}: {a} vs {r}"
+                        );
+                    }
                 }
             }
         }
+        let qs = data(b * s * d, 1, 4.0);
         // A padded key gets no attention: its value never reaches the context.
         let x = Tensor::<3>::from_data(TensorData::new(qs.clone(), [b, s, d]), &Device::flex());
         let mut vs2 = vs.clone();
