@@ -5,7 +5,7 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::prelude::*;
 use flava_text::TextModel;
-use flava_vit::encoder::{linear, linear_2d, linear_rows, EncoderOutput};
+use flava_vit::encoder::{linear, linear_2d, linear_rows, EncoderOutput, Positions};
 use flava_vit::ImageModel;
 
 use crate::config::FlavaConfig;
@@ -119,17 +119,30 @@ impl FlavaModel {
         self.multimodal_model.forward(hidden, mask.as_ref(), all_hidden)
     }
 
-    /// [`Self::fuse`]'s `last_hidden_state[:, 0]` (the multimodal CLS), [batch, mm hidden], with
-    /// the fusion encoder's last layer run at that position only
-    /// ([`MultimodalModel::forward_cls`]).
+    /// [`Self::fuse`]'s `last_hidden_state` at the rows `at` picks, [batch, m, mm hidden], with
+    /// the fusion encoder's last layer run at those rows only
+    /// ([`MultimodalModel::forward_at`]); row 0 is the multimodal CLS.
+    pub fn fuse_at(
+        &self,
+        image: &EncoderOutput,
+        text: &EncoderOutput,
+        text_attention_mask: Option<&Tensor<2, Int>>,
+        at: &Positions,
+    ) -> Tensor<3> {
+        let (hidden, mask) = self.fusion_input(image, text, text_attention_mask);
+        self.multimodal_model.forward_at(hidden, mask.as_ref(), at)
+    }
+
+    /// The multimodal CLS, [batch, mm hidden]: [`Self::fuse_at`] at the first row.
     pub fn fuse_cls(
         &self,
         image: &EncoderOutput,
         text: &EncoderOutput,
         text_attention_mask: Option<&Tensor<2, Int>>,
     ) -> Tensor<2> {
-        let (hidden, mask) = self.fusion_input(image, text, text_attention_mask);
-        self.multimodal_model.forward_cls(hidden, mask.as_ref())
+        let x = self.fuse_at(image, text, text_attention_mask, &Positions::First);
+        let [b, _, d] = x.dims();
+        x.reshape([b, d])
     }
 
     /// The fusion encoder's input `[img_to_mm(h_img); txt_to_mm(h_txt)]` and its HF mask.

@@ -3,7 +3,7 @@
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
-use flava_vit::encoder::{layer_norm, padding_mask, Encoder, EncoderOutput, Pooler};
+use flava_vit::encoder::{layer_norm, padding_mask, Encoder, EncoderOutput, Pooler, Positions};
 use flava_vit::LayerNorm;
 
 use crate::config::FlavaMultimodalConfig;
@@ -57,16 +57,13 @@ impl MultimodalModel {
         }
     }
 
-    /// `forward(hidden, attention_mask, false).last_hidden_state[:, 0]`, [batch, hidden]: the
-    /// multimodal CLS (the first state without a CLS token), with the last layer run at that
-    /// position only ([`flava_vit::Encoder::forward_first`]), as classification heads read it.
-    pub fn forward_cls(&self, hidden: Tensor<3>, attention_mask: Option<&Tensor<2, Int>>) -> Tensor<2> {
+    /// `forward(hidden, attention_mask, false).last_hidden_state` at the rows `at` picks,
+    /// [batch, m, hidden], with the last layer run at those rows only
+    /// ([`flava_vit::Encoder::forward_at`]); rows count the CLS token when there is one.
+    pub fn forward_at(&self, hidden: Tensor<3>, attention_mask: Option<&Tensor<2, Int>>, at: &Positions) -> Tensor<3> {
         let x = self.with_cls(hidden);
-        let [b, _, d] = x.dims();
         let pad = attention_mask.map(padding_mask);
-        self.layernorm
-            .forward(self.encoder.forward_first(x, pad.as_ref()))
-            .reshape([b, d])
+        self.layernorm.forward(self.encoder.forward_at(x, pad.as_ref(), at))
     }
 
     /// `[CLS_M; hidden]` when the model has a CLS token, else `hidden`.

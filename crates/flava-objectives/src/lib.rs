@@ -7,7 +7,9 @@
 //!
 //! Composed as torchmultimodal composes them: [`FlavaForPretraining::encode`] runs the towers
 //! once ([`Encodings`]); each loss is its own type returning `{loss, logits}`; [`scope`] is the
-//! one place that decides which rows count and what each mean divides by.
+//! one place that decides which rows count and what each mean divides by. A training step runs
+//! each encoder's last layer only at the rows its losses read (masked positions, the multimodal
+//! CLS): the same losses and gradients for fewer products.
 //!
 //! - [`batch`]: [`PretrainingBatch`], one batch of one task, and its MLM targets.
 //! - [`heads`]: masked-prediction heads and the ITM head, HF key names.

@@ -1,10 +1,13 @@
 //! `FlavaForPretraining`: the model, its five heads, and one pretraining step's losses
 //! (HF `FlavaForPreTraining.forward`), computed only on masked positions.
 //!
-//! Per batch: the masked towers with fusion when both modalities are present ([`Encodings`],
-//! once), the unmasked towers without fusion (for the contrastive loss, paired batches only;
-//! stacked with the masked inputs into one pass per tower when a multimodal loss is on), and the
-//! codebook for the MIM targets when none are given. Image-only batch: MIM. Text-only
+//! Per batch: the masked towers with fusion when both modalities are present, the unmasked
+//! towers without fusion (for the contrastive loss, paired batches only; stacked with the masked
+//! inputs into one pass per tower when a multimodal loss is on), and the codebook for the MIM
+//! targets when none are given. The last layer of the encoder a loss reads (the tower of an
+//! image-only or text-only batch, the fusion of a paired one) runs only at the rows the losses
+//! read: the masked positions and the multimodal CLS (`Encoder::forward_at`); the other rows of
+//! that layer reach no loss, so the losses and gradients are HF's. Image-only batch: MIM. Text-only
 //! batch: MLM. Paired batch: ITM over all pairs; MMM-image, MMM-text and the contrastive rows
 //! over ITM-positive pairs (every pair when none is positive, [`crate::scope`]); contrastive
 //! columns are never filtered.
@@ -20,7 +23,8 @@ use crate::contrastive::{clamp_logit_scale, contrastive_loss};
 use crate::heads::{ItmHead, MaskedPredictionHead};
 use crate::losses::{ItmLoss, MaskedPredictionLoss};
 use crate::scope::{BatchCounts, LossScope};
-use flava_vit::EncoderOutput;
+use flava_vit::encoder::linear_2d;
+use flava_vit::{EncoderOutput, Positions};
 
 /// Weights of the six losses in the total (HF `*_weight` config fields, all 1 by default).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -429,16 +433,7 @@ impl FlavaForPretraining {
     /// The masked towers, and the multimodal encoder when both modalities are present: run once
     /// per step, shared by every loss.
     pub fn encode(&self, batch: &PretrainingBatch) -> Encodings {
-        let image = batch.pixel_values.clone().map(|px| {
-            self.flava
-                .image_model
-                .forward(px, batch.bool_masked_pos.as_ref(), false, false)
-        });
-        let text = batch.input_ids_masked.clone().or(batch.input_ids.clone()).map(|ids| {
-            self.flava
-                .text_model
-                .forward(ids, batch.attention_mask.as_ref(), batch.token_type_ids.clone(), false)
-        });
+        let (image, text) = self.masked_towers(batch);
         let multimodal = match (&image, &text) {
             (Some(img), Some(txt)) => Some(
                 self.flava
@@ -454,7 +449,23 @@ impl FlavaForPretraining {
         }
     }
 
-    /// [`Self::encode`] and [`Self::contrastive_embeddings`] of a paired batch together: each
+    /// The towers over the masked inputs (the image tower with its mask, the text tower over
+    /// the masked ids, or the plain ids without masking).
+    fn masked_towers(&self, batch: &PretrainingBatch) -> (Option<EncoderOutput>, Option<EncoderOutput>) {
+        let image = batch.pixel_values.clone().map(|px| {
+            self.flava
+                .image_model
+                .forward(px, batch.bool_masked_pos.as_ref(), false, false)
+        });
+        let text = batch.input_ids_masked.clone().or(batch.input_ids.clone()).map(|ids| {
+            self.flava
+                .text_model
+                .forward(ids, batch.attention_mask.as_ref(), batch.token_type_ids.clone(), false)
+        });
+        (image, text)
+    }
+
+    /// [`Self::masked_towers`] and [`Self::contrastive_embeddings`] of a paired batch together: each
     /// tower runs once over its masked and unmasked inputs stacked along the batch (one pass over
     /// 2b samples instead of two over b: larger products, each weight's gradient one product
     /// instead of two added, half the per-op overhead). Forward, every sample goes through the
@@ -462,45 +473,48 @@ impl FlavaForPretraining {
     /// at weight 0, which leaves it unchanged); backward, each weight gradient sums the same terms
     /// in one product instead of two, so its last bits may differ. A modality without masking runs
     /// once, shared. `None` unless the batch has images and text.
-    fn encode_with_contrastive(&self, batch: &PretrainingBatch) -> Option<(Encodings, Tensor<2>, Tensor<2>)> {
+    #[allow(clippy::type_complexity)]
+    fn towers_with_contrastive(
+        &self,
+        batch: &PretrainingBatch,
+    ) -> Option<(EncoderOutput, EncoderOutput, Tensor<2>, Tensor<2>)> {
         let px = batch.pixel_values.clone()?;
         let masked_ids = batch.input_ids_masked.clone().or(batch.input_ids.clone())?;
         let ids = batch.input_ids.clone().or(batch.input_ids_masked.clone())?;
         let b = px.dims()[0];
+        if b == 0 {
+            return None;
+        }
         let device = px.device();
-        // The first b samples of a stacked output (the masked inputs come first).
-        let head = |o: &EncoderOutput| EncoderOutput {
-            last_hidden_state: o.last_hidden_state.clone().slice(s![0..b]),
-            pre_layernorm: o.pre_layernorm.clone().slice(s![0..b]),
-            pooler_output: o.pooler_output.clone().slice(s![0..b]),
-            hidden_states: None,
+        let cls = |t: Tensor<3>| {
+            let [n, _, d] = t.dims();
+            t.slice(s![.., 0..1, ..]).reshape([n, d])
         };
-        let tail = |t: Tensor<3>| t.slice(s![b..2 * b]);
 
+        // Stacked, the masked inputs first: their last layer runs at every row (the fusion reads
+        // them all), the unmasked ones' at the CLS alone (the contrastive loss reads only that).
         let image_model = &self.flava.image_model;
-        let (image, image_states) = match &batch.bool_masked_pos {
+        let (image, image_cls) = match &batch.bool_masked_pos {
             Some(m) => {
                 let unmasked = Tensor::<2, Bool>::from_data(
                     TensorData::new(vec![false; m.dims().iter().product()], m.dims()),
                     &device,
                 );
                 let mask = Tensor::cat(vec![m.clone(), unmasked], 0);
-                let out = image_model.forward(Tensor::cat(vec![px.clone(), px], 0), Some(&mask), false, false);
-                (head(&out), tail(out.last_hidden_state))
+                image_model.forward_split(Tensor::cat(vec![px.clone(), px], 0), Some(&mask), b)
             }
             None => {
                 let out = image_model.forward(px, None, false, false);
-                let states = out.last_hidden_state.clone();
+                let states = cls(out.last_hidden_state.clone());
                 (out, states)
             }
         };
         let text_model = &self.flava.text_model;
-        let (text, text_states) = if batch.input_ids_masked.is_some() && batch.input_ids.is_some() {
+        let (text, text_cls) = if batch.input_ids_masked.is_some() && batch.input_ids.is_some() {
             let twice = |t: &Tensor<2, Int>| Tensor::cat(vec![t.clone(), t.clone()], 0);
             let mask = batch.attention_mask.as_ref().map(twice);
             let types = batch.token_type_ids.as_ref().map(twice);
-            let out = text_model.forward(Tensor::cat(vec![masked_ids, ids], 0), mask.as_ref(), types, false);
-            (head(&out), tail(out.last_hidden_state))
+            text_model.forward_split(Tensor::cat(vec![masked_ids, ids], 0), mask.as_ref(), types, b)
         } else {
             let out = text_model.forward(
                 masked_ids,
@@ -508,22 +522,13 @@ impl FlavaForPretraining {
                 batch.token_type_ids.clone(),
                 false,
             );
-            let states = out.last_hidden_state.clone();
+            let states = cls(out.last_hidden_state.clone());
             (out, states)
         };
 
-        let multimodal = self
-            .flava
-            .fuse(&image, &text, batch.attention_mask.as_ref(), false)
-            .last_hidden_state;
-        let u = l2_normalize(self.flava.project_cls(&self.flava.image_projection, image_states));
-        let v = l2_normalize(self.flava.project_cls(&self.flava.text_projection, text_states));
-        let enc = Encodings {
-            image: Some(image),
-            text: Some(text),
-            multimodal: Some(multimodal),
-        };
-        Some((enc, u, v))
+        let u = l2_normalize(linear_2d(&self.flava.image_projection, image_cls));
+        let v = l2_normalize(linear_2d(&self.flava.text_projection, text_cls));
+        Some((image, text, u, v))
     }
 
     /// One step's losses on `batch` (see the module docs for which losses each task gets).
@@ -579,74 +584,121 @@ impl FlavaForPretraining {
         // contrastive loss alone the mask token would get a gradient (of zeros) it never had.
         let multimodal_losses = w.itm > 0.0 || w.mmm_image > 0.0 || w.mmm_text > 0.0;
         let stacked = wants_contrastive && multimodal_losses;
-        let (enc, mut unmasked) = match stacked.then(|| self.encode_with_contrastive(batch)).flatten() {
-            Some((enc, u, v)) => (enc, Some((u, v))),
-            None => (self.encode(batch), None),
-        };
+        let device = self.flava.logit_scale.val().device();
+        // Each last layer runs at the rows the losses read, and nowhere else (its other rows
+        // would be read by nobody): the masked positions, and the CLS token of the fusion.
+        let mut paired_towers = None;
         if !paired {
-            if let (Some(img), Some((pos, tgt)), true) = (&enc.image, image_positions(&|_| true), w.mim > 0.0) {
-                let [_, s, _] = img.last_hidden_state.dims();
+            if let (Some(px), Some((pos, tgt)), true) = (&batch.pixel_values, image_positions(&|_| true), w.mim > 0.0) {
                 let p = masked.as_ref().map_or(0, |(_, p)| *p);
-                let states = img.last_hidden_state.clone().slice(s![.., s - p..s, ..]);
-                let head = MaskedPredictionLoss { head: &self.mim_head };
-                if let Some(o) = head.forward(states, &pos, &tgt, den.mim) {
-                    losses.mim = Some(o.loss);
-                    logits.mim = Some(o.logits);
+                // The image sequence is [CLS, patches]: patch j of sample i is row 1 + j.
+                let row = |i: usize| (i / p, 1 + i % p);
+                if let Some((at, rows)) =
+                    LossRows::of(b, pos.iter().map(|&i| row(i))).map(|r| (r.positions(&device), r))
+                {
+                    let states =
+                        self.flava
+                            .image_model
+                            .forward_at(px.clone(), batch.bool_masked_pos.as_ref(), false, &at);
+                    let read: Vec<usize> = pos.iter().map(|&i| rows.flat(row(i))).collect();
+                    let head = MaskedPredictionLoss { head: &self.mim_head };
+                    if let Some(o) = head.forward(states, &read, &tgt, den.mim) {
+                        losses.mim = Some(o.loss);
+                        logits.mim = Some(o.logits);
+                    }
                 }
             }
-            if let (Some(txt), Some(mlm), true) = (&enc.text, &batch.mlm, w.mlm > 0.0) {
-                let head = MaskedPredictionLoss { head: &self.mlm_head };
-                let states = txt.last_hidden_state.clone();
-                if let Some(o) = head.forward(states, &mlm.positions, &mlm.targets, den.mlm) {
-                    losses.mlm = Some(o.loss);
-                    logits.mlm = Some(o.logits);
+            let ids = batch.input_ids_masked.as_ref().or(batch.input_ids.as_ref());
+            if let (Some(ids), Some(mlm), true) = (ids, &batch.mlm, w.mlm > 0.0) {
+                let l = ids.dims()[1];
+                let row = |i: usize| (i / l, i % l);
+                if let Some(rows) = LossRows::of(b, mlm.positions.iter().map(|&i| row(i))) {
+                    let states = self.flava.text_model.forward_at(
+                        ids.clone(),
+                        batch.attention_mask.as_ref(),
+                        batch.token_type_ids.clone(),
+                        &rows.positions(&device),
+                    );
+                    let read: Vec<usize> = mlm.positions.iter().map(|&i| rows.flat(row(i))).collect();
+                    let head = MaskedPredictionLoss { head: &self.mlm_head };
+                    if let Some(o) = head.forward(states, &read, &mlm.targets, den.mlm) {
+                        losses.mlm = Some(o.loss);
+                        logits.mlm = Some(o.logits);
+                    }
                 }
             }
+        } else {
+            paired_towers = match stacked.then(|| self.towers_with_contrastive(batch)).flatten() {
+                Some((image, text, u, v)) => Some((image, text, Some((u, v)))),
+                None => match self.masked_towers(batch) {
+                    (Some(image), Some(text)) => Some((image, text, None)),
+                    _ => None,
+                },
+            };
         }
 
         let (mut image_embeddings, mut text_embeddings) = (None, None);
-        if let (Some(mm), Some(txt)) = (&enc.multimodal, &enc.text) {
-            let [_, s_mm, _] = mm.dims();
-            let l = txt.last_hidden_state.dims()[1];
-            if w.itm > 0.0 {
-                if let Some(labels) = &batch.itm_labels {
-                    if labels.len() != b {
-                        return Err(ObjectiveError::Shape(format!(
-                            "{} ITM labels for {b} pairs",
-                            labels.len()
-                        )));
+        if let Some((image, text, mut unmasked)) = paired_towers {
+            let l = text.last_hidden_state.dims()[1];
+            // The fusion's sequence: [CLS_M, CLS_I, patches, text].
+            let s_mm =
+                usize::from(self.flava.multimodal_model.cls_token.is_some()) + image.last_hidden_state.dims()[1] + l;
+            let p = masked.as_ref().map_or(0, |(_, p)| *p);
+            let image_row = |i: usize| (i / p, 2 + i % p);
+            let text_row = |i: usize| (i / l, s_mm - l + i % l);
+            let mmm_image = image_positions(&|r| scope.counts_row(r)).filter(|_| w.mmm_image > 0.0);
+            let mmm_text: Option<(Vec<usize>, Vec<usize>)> = match (&batch.mlm, w.mmm_text > 0.0) {
+                (Some(mlm), true) => Some(
+                    mlm.positions
+                        .iter()
+                        .zip(&mlm.targets)
+                        .filter(|(&i, _)| scope.counts_row(i / l))
+                        .map(|(&i, &t)| (i, t))
+                        .unzip(),
+                ),
+                _ => None,
+            };
+            // Row 0 (the multimodal CLS, read by ITM) of every sample, then the masked rows.
+            let cls = (0..b).map(|i| (i, 0));
+            let image_rows = mmm_image.iter().flat_map(|(pos, _)| pos.iter().map(|&i| image_row(i)));
+            let text_rows = mmm_text.iter().flat_map(|(pos, _)| pos.iter().map(|&i| text_row(i)));
+            let rows = LossRows::of(b, cls.chain(image_rows).chain(text_rows));
+            if let (Some(rows), true) = (rows, multimodal_losses) {
+                let mm = self
+                    .flava
+                    .fuse_at(&image, &text, batch.attention_mask.as_ref(), &rows.positions(&device));
+                if w.itm > 0.0 {
+                    if let Some(labels) = &batch.itm_labels {
+                        if labels.len() != b {
+                            return Err(ObjectiveError::Shape(format!(
+                                "{} ITM labels for {b} pairs",
+                                labels.len()
+                            )));
+                        }
+                    }
+                    let o = ItmLoss { head: &self.itm_head }.forward(mm.clone(), batch.itm_labels.as_deref(), den.itm);
+                    losses.itm = o.loss;
+                    logits.itm = Some(o.logits);
+                }
+                if let Some((pos, tgt)) = mmm_image {
+                    let read: Vec<usize> = pos.iter().map(|&i| rows.flat(image_row(i))).collect();
+                    let head = MaskedPredictionLoss {
+                        head: &self.mmm_image_head,
+                    };
+                    if let Some(o) = head.forward(mm.clone(), &read, &tgt, den.mmm_image) {
+                        losses.mmm_image = Some(o.loss);
+                        logits.mmm_image = Some(o.logits);
                     }
                 }
-                let o = ItmLoss { head: &self.itm_head }.forward(mm.clone(), batch.itm_labels.as_deref(), den.itm);
-                losses.itm = o.loss;
-                logits.itm = Some(o.logits);
-            }
-            if let (Some((pos, tgt)), true) = (image_positions(&|r| scope.counts_row(r)), w.mmm_image > 0.0) {
-                let p = masked.as_ref().map_or(0, |(_, p)| *p);
-                let states = mm.clone().slice(s![.., 2..2 + p, ..]);
-                let head = MaskedPredictionLoss {
-                    head: &self.mmm_image_head,
-                };
-                if let Some(o) = head.forward(states, &pos, &tgt, den.mmm_image) {
-                    losses.mmm_image = Some(o.loss);
-                    logits.mmm_image = Some(o.logits);
-                }
-            }
-            if let (Some(mlm), true) = (&batch.mlm, w.mmm_text > 0.0) {
-                let (pos, tgt): (Vec<usize>, Vec<usize>) = mlm
-                    .positions
-                    .iter()
-                    .zip(&mlm.targets)
-                    .filter(|(&i, _)| scope.counts_row(i / l))
-                    .map(|(&i, &t)| (i, t))
-                    .unzip();
-                let states = mm.clone().slice(s![.., s_mm - l..s_mm, ..]);
-                let head = MaskedPredictionLoss {
-                    head: &self.mmm_text_head,
-                };
-                if let Some(o) = head.forward(states, &pos, &tgt, den.mmm_text) {
-                    losses.mmm_text = Some(o.loss);
-                    logits.mmm_text = Some(o.logits);
+                if let Some((pos, tgt)) = mmm_text {
+                    let read: Vec<usize> = pos.iter().map(|&i| rows.flat(text_row(i))).collect();
+                    let head = MaskedPredictionLoss {
+                        head: &self.mmm_text_head,
+                    };
+                    if let Some(o) = head.forward(mm, &read, &tgt, den.mmm_text) {
+                        losses.mmm_text = Some(o.loss);
+                        logits.mmm_text = Some(o.logits);
+                    }
                 }
             }
             if wants_contrastive {
@@ -699,6 +751,64 @@ impl FlavaForPretraining {
             image_embeddings,
             text_embeddings,
         })
+    }
+}
+
+/// The rows of each sample that the losses read from a last layer ([`Positions::Rows`]): sorted
+/// and without repeats per sample, padded to one count per sample with the sample's first row.
+struct LossRows {
+    rows: Vec<Vec<usize>>,
+    width: usize,
+}
+
+impl LossRows {
+    /// From `(sample, row)` pairs of a batch of `b` samples; `None` without any pair.
+    fn of(b: usize, read: impl IntoIterator<Item = (usize, usize)>) -> Option<Self> {
+        let mut rows = vec![Vec::new(); b];
+        for (i, r) in read {
+            let v: &mut Vec<usize> = &mut rows[i];
+            if let Err(at) = v.binary_search(&r) {
+                v.insert(at, r);
+            }
+        }
+        let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+        (width > 0).then_some(Self { rows, width })
+    }
+
+    /// The padded `[b, width]` index (a sample without rows repeats row 0).
+    fn positions(&self, device: &Device) -> Positions {
+        let index: Vec<i64> = self
+            .rows
+            .iter()
+            .flat_map(|v| (0..self.width).map(move |j| *v.get(j).or(v.first()).unwrap_or(&0) as i64))
+            .collect();
+        let b = self.rows.len();
+        Positions::Rows(Tensor::from_data(TensorData::new(index, [b, self.width]), device))
+    }
+
+    /// Where `(sample, row)` lands in the `[b, width, hidden]` output, flat (`sample·width + j`).
+    /// The pair must be one of those given to [`Self::of`].
+    fn flat(&self, (i, r): (usize, usize)) -> usize {
+        let j = self.rows[i].binary_search(&r).unwrap_or(0);
+        i * self.width + j
+    }
+}
+
+#[cfg(test)]
+mod loss_rows_tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_sorted_deduplicated_padded_and_found() {
+        let rows = LossRows::of(3, [(0, 5), (0, 0), (2, 7), (0, 5), (0, 3)]).expect("rows");
+        assert_eq!(rows.rows, vec![vec![0, 3, 5], vec![], vec![7]]);
+        let Positions::Rows(index) = rows.positions(&Device::flex()) else {
+            panic!("rows")
+        };
+        let got = index.into_data().convert::<i64>().try_to_vec::<i64>().expect("i64");
+        assert_eq!(got, vec![0, 3, 5, 0, 0, 0, 7, 7, 7]);
+        assert_eq!([(0, 0), (0, 3), (0, 5), (2, 7)].map(|p| rows.flat(p)), [0, 1, 2, 6]);
+        assert!(LossRows::of(2, []).is_none());
     }
 }
 

@@ -4,7 +4,7 @@
 use burn::module::{Initializer, Module};
 use burn::nn::{Embedding, EmbeddingConfig};
 use burn::prelude::*;
-use flava_vit::encoder::{layer_norm, padding_mask, Encoder, EncoderOutput, Pooler};
+use flava_vit::encoder::{layer_norm, padding_mask, Encoder, EncoderOutput, Pooler, Positions};
 use flava_vit::kernels;
 use flava_vit::LayerNorm;
 
@@ -106,20 +106,59 @@ impl TextModel {
         }
     }
 
+    /// `forward(input_ids, attention_mask, token_type_ids, false).last_hidden_state` at the
+    /// rows `at` picks, [batch, m, hidden], with the last layer run at those rows only
+    /// ([`flava_vit::Encoder::forward_at`]).
+    pub fn forward_at(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<&Tensor<2, Int>>,
+        token_type_ids: Option<Tensor<2, Int>>,
+        at: &Positions,
+    ) -> Tensor<3> {
+        let x = self.embeddings.forward(input_ids, token_type_ids);
+        let pad = attention_mask.map(padding_mask);
+        self.layernorm.forward(self.encoder.forward_at(x, pad.as_ref(), at))
+    }
+
+    /// One pass over a batch whose first `n` samples are read whole and the others only at
+    /// their first token ([`flava_vit::Encoder::forward_split`]): the first `n` samples' output
+    /// as [`Self::forward`] gives it (no `hidden_states`), and the others'
+    /// `last_hidden_state[:, 0]`, [batch − n, hidden].
+    ///
+    /// # Panics
+    /// Unless `0 < n < batch`.
+    pub fn forward_split(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<&Tensor<2, Int>>,
+        token_type_ids: Option<Tensor<2, Int>>,
+        n: usize,
+    ) -> (EncoderOutput, Tensor<2>) {
+        let x = self.embeddings.forward(input_ids, token_type_ids);
+        let pad = attention_mask.map(padding_mask);
+        let (whole, first) = self.encoder.forward_split(x, pad.as_ref(), n);
+        let [m, _, d] = first.dims();
+        let last_hidden_state = self.layernorm.forward(whole.clone());
+        let out = EncoderOutput {
+            pooler_output: self.pooler.forward(last_hidden_state.clone()),
+            last_hidden_state,
+            pre_layernorm: whole,
+            hidden_states: None,
+        };
+        (out, self.layernorm.forward(first).reshape([m, d]))
+    }
+
     /// `forward(..).last_hidden_state[:, 0]`, [batch, hidden], with the last layer run at the
-    /// first position only ([`flava_vit::Encoder::forward_first`]): what contrastive features
-    /// and classification heads read.
+    /// first position only: what contrastive features and classification heads read.
     pub fn forward_cls(
         &self,
         input_ids: Tensor<2, Int>,
         attention_mask: Option<&Tensor<2, Int>>,
         token_type_ids: Option<Tensor<2, Int>>,
     ) -> Tensor<2> {
-        let x = self.embeddings.forward(input_ids, token_type_ids);
+        let x = self.forward_at(input_ids, attention_mask, token_type_ids, &Positions::First);
         let [b, _, d] = x.dims();
-        let pad = attention_mask.map(padding_mask);
-        self.layernorm
-            .forward(self.encoder.forward_first(x, pad.as_ref()))
-            .reshape([b, d])
+        x.reshape([b, d])
     }
 }

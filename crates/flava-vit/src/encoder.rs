@@ -153,33 +153,33 @@ impl Attention {
     /// `x`: [batch, seq, hidden]; `key_mask`: [batch, seq], `true` = padding (never attended).
     /// Returns [batch, seq, hidden].
     pub fn forward(&self, x: Tensor<3>, key_mask: Option<&Tensor<2, Bool>>) -> Tensor<3> {
-        linear_rows(&self.output.dense, self.context(x, key_mask, false))
+        linear_rows(&self.output.dense, self.context(x, key_mask, None))
     }
 
     /// `residual + forward(x)`, the residual added by the output projection's kernel.
     pub fn forward_residual(&self, x: Tensor<3>, residual: Tensor<3>, key_mask: Option<&Tensor<2, Bool>>) -> Tensor<3> {
-        linear_rows_residual(&self.output.dense, self.context(x, key_mask, false), residual)
+        linear_rows_residual(&self.output.dense, self.context(x, key_mask, None), residual)
     }
 
-    /// [`Self::forward_residual`] at the first position only: every row of `x` [batch, seq,
-    /// hidden] gives keys and values, the first row per sample the query; `residual` is
-    /// [batch, 1, hidden], and so is the result.
-    pub fn forward_first_residual(
+    /// [`Self::forward_residual`] at some positions only: every row of `x` [batch, seq, hidden]
+    /// gives keys and values, the rows `at` picks the queries; `residual` is [batch, m, hidden]
+    /// (the same rows of the layer's input), and so is the result.
+    pub fn forward_at_residual(
         &self,
         x: Tensor<3>,
         residual: Tensor<3>,
         key_mask: Option<&Tensor<2, Bool>>,
+        at: &Positions,
     ) -> Tensor<3> {
-        linear_rows_residual(&self.output.dense, self.context(x, key_mask, true), residual)
+        linear_rows_residual(&self.output.dense, self.context(x, key_mask, Some(at)), residual)
     }
 
-    /// The heads' context before the output projection: [batch, seq, hidden], or [batch, 1,
-    /// hidden] with `first_only` (the query of the first row alone, over all keys).
-    fn context(&self, x: Tensor<3>, key_mask: Option<&Tensor<2, Bool>>, first_only: bool) -> Tensor<3> {
-        let queries = if first_only {
-            x.clone().slice(s![.., 0..1, ..])
-        } else {
-            x.clone()
+    /// The heads' context before the output projection: [batch, seq, hidden], or [batch, m,
+    /// hidden] for the queries of the rows `at` picks (over all keys).
+    fn context(&self, x: Tensor<3>, key_mask: Option<&Tensor<2, Bool>>, at: Option<&Positions>) -> Tensor<3> {
+        let queries = match at {
+            Some(at) => at.select(x.clone()),
+            None => x.clone(),
         };
         let q = linear_rows(&self.attention.query, queries);
         let k = linear_rows(&self.attention.key, x.clone());
@@ -244,17 +244,84 @@ impl Layer {
         linear_rows_residual(&self.output.dense, self.act.apply(y), x)
     }
 
-    /// The layer's output at the first position only: [batch, seq, hidden] → [batch, 1,
-    /// hidden], equal to `forward(x)[:, 0:1]`. Keys and values still come from every position;
-    /// the query, the output projection and the feed-forward block run on one row per sample,
-    /// about a sixth of the layer's products at 197 positions.
-    pub fn forward_first(&self, x: Tensor<3>, key_mask: Option<&Tensor<2, Bool>>) -> Tensor<3> {
-        let first = x.clone().slice(s![.., 0..1, ..]);
+    /// The layer's output at the rows `at` picks: [batch, seq, hidden] → [batch, m, hidden],
+    /// equal to `forward(x)` at those rows. Keys and values still come from every position; the
+    /// query, the output projection and the feed-forward block run on the m rows alone (at the
+    /// CLS row only, about a sixth of the layer's products at 197 positions).
+    pub fn forward_at(&self, x: Tensor<3>, key_mask: Option<&Tensor<2, Bool>>, at: &Positions) -> Tensor<3> {
+        let residual = at.select(x.clone());
         let x = self
             .attention
-            .forward_first_residual(self.layernorm_before.forward(x), first, key_mask);
+            .forward_at_residual(self.layernorm_before.forward(x), residual, key_mask, at);
         let y = linear_rows(&self.intermediate.dense, self.layernorm_after.forward(x.clone()));
         linear_rows_residual(&self.output.dense, self.act.apply(y), x)
+    }
+}
+
+impl Layer {
+    /// One pass over two groups stacked along the batch: every row of the first `n` samples
+    /// ([n, seq, hidden]) and the first row alone of the others ([batch − n, 1, hidden]), equal
+    /// to `forward(x)` at those rows. Keys, values and every product run once over both groups;
+    /// only attention runs per group. (A paired step's towers: the masked inputs feed the fusion
+    /// with every row, the unmasked ones only the contrastive loss with their CLS.)
+    ///
+    /// # Panics
+    /// Unless `0 < n < batch`.
+    pub fn forward_split(&self, x: Tensor<3>, key_mask: Option<&Tensor<2, Bool>>, n: usize) -> (Tensor<3>, Tensor<3>) {
+        let [bt, s, d] = x.dims();
+        assert!(0 < n && n < bt, "a split of {bt} samples after {n}");
+        // Every row of the first n samples, then row 0 of each other one: [1, n·s + bt − n, d].
+        let rows = |t: Tensor<3>| {
+            let all = t.clone().slice(s![0..n]).reshape([1, n * s, d]);
+            let first = t.slice(s![n..bt, 0..1, ..]).reshape([1, bt - n, d]);
+            Tensor::cat(vec![all, first], 1)
+        };
+        let split = |t: Tensor<3>| {
+            let all = t.clone().slice(s![.., 0..n * s, ..]).reshape([n, s, d]);
+            (all, t.slice(s![.., n * s.., ..]).reshape([bt - n, 1, d]))
+        };
+        let ln = self.layernorm_before.forward(x.clone());
+        let sa = &self.attention.attention;
+        let (k, v) = (linear_rows(&sa.key, ln.clone()), linear_rows(&sa.value, ln.clone()));
+        let (qa, qb) = split(linear_rows(&sa.query, rows(ln)));
+        let group = |t: &Tensor<3>, r: std::ops::Range<usize>| t.clone().slice(s![r]);
+        let mask = |r: std::ops::Range<usize>| key_mask.map(|m| m.clone().slice(s![r]));
+        let attend = |q: Tensor<3>, r: std::ops::Range<usize>| {
+            let m = mask(r.clone());
+            crate::kernels::multi_head_attention(q, group(&k, r.clone()), group(&v, r), sa.num_heads, m.as_ref())
+        };
+        let (ca, cb) = (attend(qa, 0..n), attend(qb, n..bt));
+        let ctx = Tensor::cat(vec![ca.reshape([1, n * s, d]), cb.reshape([1, bt - n, d])], 1);
+        let h = linear_rows_residual(&self.attention.output.dense, ctx, rows(x));
+        let y = linear_rows(&self.intermediate.dense, self.layernorm_after.forward(h.clone()));
+        split(linear_rows_residual(&self.output.dense, self.act.apply(y), h))
+    }
+}
+
+/// Which rows of each sample a last layer computes (the rest of its output would be read by
+/// nobody): the first (the CLS token), or a list per sample.
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // one value per pass: a box would buy nothing
+pub enum Positions {
+    /// Row 0 of every sample: [batch, 1, hidden].
+    First,
+    /// `[batch, m]` row indices per sample (every index below the sequence length; a sample
+    /// with fewer rows repeats one): [batch, m, hidden], row `j` of sample `i` the state at
+    /// `index[i, j]`.
+    Rows(Tensor<2, Int>),
+}
+
+impl Positions {
+    /// Those rows of `x` [batch, seq, hidden] → [batch, m, hidden].
+    pub fn select(&self, x: Tensor<3>) -> Tensor<3> {
+        match self {
+            Positions::First => x.slice(s![.., 0..1, ..]),
+            Positions::Rows(index) => {
+                let [b, m] = index.dims();
+                let d = x.dims()[2];
+                x.gather(1, index.clone().reshape([b, m, 1]).expand([b, m, d]))
+            }
+        }
     }
 }
 
@@ -300,18 +367,43 @@ impl Encoder {
         (x, hidden)
     }
 
-    /// The last layer's output at the first position (the CLS token), [batch, 1, hidden]: equal
-    /// to `forward(x, key_mask, false).0[:, 0:1]`, with the last layer run by
-    /// [`Layer::forward_first`]. For every reader of the CLS token alone (contrastive features,
-    /// classification heads, linear probes).
-    pub fn forward_first(&self, mut x: Tensor<3>, key_mask: Option<&Tensor<2, Bool>>) -> Tensor<3> {
+    /// The last layer's output at the rows `at` picks, [batch, m, hidden]: equal to
+    /// `forward(x, key_mask, false).0` at those rows, with the last layer run by
+    /// [`Layer::forward_at`]. For readers of a few rows: the CLS token of contrastive features,
+    /// classification heads and linear probes; the masked positions of the pretraining losses.
+    pub fn forward_at(&self, mut x: Tensor<3>, key_mask: Option<&Tensor<2, Bool>>, at: &Positions) -> Tensor<3> {
         let Some((last, rest)) = self.layer.split_last() else {
-            return x.slice(s![.., 0..1, ..]);
+            return at.select(x);
         };
         for layer in rest {
             x = layer.forward(x, key_mask);
         }
-        last.forward_first(x, key_mask)
+        last.forward_at(x, key_mask, at)
+    }
+}
+
+impl Encoder {
+    /// All layers over `x` [batch, seq, hidden], the last one by [`Layer::forward_split`]: the
+    /// last states of the first `n` samples, [n, seq, hidden], and of the first row of the
+    /// others, [batch − n, 1, hidden].
+    ///
+    /// # Panics
+    /// Unless `0 < n < batch`.
+    pub fn forward_split(
+        &self,
+        mut x: Tensor<3>,
+        key_mask: Option<&Tensor<2, Bool>>,
+        n: usize,
+    ) -> (Tensor<3>, Tensor<3>) {
+        let bt = x.dims()[0];
+        assert!(0 < n && n < bt, "a split of {bt} samples after {n}");
+        let Some((last, rest)) = self.layer.split_last() else {
+            return (x.clone().slice(s![0..n]), x.slice(s![n..bt, 0..1, ..]));
+        };
+        for layer in rest {
+            x = layer.forward(x, key_mask);
+        }
+        last.forward_split(x, key_mask, n)
     }
 }
 
@@ -363,13 +455,16 @@ mod tests {
     use super::*;
     use burn::tensor::Distribution;
 
-    /// `Encoder::forward_first` against the full pass's first row, on flex with autodiff: the
+    /// `Encoder::forward_at` against the full pass at the same rows, on flex with autodiff: the
     /// output and the gradients of the input and of every parameter of the first and the last
     /// layer, with padded keys (sample 1 pads its last 5 of 19 positions), 3 layers of width 32
-    /// and 4 heads. Within 1e-5 relative to each tensor's largest magnitude (the products run
-    /// on 1 row instead of 19, the gemm may order sums differently).
+    /// and 4 heads; at the first row, and at 4 rows per sample given out of order, repeated, and
+    /// on a padded key. Within 1e-5 relative to each tensor's largest magnitude (the products run
+    /// on fewer rows, the gemm may order sums differently).
+    /// And `Encoder::forward_split` (one sample whole, two at their first row, padded keys in
+    /// the second group) against the full pass, the same way.
     #[test]
-    fn the_first_position_alone_equals_the_full_pass_sliced() {
+    fn a_last_layer_at_some_rows_equals_the_full_pass_at_those_rows() {
         let device = Device::flex().autodiff();
         let cfg = EncoderConfig {
             hidden_size: 32,
@@ -386,58 +481,111 @@ mod tests {
         let pad: Vec<bool> = (0..b * s).map(|i| i / s == 1 && i % s >= 14).collect();
         let mask = Tensor::<2, Bool>::from_data(TensorData::new(pad, [b, s]), &device);
         let x0 = Tensor::<3>::random([b, s, 32], Distribution::Normal(0.0, 1.0), &device);
-        let w = Tensor::<3>::random([b, 1, 32], Distribution::Normal(0.0, 1.0), &device);
-        let run = |first_only: bool| {
-            let x = x0.clone().require_grad();
-            let out = if first_only {
-                encoder.forward_first(x.clone(), Some(&mask))
-            } else {
-                encoder.forward(x.clone(), Some(&mask), false).0.slice(s![.., 0..1, ..])
+        let rows = Tensor::<2, Int>::from_data(TensorData::new(vec![0i64, 5, 13, 5, 18, 2, 16, 0], [2, 4]), &device);
+        for at in [Positions::First, Positions::Rows(rows)] {
+            let m = at.select(x0.clone()).dims()[1];
+            let w = Tensor::<3>::random([b, m, 32], Distribution::Normal(0.0, 1.0), &device);
+            let run = |selected: bool| {
+                let x = x0.clone().require_grad();
+                let out = if selected {
+                    encoder.forward_at(x.clone(), Some(&mask), &at)
+                } else {
+                    at.select(encoder.forward(x.clone(), Some(&mask), false).0)
+                };
+                assert_eq!(out.dims(), [b, m, 32]);
+                let grads = (out.clone() * w.clone()).sum().backward();
+                let flat = |t: Tensor<2>| t.into_data().try_into_vec::<f32>().expect("f32");
+                let (first, last) = (&encoder.layer[0], &encoder.layer[2]);
+                vec![
+                    ("output", flat(out.reshape([b * m, 32]))),
+                    ("dx", flat(x.grad(&grads).expect("dx").reshape([b * s, 32]))),
+                    (
+                        "first query",
+                        flat(first.attention.attention.query.weight.grad(&grads).expect("dq")),
+                    ),
+                    (
+                        "last query",
+                        flat(last.attention.attention.query.weight.grad(&grads).expect("dq")),
+                    ),
+                    (
+                        "last key",
+                        flat(last.attention.attention.key.weight.grad(&grads).expect("dk")),
+                    ),
+                    (
+                        "last value",
+                        flat(last.attention.attention.value.weight.grad(&grads).expect("dv")),
+                    ),
+                    (
+                        "last output",
+                        flat(last.output.dense.weight.grad(&grads).expect("dout")),
+                    ),
+                    (
+                        "last intermediate",
+                        flat(last.intermediate.dense.weight.grad(&grads).expect("dint")),
+                    ),
+                ]
             };
-            assert_eq!(out.dims(), [b, 1, 32]);
-            let grads = (out.clone() * w.clone()).sum().backward();
-            let flat = |t: Tensor<2>| t.into_data().try_into_vec::<f32>().expect("f32");
-            let (first, last) = (&encoder.layer[0], &encoder.layer[2]);
+            let (got, want) = (run(true), run(false));
+            for ((name, g), (_, r)) in got.iter().zip(&want) {
+                let top = r.iter().fold(0f32, |a, v| a.max(v.abs()));
+                assert!(top > 1e-3, "{name} is not trivially zero");
+                for (a, e) in g.iter().zip(r) {
+                    assert!((a - e).abs() <= 1e-5 * top, "{at:?} {name}: {a} vs {e}");
+                }
+            }
+        }
+        // Split after sample 1 of a 3-sample batch: sample 0 whole, samples 1 and 2 at row 0.
+        let x3 = Tensor::<3>::random([3, s, 32], Distribution::Normal(0.0, 1.0), &device);
+        let mask3 = Tensor::<2, Bool>::from_data(
+            TensorData::new(
+                (0..3 * s).map(|i| i / s == 2 && i % s >= 11).collect::<Vec<_>>(),
+                [3, s],
+            ),
+            &device,
+        );
+        let (wa, wb) = (
+            Tensor::<3>::random([1, s, 32], Distribution::Normal(0.0, 1.0), &device),
+            Tensor::<3>::random([2, 1, 32], Distribution::Normal(0.0, 1.0), &device),
+        );
+        let run = |split: bool| {
+            let x = x3.clone().require_grad();
+            let (a, b) = if split {
+                encoder.forward_split(x.clone(), Some(&mask3), 1)
+            } else {
+                let full = encoder.forward(x.clone(), Some(&mask3), false).0;
+                (full.clone().slice(s![0..1]), full.slice(s![1..3, 0..1, ..]))
+            };
+            assert_eq!((a.dims(), b.dims()), ([1, s, 32], [2, 1, 32]));
+            let grads = ((a.clone() * wa.clone()).sum() + (b.clone() * wb.clone()).sum()).backward();
+            let flat = |t: Tensor<3>| t.reshape([-1]).into_data().try_into_vec::<f32>().expect("f32");
+            let last = &encoder.layer[2];
+            let g2 = |t: Tensor<2>| t.reshape([-1]).into_data().try_into_vec::<f32>().expect("f32");
             vec![
-                ("output", flat(out.reshape([b, 32]))),
-                ("dx", flat(x.grad(&grads).expect("dx").reshape([b * s, 32]))),
-                (
-                    "first query",
-                    flat(first.attention.attention.query.weight.grad(&grads).expect("dq")),
-                ),
+                ("whole sample", flat(a)),
+                ("first rows", flat(b)),
+                ("dx", flat(x.grad(&grads).expect("dx"))),
                 (
                     "last query",
-                    flat(last.attention.attention.query.weight.grad(&grads).expect("dq")),
+                    g2(last.attention.attention.query.weight.grad(&grads).expect("dq")),
                 ),
                 (
                     "last key",
-                    flat(last.attention.attention.key.weight.grad(&grads).expect("dk")),
+                    g2(last.attention.attention.key.weight.grad(&grads).expect("dk")),
                 ),
-                (
-                    "last value",
-                    flat(last.attention.attention.value.weight.grad(&grads).expect("dv")),
-                ),
-                (
-                    "last output",
-                    flat(last.output.dense.weight.grad(&grads).expect("dout")),
-                ),
-                (
-                    "last intermediate",
-                    flat(last.intermediate.dense.weight.grad(&grads).expect("dint")),
-                ),
+                ("last output", g2(last.output.dense.weight.grad(&grads).expect("dout"))),
             ]
         };
         let (got, want) = (run(true), run(false));
         for ((name, g), (_, r)) in got.iter().zip(&want) {
             let top = r.iter().fold(0f32, |a, v| a.max(v.abs()));
-            assert!(top > 1e-3, "{name} is not trivially zero");
+            assert!(top > 1e-3, "split: {name} is not trivially zero");
             for (a, e) in g.iter().zip(r) {
-                assert!((a - e).abs() <= 1e-5 * top, "{name}: {a} vs {e}");
+                assert!((a - e).abs() <= 1e-5 * top, "split: {name}: {a} vs {e}");
             }
         }
-        // No layers: the first position as it came in.
+        // No layers: the rows as they came in.
         let no_layers = Encoder { layer: vec![] };
-        let cls = no_layers.forward_first(x0.clone(), None);
+        let cls = no_layers.forward_at(x0.clone(), None, &Positions::First);
         let want = x0.slice(s![.., 0..1, ..]);
         assert_eq!(cls.into_data(), want.into_data());
     }

@@ -35,7 +35,7 @@ pub mod vit;
 pub mod weights;
 
 pub use config::{FlavaImageConfig, InvalidConfig};
-pub use encoder::{Encoder, EncoderConfig, EncoderOutput, HiddenAct, Layer, Pooler};
+pub use encoder::{Encoder, EncoderConfig, EncoderOutput, HiddenAct, Layer, Pooler, Positions};
 pub use limits::LimitError;
 pub use norm::LayerNorm;
 pub use vit::ImageModel;

@@ -9,7 +9,7 @@ use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 
 use crate::config::FlavaImageConfig;
-use crate::encoder::{layer_norm, Encoder, EncoderOutput, Pooler};
+use crate::encoder::{layer_norm, Encoder, EncoderOutput, Pooler, Positions};
 use crate::norm::LayerNorm;
 
 /// Conv patch embedding, kernel = stride = patch size (HF `PatchEmbeddings.projection`).
@@ -210,15 +210,55 @@ impl ImageModel {
         }
     }
 
+    /// `forward(pixel_values, bool_masked_pos, interpolate_pos_encoding, false)
+    /// .last_hidden_state` at the rows `at` picks, [batch, m, hidden], with the last layer run at
+    /// those rows only ([`Encoder::forward_at`]).
+    pub fn forward_at(
+        &self,
+        pixel_values: Tensor<4>,
+        bool_masked_pos: Option<&Tensor<2, Bool>>,
+        interpolate_pos_encoding: bool,
+        at: &Positions,
+    ) -> Tensor<3> {
+        let x = self
+            .embeddings
+            .forward(pixel_values, bool_masked_pos, interpolate_pos_encoding);
+        self.layernorm.forward(self.encoder.forward_at(x, None, at))
+    }
+
+    /// One pass over a batch whose first `n` samples are read whole and the others only at
+    /// their CLS ([`Encoder::forward_split`]): the first `n` samples' output as
+    /// [`Self::forward`] gives it (no `hidden_states`), and the others' `last_hidden_state[:, 0]`,
+    /// [batch − n, hidden].
+    ///
+    /// # Panics
+    /// Unless `0 < n < batch`.
+    pub fn forward_split(
+        &self,
+        pixel_values: Tensor<4>,
+        bool_masked_pos: Option<&Tensor<2, Bool>>,
+        n: usize,
+    ) -> (EncoderOutput, Tensor<2>) {
+        let x = self.embeddings.forward(pixel_values, bool_masked_pos, false);
+        let (whole, first) = self.encoder.forward_split(x, None, n);
+        let [m, _, d] = first.dims();
+        let last_hidden_state = self.layernorm.forward(whole.clone());
+        let out = EncoderOutput {
+            pooler_output: self.pooler.forward(last_hidden_state.clone()),
+            last_hidden_state,
+            pre_layernorm: whole,
+            hidden_states: None,
+        };
+        (out, self.layernorm.forward(first).reshape([m, d]))
+    }
+
     /// `forward(pixel_values, None, interpolate_pos_encoding, false).last_hidden_state[:, 0]`,
-    /// [batch, hidden], with the last layer run at the CLS position only
-    /// ([`Encoder::forward_first`]): what contrastive features and classification heads read.
+    /// [batch, hidden], with the last layer run at the CLS position only: what contrastive
+    /// features and classification heads read.
     pub fn forward_cls(&self, pixel_values: Tensor<4>, interpolate_pos_encoding: bool) -> Tensor<2> {
-        let x = self.embeddings.forward(pixel_values, None, interpolate_pos_encoding);
+        let x = self.forward_at(pixel_values, None, interpolate_pos_encoding, &Positions::First);
         let [b, _, d] = x.dims();
-        self.layernorm
-            .forward(self.encoder.forward_first(x, None))
-            .reshape([b, d])
+        x.reshape([b, d])
     }
 }
 

@@ -334,7 +334,7 @@ multiversion!(sum_of_squares_slice(x: &[f32]) -> f64 {
 /// [batch, seq, hidden] with `heads` heads side by side in the hidden dimension, `key_padding`
 /// [batch, seq] (true = padded key) → the context [batch, queries, hidden], ready for the output
 /// projection. Usually queries = seq; fewer queries attend over all keys (the CLS row alone in a
-/// last layer, see `Encoder::forward_first`). HF's arithmetic
+/// last layer, see `Encoder::forward_at`). HF's arithmetic
 /// (scale `1/√dh`, the most negative f32 on padded keys); on flex one kernel forward and one
 /// backward (see `attention.rs`), Burn's ops elsewhere. A NaN or infinity in a query, key or
 /// score makes its row NaN, as in PyTorch, so the training loop's non-finite guard sees it
