@@ -47,14 +47,7 @@ impl MultimodalModel {
         let x = self.with_cls(hidden);
         let pad = attention_mask.map(padding_mask);
         let (pre_layernorm, hidden_states) = self.encoder.forward(x, pad.as_ref(), all_hidden);
-        let last_hidden_state = self.layernorm.forward(pre_layernorm.clone());
-        let pooler_output = self.pooler.forward(last_hidden_state.clone());
-        EncoderOutput {
-            last_hidden_state,
-            pre_layernorm,
-            pooler_output,
-            hidden_states,
-        }
+        EncoderOutput::finish(pre_layernorm, &self.layernorm, &self.pooler, hidden_states)
     }
 
     /// `forward(hidden, attention_mask, false).last_hidden_state` at the rows `at` picks,

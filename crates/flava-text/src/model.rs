@@ -96,14 +96,7 @@ impl TextModel {
         let x = self.embeddings.forward(input_ids, token_type_ids);
         let pad = attention_mask.map(padding_mask);
         let (pre_layernorm, hidden_states) = self.encoder.forward(x, pad.as_ref(), all_hidden);
-        let last_hidden_state = self.layernorm.forward(pre_layernorm.clone());
-        let pooler_output = self.pooler.forward(last_hidden_state.clone());
-        EncoderOutput {
-            last_hidden_state,
-            pre_layernorm,
-            pooler_output,
-            hidden_states,
-        }
+        EncoderOutput::finish(pre_layernorm, &self.layernorm, &self.pooler, hidden_states)
     }
 
     /// `forward(input_ids, attention_mask, token_type_ids, false).last_hidden_state` at the
@@ -139,13 +132,7 @@ impl TextModel {
         let pad = attention_mask.map(padding_mask);
         let (whole, first) = self.encoder.forward_split(x, pad.as_ref(), n);
         let [m, _, d] = first.dims();
-        let last_hidden_state = self.layernorm.forward(whole.clone());
-        let out = EncoderOutput {
-            pooler_output: self.pooler.forward(last_hidden_state.clone()),
-            last_hidden_state,
-            pre_layernorm: whole,
-            hidden_states: None,
-        };
+        let out = EncoderOutput::finish(whole, &self.layernorm, &self.pooler, None);
         (out, self.layernorm.forward(first).reshape([m, d]))
     }
 

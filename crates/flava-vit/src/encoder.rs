@@ -444,6 +444,25 @@ pub struct EncoderOutput {
     pub hidden_states: Option<Vec<Tensor<3>>>,
 }
 
+impl EncoderOutput {
+    /// A tower's output from its encoder's last states `pre_layernorm` [batch, seq, hidden]: the
+    /// tower's final LayerNorm, its pooler on the first row, and `hidden_states` as given.
+    pub fn finish(
+        pre_layernorm: Tensor<3>,
+        layernorm: &LayerNorm,
+        pooler: &Pooler,
+        hidden_states: Option<Vec<Tensor<3>>>,
+    ) -> Self {
+        let last_hidden_state = layernorm.forward(pre_layernorm.clone());
+        Self {
+            pooler_output: pooler.forward(last_hidden_state.clone()),
+            last_hidden_state,
+            pre_layernorm,
+            hidden_states,
+        }
+    }
+}
+
 /// Converts an HF attention mask (1 = attend, 0 = padding), [batch, seq], to Burn's key-padding
 /// convention (`true` = masked).
 pub fn padding_mask(attention_mask: &Tensor<2, Int>) -> Tensor<2, Bool> {

@@ -200,14 +200,7 @@ impl ImageModel {
             .embeddings
             .forward(pixel_values, bool_masked_pos, interpolate_pos_encoding);
         let (pre_layernorm, hidden_states) = self.encoder.forward(x, None, all_hidden);
-        let last_hidden_state = self.layernorm.forward(pre_layernorm.clone());
-        let pooler_output = self.pooler.forward(last_hidden_state.clone());
-        EncoderOutput {
-            last_hidden_state,
-            pre_layernorm,
-            pooler_output,
-            hidden_states,
-        }
+        EncoderOutput::finish(pre_layernorm, &self.layernorm, &self.pooler, hidden_states)
     }
 
     /// `forward(pixel_values, bool_masked_pos, interpolate_pos_encoding, false)
@@ -242,13 +235,7 @@ impl ImageModel {
         let x = self.embeddings.forward(pixel_values, bool_masked_pos, false);
         let (whole, first) = self.encoder.forward_split(x, None, n);
         let [m, _, d] = first.dims();
-        let last_hidden_state = self.layernorm.forward(whole.clone());
-        let out = EncoderOutput {
-            pooler_output: self.pooler.forward(last_hidden_state.clone()),
-            last_hidden_state,
-            pre_layernorm: whole,
-            hidden_states: None,
-        };
+        let out = EncoderOutput::finish(whole, &self.layernorm, &self.pooler, None);
         (out, self.layernorm.forward(first).reshape([m, d]))
     }
 
